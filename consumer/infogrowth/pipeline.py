@@ -1,0 +1,378 @@
+"""Pure stage logic shared by the file runner and the Kafka runner: batch in, results out.
+
+``EmbedStage`` turns parsed samples into unit vectors and applies the cleaner; ``Curator`` chains
+it with one partition's :class:`~infogrowth.select.Selector`. Nothing here touches Kafka or files.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+from infogrowth.calibrate import SeedStats, resolve_thresholds, seed_stats
+from infogrowth.config import Settings
+from infogrowth.index import PartitionState
+from infogrowth.records import Outcome
+from infogrowth.schema import SPACES, Embedded, Malformed, Sample
+from infogrowth.select import Selector, Thresholds
+
+log = logging.getLogger(__name__)
+
+
+class EncoderLike(Protocol):
+    """The part of :class:`infogrowth.encode.Encoder` the stages use (no torch import here)."""
+
+    @property
+    def spaces(self) -> tuple[str, ...]: ...
+
+    @property
+    def dims(self) -> dict[str, int]: ...
+
+    @property
+    def fingerprint(self) -> str: ...
+
+    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray: ...
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+class CaptionerLike(Protocol):
+    def caption(self, images: Sequence[Image.Image]) -> list[str]: ...
+
+
+@dataclass
+class StageTimes:
+    """Cumulative seconds and item counts per stage, for reports and benchmarks."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    items: dict[str, int] = field(default_factory=dict)
+
+    def add(self, stage: str, seconds: float, items: int) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+        self.items[stage] = self.items.get(stage, 0) + items
+
+    def rates(self) -> dict[str, float]:
+        return {s: round(self.items[s] / t, 1) if t > 0 else 0.0 for s, t in self.seconds.items()}
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    n = float(np.linalg.norm(v.astype(np.float64)))
+    return (v / n).astype(np.float32)
+
+
+class EmbedStage:
+    """Decode, validate, embed and clean. Stateless apart from its thresholds."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        encoder: EncoderLike | None,
+        captioner: CaptionerLike | None = None,
+        *,
+        spaces: Sequence[str] | None = None,
+        dims: dict[str, int] | None = None,
+        router: Callable[[Embedded], int] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.encoder = encoder
+        self.captioner = captioner
+        self.router = router
+        self.delta: float | None = None
+        self.times = StageTimes()
+        if encoder is not None:
+            self.spaces: tuple[str, ...] | None = tuple(encoder.spaces)
+            self.dims: dict[str, int] | None = dict(encoder.dims)
+        else:
+            self.spaces = tuple(spaces) if spaces else None
+            self.dims = dict(dims) if dims else None
+        fixer = settings.clean.fixer
+        if fixer == "recaption" and captioner is None:
+            raise ValueError("clean.fixer=recaption needs clean.recaption_model")
+        self.recaption = captioner is not None and fixer in ("auto", "recaption")
+        self.zero_shot = fixer == "zero-shot"
+        self._prompts: tuple[list[str], np.ndarray] | None = None
+        if self.zero_shot:
+            if not settings.clean.classes:
+                raise ValueError("clean.fixer=zero-shot needs clean.classes")
+            if encoder is None or "text" not in encoder.spaces:
+                raise ValueError("clean.fixer=zero-shot needs an encoder with a text tower")
+
+    @property
+    def fingerprint(self) -> str:
+        if self.encoder is not None:
+            return self.encoder.fingerprint
+        return "precomputed:" + ",".join(f"{s}={d}" for s, d in (self.dims or {}).items())
+
+    def _fix_spaces(self, sample: Sample) -> None:
+        """Precomputed mode: the first valid sample fixes the spaces and dimensions."""
+        if self.spaces is not None or not sample.embedding:
+            return
+        self.spaces = tuple(s for s in SPACES if s in sample.embedding)
+        self.dims = {s: int(sample.embedding[s].shape[0]) for s in self.spaces}
+        log.info("embedding spaces fixed by first sample: %s", self.dims)
+
+    def process(
+        self, items: Sequence[Sample | Malformed], *, clean: bool = True
+    ) -> list[Embedded | Outcome]:
+        """One result per item, in order: an :class:`Embedded` or a rejected :class:`Outcome`."""
+        t0 = time.perf_counter()
+        out: list[Embedded | Outcome | None] = [None] * len(items)
+        todo: list[tuple[int, Sample, dict[str, np.ndarray]]] = []
+        for pos, it in enumerate(items):
+            if isinstance(it, Malformed):
+                out[pos] = Outcome.malformed(it)
+                continue
+            self._fix_spaces(it)
+            try:
+                todo.append((pos, it, self._precomputed(it)))
+            except ValueError as exc:
+                out[pos] = Outcome.malformed(Malformed(it.id, str(exc), b"", it.source))
+        assert self.spaces is not None or not todo
+
+        # Decode images that a tower must embed (and that recaptioning may need).
+        images: dict[int, Image.Image] = {}
+        lim = self.settings.limits
+        for pos, sample, vecs in todo:
+            need = "image" not in vecs and self.spaces is not None and "image" in self.spaces
+            if sample.image is not None and (need or self.recaption):
+                from infogrowth.imaging import ImageError, decode_image
+
+                try:
+                    images[pos] = decode_image(
+                        sample.image, max_bytes=lim.max_image_bytes, max_pixels=lim.max_image_pixels
+                    )
+                except ImageError as exc:
+                    out[pos] = Outcome.malformed(
+                        Malformed(sample.id, f"image: {exc}", sample.image, sample.source)
+                    )
+        todo = [t for t in todo if out[t[0]] is None]
+
+        for space in self.spaces or ():
+            self._encode_missing(space, todo, images, out)
+        todo = [t for t in todo if out[t[0]] is None]
+        t1 = time.perf_counter()
+        self.times.add("embed", t1 - t0, len(items))
+
+        for pos, sample, vecs in todo:
+            emb = Embedded(
+                id=sample.id,
+                vectors=vecs,
+                text=sample.text,
+                label=sample.label,
+                image=sample.image,
+                meta=sample.meta,
+                source=sample.source,
+            )
+            if "image" in vecs and "text" in vecs:
+                emb.alignment = round(float(np.dot(vecs["image"], vecs["text"])), 9)
+            out[pos] = emb
+        if clean:
+            self._clean(out, images)
+        if self.router is not None:
+            for i, r in enumerate(out):
+                if isinstance(r, Embedded):
+                    r.cell = self.router(r)
+                    out[i] = r
+        self.times.add("clean", time.perf_counter() - t1, len(todo))
+        result = [r for r in out if r is not None]
+        assert len(result) == len(items)
+        return result
+
+    def _precomputed(self, sample: Sample) -> dict[str, np.ndarray]:
+        vecs: dict[str, np.ndarray] = {}
+        emb = sample.embedding or {}
+        spaces = self.spaces or ()
+        if not spaces:
+            raise ValueError("sample has no embedding and no encoder is configured (encoder.model)")
+        for s, v in emb.items():
+            if s not in spaces:
+                raise ValueError(f"embedding.{s}: this pipeline indexes only {list(spaces)}")
+            want = (self.dims or {})[s]
+            if v.shape[0] != want:
+                raise ValueError(f"embedding.{s}: dimension {v.shape[0]}, expected {want}")
+            vecs[s] = _unit(v)
+        for s in spaces:
+            if s in vecs:
+                continue
+            enc = self.encoder
+            if enc is None or s not in enc.spaces:
+                raise ValueError(f"no {s} embedding in the sample and no {s} encoder configured")
+            if s == "text" and sample.text is None:
+                raise ValueError("sample has no text to embed")
+            if s == "image" and sample.image is None:
+                raise ValueError("sample has no image to embed")
+        return vecs
+
+    def _encode_missing(
+        self,
+        space: str,
+        todo: list[tuple[int, Sample, dict[str, np.ndarray]]],
+        images: dict[int, Image.Image],
+        out: list[Embedded | Outcome | None],
+    ) -> None:
+        need = [(pos, s, v) for pos, s, v in todo if space not in v and out[pos] is None]
+        if not need or self.encoder is None:
+            return
+        if space == "text":
+            mat = self.encoder.encode_texts([s.text or "" for _, s, _ in need])
+        else:
+            mat = self.encoder.encode_images([images[pos] for pos, _, _ in need])
+        for row, (pos, sample, vecs) in enumerate(need):
+            v = mat[row]
+            if not np.all(np.isfinite(v)):
+                out[pos] = Outcome.malformed(
+                    Malformed(sample.id, f"{space} encoder produced NaN/Inf", b"", sample.source)
+                )
+            else:
+                vecs[space] = np.ascontiguousarray(v, dtype=np.float32)
+
+    # -- cleaning -------------------------------------------------------------------------
+
+    def _clean(self, out: list[Embedded | Outcome | None], images: dict[int, Image.Image]) -> None:
+        delta = self.delta
+        if delta is not None:
+            bad = [
+                i
+                for i, r in enumerate(out)
+                if isinstance(r, Embedded) and r.alignment is not None and r.alignment < delta
+            ]
+            fixable = [i for i in bad if self.recaption and i in images]
+            if fixable and self.captioner is not None and self.encoder is not None:
+                captions = self.captioner.caption([images[i] for i in fixable])
+                txt = self.encoder.encode_texts(captions)
+                for row, i in enumerate(fixable):
+                    e = out[i]
+                    assert isinstance(e, Embedded)
+                    a2 = round(float(np.dot(e.vectors["image"], txt[row])), 9)
+                    if a2 >= delta:
+                        e.original_text, e.text = e.text, captions[row]
+                        e.original_alignment, e.alignment = e.alignment, a2
+                        e.vectors["text"] = np.ascontiguousarray(txt[row], dtype=np.float32)
+                        e.fix = "recaptioned"
+                    else:
+                        e.extra["recaption"] = (captions[row], a2)
+            for i in bad:
+                e = out[i]
+                assert isinstance(e, Embedded)
+                if e.fix is None:
+                    tried = e.extra.get("recaption")
+                    detail = f"alignment {e.alignment:.4f} < delta {delta:.4f}"
+                    if tried:
+                        detail += f"; recaption {tried[0]!r} aligned {tried[1]:.4f}"
+                    out[i] = Outcome.rejected(e, "misaligned", detail)
+        if self.zero_shot:
+            self._zero_shot(out)
+
+    def _zero_shot(self, out: list[Embedded | Outcome | None]) -> None:
+        classes = self.settings.clean.classes or []
+        if self._prompts is None:
+            assert self.encoder is not None
+            prompts = [self.settings.clean.prompt.format(label=c) for c in classes]
+            self._prompts = (list(classes), self.encoder.encode_texts(prompts))
+        names, mat = self._prompts
+        space = "image" if self.spaces and "image" in self.spaces else "text"
+        margin = self.settings.clean.zero_shot_margin
+        for i, r in enumerate(out):
+            if not isinstance(r, Embedded) or r.label is None:
+                continue
+            if r.label not in names:
+                out[i] = Outcome.rejected(
+                    r, "label_noise", f"label {r.label!r} is not one of clean.classes"
+                )
+                continue
+            scores = mat @ r.vectors[space]
+            own = names.index(r.label)
+            best = int(np.argmax(scores))
+            if best != own and float(scores[best] - scores[own]) > margin:
+                r.original_label, r.label = r.label, names[best]
+                r.fix = r.fix or "zero_shot_relabel"
+
+
+class Curator:
+    """Embed → clean → select for one partition: the whole algorithm on a stream of samples."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        encoder: EncoderLike | None,
+        captioner: CaptionerLike | None = None,
+    ) -> None:
+        self.settings = settings
+        self.embed = EmbedStage(settings, encoder, captioner)
+        self.stats: SeedStats | None = None
+        self.thresholds: Thresholds | None = None
+        self.state: PartitionState | None = None
+        self.selector: Selector | None = None
+        self.times = self.embed.times
+        self.seed_rejected: list[Outcome] = []
+
+    def seed(self, samples: Sequence[Sample | Malformed]) -> SeedStats:
+        """Embed the seed set, calibrate thresholds and bootstrap the index with it."""
+        results = []
+        bs = self.settings.select.batch_size
+        for lo in range(0, len(samples), bs):
+            results.extend(self.embed.process(samples[lo : lo + bs], clean=False))
+        good = [r for r in results if isinstance(r, Embedded)]
+        self.seed_rejected = [r for r in results if isinstance(r, Outcome)]
+        if not good:
+            raise ValueError("the seed set has no valid sample")
+        spaces = self.embed.spaces or ()
+        self.stats = seed_stats(good, spaces, self.settings.select.k)
+        self._setup(self.stats)
+        assert self.state is not None
+        seen: set[str] = set()
+        uniq = []
+        for g in good:
+            if g.id not in seen:
+                seen.add(g.id)
+                uniq.append(g)
+        for lo in range(0, len(uniq), 4096):
+            chunk = uniq[lo : lo + 4096]
+            self.state.add(
+                [g.id for g in chunk],
+                {s: np.stack([g.vectors[s] for g in chunk]) for s in spaces},
+                [g.label for g in chunk],
+            )
+        return self.stats
+
+    def _setup(self, stats: SeedStats | None) -> None:
+        spaces = self.embed.spaces
+        dims = self.embed.dims
+        assert spaces is not None and dims is not None
+        self.thresholds = resolve_thresholds(self.settings, spaces, stats)
+        self.embed.delta = self.thresholds.delta
+        self.state = PartitionState.empty(spaces, dims, self.settings.index)
+        fixer = self.settings.clean.fixer
+        self.selector = Selector(
+            self.state,
+            self.thresholds,
+            self.settings.select,
+            self.settings.clean,
+            neighbour_fixer=fixer in ("auto", "neighbours"),
+        )
+
+    def process(self, items: Sequence[Sample | Malformed]) -> list[Outcome]:
+        """Decide a batch; one outcome per item, in input order."""
+        embedded = self.embed.process(items)
+        if self.selector is None:
+            if self.embed.spaces is None:  # nothing valid seen yet
+                return [r for r in embedded if isinstance(r, Outcome)]
+            self._setup(None)
+        assert self.selector is not None
+        t0 = time.perf_counter()
+        batch = [r for r in embedded if isinstance(r, Embedded)]
+        verdicts = iter(self.selector.decide(batch))
+        out = [
+            Outcome.from_verdict(next(verdicts)) if isinstance(r, Embedded) else r for r in embedded
+        ]
+        self.times.add("select", time.perf_counter() - t0, len(batch))
+        return out
+
+    def report_thresholds(self) -> dict[str, Any]:
+        return self.thresholds.as_record() if self.thresholds else {}

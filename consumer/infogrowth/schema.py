@@ -1,0 +1,325 @@
+"""Message types, the msgpack codec and validation against ``schemas/*.json``.
+
+Parsing never raises on bad input: it returns a :class:`Malformed` carrying the reason and the
+original bytes, so the caller can emit a ``rejected/malformed`` record and move on.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import fastjsonschema
+import msgpack
+import numpy as np
+
+from infogrowth.config import LimitsConfig
+
+SPACES: tuple[str, ...] = ("image", "text")
+SCHEMA_FILES = {
+    "ingest": "ingest-sample.v1.json",
+    "output": "output-record.v1.json",
+    "embedded": "embedded-sample.v1.json",
+    "changelog": "changelog-entry.v1.json",
+    "calibration": "calibration.v1.json",
+}
+BINARY_FIELDS = ("image", "payload")
+
+
+class SchemaError(ValueError):
+    """A record does not match its JSON Schema."""
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """A validated ingest sample. ``embedding`` vectors are float32 and not yet normalised."""
+
+    id: str
+    text: str | None = None
+    image: bytes | None = None
+    label: str | None = None
+    embedding: Mapping[str, np.ndarray] | None = None
+    meta: dict[str, Any] | None = None
+    source: dict[str, str | int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """Input that could not be parsed or validated."""
+
+    id: str | None
+    detail: str
+    payload: bytes
+    source: dict[str, str | int] | None = None
+
+
+@dataclass(slots=True)
+class Embedded:
+    """A sample after the embed stage: unit vectors per space and the cleaner's verdict."""
+
+    id: str
+    vectors: dict[str, np.ndarray]
+    text: str | None = None
+    label: str | None = None
+    image: bytes | None = None
+    meta: dict[str, Any] | None = None
+    alignment: float | None = None
+    original_alignment: float | None = None
+    original_text: str | None = None
+    original_label: str | None = None
+    fix: str | None = None
+    cell: int = 0
+    source: dict[str, str | int] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def schema_path(kind: str) -> Path:
+    return Path(str(resources.files("infogrowth") / "schemas" / SCHEMA_FILES[kind]))
+
+
+@cache
+def load_schema(kind: str) -> dict[str, Any]:
+    text = (resources.files("infogrowth") / "schemas" / SCHEMA_FILES[kind]).read_text("utf-8")
+    schema: dict[str, Any] = json.loads(text)
+    return schema
+
+
+@cache
+def _validator(kind: str) -> Callable[[Any], Any]:
+    fn: Callable[[Any], Any] = fastjsonschema.compile(load_schema(kind))
+    return fn
+
+
+def _json_view(obj: Any) -> Any:
+    """Replace bytes by text so JSON Schema (which has no binary type) can check the rest."""
+    if isinstance(obj, bytes | bytearray | memoryview):
+        return ""
+    if isinstance(obj, dict):
+        return {k: _json_view(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_view(v) for v in obj]
+    return obj
+
+
+def validate(kind: str, obj: Any) -> None:
+    """Raise :class:`SchemaError` when ``obj`` does not match the schema ``kind``."""
+    try:
+        _validator(kind)(_json_view(obj))
+    except fastjsonschema.JsonSchemaValueException as exc:
+        msg = exc.message.replace("data.", "").replace("data ", "record ")
+        raise SchemaError(msg) from None
+
+
+# -- msgpack codec ------------------------------------------------------------------------
+
+
+def pack(kind: str, obj: dict[str, Any], *, check: bool = True) -> bytes:
+    """Validate ``obj`` against schema ``kind`` and encode it as msgpack."""
+    if check:
+        validate(kind, obj)
+    out: bytes = msgpack.packb(obj, use_bin_type=True)
+    return out
+
+
+def unpack(kind: str, data: bytes, *, max_bytes: int) -> dict[str, Any]:
+    """Decode msgpack bytes and validate them; raise ValueError/SchemaError on bad input."""
+    if len(data) > max_bytes:
+        raise ValueError(f"message of {len(data)} bytes exceeds the {max_bytes}-byte limit")
+    try:
+        obj = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=max_bytes,
+            max_str_len=max_bytes,
+            max_array_len=1_000_000,
+            max_map_len=10_000,
+        )
+    except Exception as exc:  # msgpack raises many types on garbage
+        raise ValueError(f"undecodable msgpack: {type(exc).__name__}: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a msgpack map, got {type(obj).__name__}")
+    validate(kind, obj)
+    return obj
+
+
+def vector_to_bytes(v: np.ndarray) -> bytes:
+    return np.ascontiguousarray(v, dtype="<f4").tobytes()
+
+
+def vector_from_bytes(b: bytes, dim: int | None = None) -> np.ndarray:
+    if len(b) % 4:
+        raise ValueError(f"vector of {len(b)} bytes is not float32")
+    v = np.frombuffer(b, dtype="<f4").astype(np.float32)
+    if dim is not None and v.shape[0] != dim:
+        raise ValueError(f"vector has dimension {v.shape[0]}, expected {dim}")
+    return v
+
+
+# -- ingest parsing ---------------------------------------------------------------------
+
+
+def _guess_id(obj: Any) -> str | None:
+    if isinstance(obj, dict):
+        v = obj.get("id")
+        if isinstance(v, str) and v:
+            return v[:512]
+    return None
+
+
+def sample_from_obj(
+    obj: Any,
+    payload: bytes,
+    limits: LimitsConfig,
+    *,
+    image_loader: Callable[[str], bytes] | None = None,
+    source: dict[str, str | int] | None = None,
+) -> Sample | Malformed:
+    """Validate a decoded ingest object (from msgpack or JSON) and build a :class:`Sample`.
+
+    ``image_loader`` resolves a textual ``image`` field (JSONL: path, data URI or base64).
+    """
+    sid = _guess_id(obj)
+    try:
+        if not isinstance(obj, dict):
+            raise SchemaError(f"expected an object, got {type(obj).__name__}")
+        version = obj.get("v", 1)
+        if version != 1:
+            raise SchemaError(f"unknown schema version {version!r} (this build reads version 1)")
+        validate("ingest", obj)
+        sid = obj["id"]
+        if len(sid) > limits.max_id_chars:
+            raise SchemaError(f"id longer than {limits.max_id_chars} characters")
+        text = obj.get("text")
+        if text is not None and len(text) > limits.max_text_chars:
+            raise SchemaError(f"text of {len(text)} characters exceeds {limits.max_text_chars}")
+        image = obj.get("image")
+        image_bytes: bytes | None
+        if image is None:
+            image_bytes = None
+        elif isinstance(image, bytes | bytearray | memoryview):
+            image_bytes = bytes(image)
+        elif isinstance(image, str):
+            if image_loader is None:
+                raise SchemaError("image must be binary in msgpack messages")
+            image_bytes = image_loader(image)
+        else:  # pragma: no cover - schema guarantees the type
+            raise SchemaError("image: wrong type")
+        if image_bytes is not None and len(image_bytes) > limits.max_image_bytes:
+            raise SchemaError(
+                f"image of {len(image_bytes)} bytes exceeds {limits.max_image_bytes} bytes"
+            )
+        label = obj.get("label")
+        if isinstance(label, bool):
+            raise SchemaError("label: must be a string or integer")
+        label_str = None if label is None else str(label)
+        emb = _parse_embedding(obj.get("embedding"), limits)
+        if text is None and image_bytes is None and emb is None:
+            raise SchemaError("sample has no text, image or embedding")
+        meta = obj.get("meta")
+        return Sample(
+            id=sid,
+            text=text,
+            image=image_bytes,
+            label=label_str,
+            embedding=emb,
+            meta=meta,
+            source=source,
+        )
+    except (SchemaError, ValueError, OSError) as exc:
+        return Malformed(id=sid, detail=str(exc), payload=payload, source=source)
+
+
+def _parse_embedding(raw: Any, limits: LimitsConfig) -> dict[str, np.ndarray] | None:
+    if raw is None:
+        return None
+    out: dict[str, np.ndarray] = {}
+    for space, values in raw.items():
+        if len(values) > limits.max_embedding_dim:
+            raise SchemaError(
+                f"embedding.{space}: dimension {len(values)} exceeds {limits.max_embedding_dim}"
+            )
+        arr = np.asarray(values, dtype=np.float64)
+        if not np.all(np.isfinite(arr)):
+            raise SchemaError(f"embedding.{space}: contains NaN or Inf")
+        if float(np.dot(arr, arr)) == 0.0:
+            raise SchemaError(f"embedding.{space}: zero vector")
+        if np.any(np.abs(arr) > 3.0e38):
+            raise SchemaError(f"embedding.{space}: value out of float32 range")
+        out[space] = arr.astype(np.float32)
+    return out
+
+
+def parse_msgpack_sample(
+    data: bytes, limits: LimitsConfig, source: dict[str, str | int] | None = None
+) -> Sample | Malformed:
+    """Parse one ingest message from Kafka."""
+    if len(data) > limits.max_message_bytes:
+        return Malformed(
+            None, f"message of {len(data)} bytes exceeds {limits.max_message_bytes}", data, source
+        )
+    try:
+        obj = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_map_len=10_000,
+            max_array_len=max(limits.max_embedding_dim, 1024),
+        )
+    except Exception as exc:
+        return Malformed(None, f"undecodable msgpack: {type(exc).__name__}: {exc}", data, source)
+    return sample_from_obj(obj, data, limits, source=source)
+
+
+def parse_json_sample(
+    line: bytes,
+    limits: LimitsConfig,
+    image_loader: Callable[[str], bytes] | None,
+    source: dict[str, str | int] | None = None,
+) -> Sample | Malformed:
+    """Parse one JSONL line."""
+    if len(line) > limits.max_message_bytes:
+        return Malformed(
+            None, f"line of {len(line)} bytes exceeds {limits.max_message_bytes}", line, source
+        )
+    try:
+        obj = json.loads(line)  # NaN/Infinity parse, then fail validation with the id known
+    except (ValueError, UnicodeDecodeError) as exc:
+        return Malformed(None, f"invalid JSON: {exc}", line, source)
+    return sample_from_obj(obj, line, limits, image_loader=image_loader, source=source)
+
+
+def sample_to_obj(sample: Sample) -> dict[str, Any]:
+    """The msgpack form of a sample (for `produce`)."""
+    obj: dict[str, Any] = {"v": 1, "id": sample.id}
+    if sample.text is not None:
+        obj["text"] = sample.text
+    if sample.image is not None:
+        obj["image"] = sample.image
+    if sample.label is not None:
+        obj["label"] = sample.label
+    if sample.embedding is not None:
+        obj["embedding"] = {k: [float(x) for x in v] for k, v in sample.embedding.items()}
+    if sample.meta is not None:
+        obj["meta"] = sample.meta
+    return obj
+
+
+def to_json_safe(obj: Any) -> Any:
+    """Make a record JSON-serialisable: bytes become base64 text, non-finite floats null."""
+    if isinstance(obj, bytes | bytearray | memoryview):
+        return base64.b64encode(bytes(obj)).decode("ascii")
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: to_json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_json_safe(v) for v in obj]
+    return obj
