@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from infogrowth.config import Settings
-from infogrowth.schema import Embedded
+from infogrowth.schema import SPACES, Embedded
 from infogrowth.select import NO_NEIGHBOUR_GAIN, ROUND, Thresholds
 
 MAX_SEED_STATS = 20_000
@@ -76,7 +77,7 @@ def resolve_thresholds(
         delta = _pct(stats.alignments, settings.clean.delta_percentile)
 
     eps: dict[str, float] = {}
-    for s in spaces:
+    for s in SPACES:  # every space, so records do not depend on which ones a run has
         if sel.epsilon is not None:
             eps[s] = sel.epsilon
         elif stats is not None and stats.nn.get(s):
@@ -123,3 +124,56 @@ def resolve_thresholds(
 
 
 __all__ = ["NO_NEIGHBOUR_GAIN", "SeedStats", "resolve_thresholds", "seed_stats"]
+
+
+@dataclass
+class Calibration:
+    """What ``infogrowth seed`` publishes and every replica reads: thresholds fixed at seed time,
+    the embedding layout and the cell routing."""
+
+    thresholds: Thresholds
+    spaces: tuple[str, ...]
+    dims: dict[str, int]
+    seed_count: int = 0
+    fingerprint: str | None = None
+    cells: dict[str, Any] | None = None
+
+    def as_record(self) -> dict[str, Any]:
+        t = self.thresholds
+        return {
+            "v": 1,
+            "spaces": list(self.spaces),
+            "dims": dict(self.dims),
+            "k": t.k,
+            "policy": t.policy,
+            "delta": t.delta,
+            "epsilon": dict(t.epsilon),
+            "g_scale": t.g_scale,
+            "tau": t.tau,
+            "radius": t.radius,
+            "sample_seed": t.seed,
+            "seed_count": self.seed_count,
+            "fingerprint": self.fingerprint,
+            "cells": self.cells,
+        }
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> Calibration:
+        t = Thresholds(
+            policy=rec["policy"],
+            k=rec["k"],
+            epsilon=dict(rec.get("epsilon") or {}),
+            delta=rec.get("delta"),
+            g_scale=rec.get("g_scale"),
+            tau=rec.get("tau"),
+            seed=rec.get("sample_seed", 0),
+            radius=rec.get("radius"),
+        )
+        return cls(
+            thresholds=t,
+            spaces=tuple(rec["spaces"]),
+            dims={k: int(v) for k, v in rec["dims"].items()},
+            seed_count=int(rec.get("seed_count", 0)),
+            fingerprint=rec.get("fingerprint"),
+            cells=rec.get("cells"),
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -115,9 +116,159 @@ def curate(
     )
 
 
-def run() -> None:  # pragma: no cover - console entry used by python -m
-    main(prog_name="infogrowth")
+# -- Kafka ---------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--role", type=click.Choice(["all", "embed", "select"]), default="all")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--exit-when-idle",
+    type=float,
+    default=None,
+    help="Drain and exit after this many seconds without input (batch jobs, demos, tests).",
+)
+def run(role: str, config: Path | None, exit_when_idle: float | None) -> None:
+    """Run the stage loops on Kafka until SIGTERM (exactly-once, transactional)."""
+    from infogrowth.kafka.run import main as run_main
+
+    settings = _settings(config)
+    _setup_logging(settings)
+    try:
+        code = run_main(settings, role, idle_exit_s=exit_when_idle)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(code)
+
+
+@main.command()
+@click.option("--input", "input_", required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def seed(input_: Path, config: Path | None) -> None:
+    """Calibrate on known-clean samples, publish the calibration and seed the changelog."""
+    from infogrowth.kafka.seed import seed as run_seed
+
+    settings = _settings(config)
+    _setup_logging(settings)
+    try:
+        res = run_seed(settings, input_)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    rec = res.calibration.as_record()
+    rec.pop("cells", None)
+    console.print(f"seeded {res.items} items ({res.malformed} malformed) into {res.per_partition}")
+    console.print(f"calibration: {rec}")
+
+
+@main.group()
+def topics() -> None:
+    """Manage the topics."""
+
+
+@topics.command("create")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--check-only", is_flag=True, help="Report, create nothing.")
+def topics_create(config: Path | None, check_only: bool) -> None:
+    """Create missing topics; report existing ones whose layout differs (exit 1)."""
+    from infogrowth.kafka.admin import admin_config, ensure_topics, topic_specs
+
+    settings = _settings(config)
+    _setup_logging(settings)
+    report = ensure_topics(
+        admin_config(settings), topic_specs(settings.kafka.topics), create=not check_only
+    )
+    for name in report.created:
+        console.print(f"created  {name}")
+    for name in report.ok:
+        console.print(f"ok       {name}")
+    for line in report.mismatches:
+        console.print(f"[red]MISMATCH[/red] {line}")
+    if not report.ok_all:
+        sys.exit(1)
+
+
+@main.command()
+@click.option(
+    "--input", "inputs", multiple=True, required=True, type=click.Path(exists=True, path_type=Path)
+)
+@click.option("--topic", default=None, help="Default: the configured ingest topic.")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def produce(inputs: tuple[Path, ...], topic: str | None, config: Path | None) -> None:
+    """Load JSONL / WebDataset shards into the ingest topic."""
+    from infogrowth.files import count_inputs
+    from infogrowth.kafka.tools import produce as run_produce
+
+    settings = _settings(config)
+    _setup_logging(settings)
+    with Progress(
+        TextColumn("producing"), BarColumn(), MofNCompleteColumn(), console=console
+    ) as progress:
+        task = progress.add_task("produce", total=count_inputs(list(inputs)))
+        n = run_produce(settings, list(inputs), topic, lambda k: progress.advance(task, k))
+    console.print(f"produced {n} messages to {topic or settings.kafka.topics.ingest}")
+
+
+@main.command()
+@click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def audit(config: Path | None, as_json: bool) -> None:
+    """Verify every ingest message has exactly one output record (exit 1 otherwise)."""
+    from infogrowth.kafka.tools import audit as run_audit
+
+    settings = _settings(config)
+    res = run_audit(settings)
+    if as_json:
+        click.echo(json.dumps(res.as_dict(), indent=2, sort_keys=True))
+    else:
+        console.print(
+            _summary("audit (read_committed)", dict(res.reasons), sum(res.outputs.values()))
+        )
+        console.print(
+            f"ingest messages: {res.ingest}; outputs: {sum(res.outputs.values())}; "
+            f"missing: {len(res.missing)}; duplicated: {len(res.duplicated)}; "
+            f"unexpected: {len(res.unexpected)}"
+        )
+        for label, ids in (("missing", res.missing), ("duplicated", res.duplicated)):
+            if ids:
+                console.print(f"{label}: {', '.join(ids[:20])}")
+        console.print("[green]AUDIT PASSED[/green]" if res.ok else "[red]AUDIT FAILED[/red]")
+    sys.exit(0 if res.ok else 1)
+
+
+@main.group("dev-broker")
+def dev_broker() -> None:
+    """A local single-node Kafka 4.x (KRaft) from Maven Central jars, for development."""
+
+
+def _state_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("INFOGROWTH_CACHE_DIR", Path.home() / ".cache" / "infogrowth"))
+
+
+@dev_broker.command("start")
+def dev_broker_start() -> None:
+    """Start (or find) the detached broker; prints its bootstrap address."""
+    from infogrowth.kafka.broker import start_detached
+
+    click.echo(start_detached(_state_dir()))
+
+
+@dev_broker.command("stop")
+def dev_broker_stop() -> None:
+    from infogrowth.kafka.broker import stop_detached
+
+    click.echo("stopped" if stop_detached(_state_dir()) else "not running")
+
+
+@dev_broker.command("status")
+def dev_broker_status() -> None:
+    from infogrowth.kafka.broker import detached_status
+
+    st = detached_status(_state_dir())
+    click.echo(json.dumps(st, indent=2) if st else "not running")
+    sys.exit(0 if st else 1)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main(prog_name="infogrowth")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "INFOGROWTH_"
@@ -123,6 +123,55 @@ class SnapshotConfig(_Section):
     keep: int = Field(2, ge=1)
 
 
+class TopicsConfig(_Section):
+    """Topic names and layout. ``changelog`` always gets as many partitions as ``embedded``."""
+
+    ingest: str = "infogrowth.ingest"
+    embedded: str = "infogrowth.embedded"
+    changelog: str = "infogrowth.changelog"
+    control: str = "infogrowth.control"
+    accepted: str = "infogrowth.accepted"
+    relabeled: str = "infogrowth.relabeled"
+    rejected: str = "infogrowth.rejected"
+    ingest_partitions: int = Field(1, gt=0)
+    embedded_partitions: int = Field(1, gt=0)
+    output_partitions: int = Field(1, gt=0)
+    replication_factor: int = Field(1, gt=0)
+
+
+class KafkaConfig(_Section):
+    """Kafka runtime settings. ``client`` passes through to librdkafka unchanged (security,
+    SASL, SSL, timeouts...), for consumers and producers alike."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    client: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    topics: TopicsConfig = TopicsConfig()
+    embed_group: str = "infogrowth-embed"
+    select_group: str = "infogrowth-select"
+    transactional_id_prefix: str = "infogrowth"
+    instance_id: str | None = None
+    """Stable per-replica id: names the transactional ids and, if ``static_membership``, the
+    ``group.instance.id``. Defaults to the host name."""
+    static_membership: bool = False
+    commit_interval_ms: int = Field(500, gt=0)
+    commit_max_messages: int = Field(500, gt=0)
+    poll_timeout_ms: int = Field(200, gt=0)
+    transaction_timeout_ms: int = Field(60_000, gt=0)
+    session_timeout_ms: int = Field(45_000, gt=0)
+    max_poll_interval_ms: int = Field(300_000, gt=0)
+    drain_timeout_s: float = Field(30.0, gt=0)
+    """SIGTERM: finish, commit and snapshot within this many seconds, then exit."""
+    cells: int | None = Field(None, gt=0)
+    """Number of cells (default: embedded partitions)."""
+
+
+class ServeConfig(_Section):
+    """The HTTP endpoint for /metrics, /healthz and /readyz."""
+
+    host: str = "0.0.0.0"
+    port: int = Field(9108, ge=0, le=65535)
+
+
 class Settings(BaseSettings):
     """All settings. Sections mirror the modules that use them."""
 
@@ -139,7 +188,10 @@ class Settings(BaseSettings):
     index: IndexConfig = IndexConfig()
     select: SelectConfig = SelectConfig()
     snapshot: SnapshotConfig = SnapshotConfig()
-    kafka: dict[str, Any] = Field(default_factory=dict)
+    kafka: KafkaConfig = KafkaConfig()
+    serve: ServeConfig = ServeConfig()
+    outputs_include_image: bool = True
+    """Copy image bytes into accepted / relabeled / rejected records on Kafka."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = False
 
@@ -154,14 +206,6 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # env overrides the YAML file, which arrives as init kwargs.
         return (env_settings, init_settings)
-
-    @field_validator("kafka")
-    @classmethod
-    def _kafka_keys_are_strings(cls, v: dict[str, Any]) -> dict[str, Any]:
-        for key, value in v.items():
-            if not isinstance(value, str | int | float | bool):
-                raise ValueError(f"kafka.{key}: librdkafka values must be scalars")
-        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

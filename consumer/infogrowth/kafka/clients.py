@@ -1,0 +1,84 @@
+"""librdkafka configuration built from the settings: our keys plus ``kafka.client`` unchanged."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from confluent_kafka import Message
+
+from infogrowth.config import Settings
+
+SECRET_HINTS = ("password", "secret", "key", "token", "jaas")
+
+
+def position(m: Message) -> tuple[str, int, int]:
+    """(topic, partition, offset) of a consumed message."""
+    topic, part, off = m.topic(), m.partition(), m.offset()
+    assert topic is not None and part is not None and off is not None
+    return topic, part, off
+
+
+def source_of(m: Message) -> dict[str, str | int]:
+    topic, part, off = position(m)
+    return {"topic": topic, "partition": part, "offset": off}
+
+
+def base_config(settings: Settings) -> dict[str, Any]:
+    conf: dict[str, Any] = {"bootstrap.servers": settings.kafka.bootstrap_servers}
+    conf.update(settings.kafka.client)
+    return conf
+
+
+def instance_id(settings: Settings) -> str:
+    return settings.kafka.instance_id or socket.gethostname()
+
+
+def consumer_config(settings: Settings, group: str, **extra: Any) -> dict[str, Any]:
+    """A read_committed consumer that never auto-commits (offsets go through transactions)."""
+    k = settings.kafka
+    conf = base_config(settings)
+    conf.update(
+        {
+            "group.id": group,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "isolation.level": "read_committed",
+            "auto.offset.reset": "earliest",
+            "partition.assignment.strategy": "cooperative-sticky",
+            "session.timeout.ms": k.session_timeout_ms,
+            "max.poll.interval.ms": k.max_poll_interval_ms,
+            "fetch.max.bytes": max(settings.limits.max_message_bytes * 4, 52428800),
+            "max.partition.fetch.bytes": max(settings.limits.max_message_bytes + 1024, 1048576),
+        }
+    )
+    if k.static_membership:
+        conf["group.instance.id"] = f"{group}-{instance_id(settings)}"
+    conf.update(extra)
+    return conf
+
+
+def producer_config(settings: Settings, transactional_id: str | None) -> dict[str, Any]:
+    k = settings.kafka
+    conf = base_config(settings)
+    conf.update(
+        {
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "compression.type": "lz4",
+            "message.max.bytes": max(settings.limits.max_message_bytes + 65536, 1048576),
+        }
+    )
+    if transactional_id is not None:
+        conf["transactional.id"] = transactional_id
+        conf["transaction.timeout.ms"] = k.transaction_timeout_ms
+    return conf
+
+
+def redact(conf: dict[str, Any]) -> dict[str, Any]:
+    """A copy safe to log: values of secret-looking keys are masked."""
+    return {
+        key: ("***" if any(h in key.lower() for h in SECRET_HINTS) else value)
+        for key, value in conf.items()
+    }

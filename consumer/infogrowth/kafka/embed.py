@@ -1,0 +1,130 @@
+"""Embed stage on Kafka: ingest → decode, validate, embed, clean → embedded (by cell) | rejected."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+from confluent_kafka import Message, TopicPartition
+
+from infogrowth.cells import Cells, hyperplanes
+from infogrowth.config import Settings
+from infogrowth.kafka.clients import source_of
+from infogrowth.kafka.loop import Output
+from infogrowth.pipeline import EmbedStage
+from infogrowth.records import Outcome, output_record
+from infogrowth.schema import Embedded, Malformed, Sample, pack, parse_msgpack_sample
+from infogrowth.schema import vector_to_bytes as v2b
+from infogrowth.select import Thresholds
+
+log = logging.getLogger(__name__)
+
+
+def embedded_record(e: Embedded, include_image: bool) -> dict[str, Any]:
+    return {
+        "v": 1,
+        "id": e.id,
+        "text": e.text,
+        "label": e.label,
+        "image": e.image if include_image else None,
+        "meta": e.meta,
+        "vectors": {s: v2b(v) for s, v in e.vectors.items()},
+        "alignment": e.alignment,
+        "original_alignment": e.original_alignment,
+        "original_text": e.original_text,
+        "original_label": e.original_label,
+        "fix": e.fix,
+        "cell": e.cell,
+        "source": e.source,
+    }
+
+
+class EmbedProcessor:
+    """Stateless: nothing to restore on assign, nothing to rebuild after an abort."""
+
+    name = "embed"
+
+    def __init__(
+        self,
+        settings: Settings,
+        stage: EmbedStage,
+        thresholds: Thresholds,
+        cells: Cells | None,
+        partitions: int,
+        metrics: Any = None,
+    ) -> None:
+        self.settings = settings
+        self.stage = stage
+        self.thresholds = thresholds
+        self.cells = cells
+        self.partitions = partitions
+        self.metrics = metrics
+        self.topics = settings.kafka.topics
+        self.include_image = settings.outputs_include_image
+        stage.router = self._route
+        self.pending = 0
+        self.committed_outputs = 0
+        """Rejections this stage committed (its other results are the select stage's input)."""
+
+    def _route(self, e: Embedded) -> int:
+        if self.partitions <= 1:
+            return 0
+        if self.cells is None:
+            space = next(iter(e.vectors))
+            dim = int(e.vectors[space].shape[0])
+            self.cells = hyperplanes(space, dim, self.partitions)
+        v = e.vectors.get(self.cells.space)
+        if v is None:
+            v = next(iter(e.vectors.values()))
+        return self.cells.route(np.asarray(v)) % self.partitions
+
+    def on_assign(self, partitions: list[TopicPartition]) -> None:
+        pass
+
+    def on_revoke(self, partitions: list[TopicPartition]) -> None:
+        pass
+
+    def on_lost(self, partitions: list[TopicPartition]) -> None:
+        pass
+
+    def on_abort(self, partitions: list[TopicPartition]) -> None:
+        self.pending = 0
+
+    def on_commit(self, out: Output) -> None:
+        self.committed_outputs += self.pending
+        self.pending = 0
+
+    def close(self) -> None:
+        pass
+
+    def process(self, messages: list[Message], out: Output) -> None:
+        lim = self.settings.limits
+        items: list[Sample | Malformed] = []
+        for m in messages:
+            value = m.value()
+            src = source_of(m)
+            if value is None:
+                items.append(Malformed(None, "empty message (null value)", b"", src))
+            else:
+                items.append(parse_msgpack_sample(value, lim, src))
+        results = self.stage.process(items)
+        rejected: list[Outcome] = []
+        for r in results:
+            if isinstance(r, Embedded):
+                rec = embedded_record(r, include_image=True)
+                out.produce(
+                    self.topics.embedded,
+                    pack("embedded", rec, check=False),
+                    key=str(r.cell).encode(),
+                    partition=r.cell % self.partitions,
+                )
+            else:
+                rejected.append(r)
+                self.pending += 1
+                rec = output_record(r, self.thresholds, include_image=self.include_image)
+                out.produce(self.topics.rejected, pack("output", rec), key=r.id.encode())
+        if self.metrics is not None:
+            self.metrics.observe_outcomes(
+                "embed", [(o.decision, o.reason, o.gain, o.alignment) for o in rejected]
+            )

@@ -1,0 +1,271 @@
+"""The transactional consume → process → produce loop both stages run.
+
+One ``consume()`` call (up to ``commit_max_messages`` messages or ``commit_interval_ms``) is one
+Kafka transaction: the batch's outputs, its changelog records and its input offsets commit
+together or not at all. After an abort the consumer is rewound to the committed offsets and the
+processor rebuilds its state before the next batch. Rebalance callbacks run inside ``consume()``,
+so no transaction is ever open while partitions move.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from infogrowth.config import Settings
+from infogrowth.kafka.clients import consumer_config, position, producer_config
+
+log = logging.getLogger(__name__)
+TXN_TIMEOUT_S = 30.0
+
+
+@dataclass
+class Output:
+    """Produces into the open transaction and collects delivery reports."""
+
+    producer: Producer
+    errors: list[str] = field(default_factory=list)
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    """Highest delivered offset per (topic, partition)."""
+    count: int = 0
+
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            self.errors.append(f"{msg.topic()}: {err}")
+            return
+        t, p, o = position(msg)
+        self.offsets[(t, p)] = max(self.offsets.get((t, p), -1), o)
+
+    def produce(
+        self, topic: str, value: bytes, key: bytes | None = None, partition: int | None = None
+    ) -> None:
+        kwargs: dict[str, Any] = {"on_delivery": self._on_delivery}
+        if partition is not None:
+            kwargs["partition"] = partition
+        while True:
+            try:
+                self.producer.produce(topic, value=value, key=key, **kwargs)
+                break
+            except BufferError:  # local queue full: serve delivery reports, then retry
+                self.producer.poll(0.05)
+        self.count += 1
+
+
+class Processor(Protocol):
+    """Stage logic plugged into :class:`TransactionalLoop`."""
+
+    name: str
+
+    def on_assign(self, partitions: list[TopicPartition]) -> None: ...
+
+    def on_revoke(self, partitions: list[TopicPartition]) -> None: ...
+
+    def on_lost(self, partitions: list[TopicPartition]) -> None: ...
+
+    def process(self, messages: list[Message], out: Output) -> None: ...
+
+    def on_commit(self, out: Output) -> None: ...
+
+    def on_abort(self, partitions: list[TopicPartition]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class FatalStageError(RuntimeError):
+    """The stage cannot continue (fenced, misconfigured); the process should exit."""
+
+
+class TransactionalLoop:
+    def __init__(
+        self,
+        settings: Settings,
+        processor: Processor,
+        *,
+        group: str,
+        topics: list[str],
+        transactional_id: str,
+        on_batch: Callable[[str, int, float, bool], None] | None = None,
+        on_lag: Callable[[str, int, int], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.processor = processor
+        self.group = group
+        self.topics = topics
+        self.transactional_id = transactional_id
+        self.on_batch = on_batch
+        self.on_lag = on_lag
+        self.consumer: Consumer | None = None
+        self.producer: Producer | None = None
+        self.last_progress = time.monotonic()
+        self.last_processed = time.monotonic()
+        self.assigned: set[tuple[str, int]] = set()
+        self.started = threading.Event()
+
+    # -- rebalance callbacks (run inside consume) ---------------------------------------
+
+    def _assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("%s: assigned %s", self.processor.name, _fmt(partitions))
+        self.processor.on_assign(partitions)
+        self.assigned |= {(tp.topic, tp.partition) for tp in partitions}
+
+    def _revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("%s: revoked %s", self.processor.name, _fmt(partitions))
+        self.processor.on_revoke(partitions)
+        self.assigned -= {(tp.topic, tp.partition) for tp in partitions}
+
+    def _lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.warning("%s: lost %s", self.processor.name, _fmt(partitions))
+        self.processor.on_lost(partitions)
+        self.assigned -= {(tp.topic, tp.partition) for tp in partitions}
+
+    # -- main loop ----------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        k = self.settings.kafka
+        self.producer = Producer(producer_config(self.settings, self.transactional_id))
+        self._retry(lambda: self.producer.init_transactions(TXN_TIMEOUT_S), stop, "init")  # type: ignore[union-attr]
+        self.consumer = Consumer(consumer_config(self.settings, self.group))
+        self.consumer.subscribe(
+            self.topics, on_assign=self._assign, on_revoke=self._revoke, on_lost=self._lost
+        )
+        self.started.set()
+        try:
+            while not stop.is_set():
+                msgs = self.consumer.consume(k.commit_max_messages, k.commit_interval_ms / 1000.0)
+                batch = [m for m in msgs if self._keep(m)]
+                self.last_progress = time.monotonic()
+                if batch:
+                    self._transact(batch, stop)
+                    self._report_lag(batch)
+                    self.last_processed = time.monotonic()
+        finally:
+            self._shutdown()
+
+    def _keep(self, m: Message) -> bool:
+        err = m.error()
+        if err is None:
+            return True
+        if err.code() == KafkaError._PARTITION_EOF:
+            return False
+        if err.fatal():
+            raise FatalStageError(f"{self.processor.name}: fatal consumer error: {err}")
+        log.warning("%s: consumer error: %s", self.processor.name, err)
+        return False
+
+    def _transact(self, batch: list[Message], stop: threading.Event) -> None:
+        assert self.producer is not None and self.consumer is not None
+        t0 = time.perf_counter()
+        producer = self.producer
+        producer.begin_transaction()
+        out = Output(producer)
+        offsets: dict[tuple[str, int], int] = {}
+        for m in batch:
+            t, p, o = position(m)
+            offsets[(t, p)] = max(offsets.get((t, p), -1), o)
+        try:
+            self.processor.process(batch, out)
+            producer.poll(0)
+            tps = [TopicPartition(t, p, o + 1) for (t, p), o in sorted(offsets.items())]
+            producer.send_offsets_to_transaction(
+                tps, self.consumer.consumer_group_metadata(), TXN_TIMEOUT_S
+            )
+            self._commit(stop)
+            if out.errors:  # commit succeeded only if every delivery did; keep it loud anyway
+                raise FatalStageError(f"delivery errors after commit: {out.errors[:3]}")
+        except KafkaException as exc:
+            err = exc.args[0]
+            if err.fatal() or not err.txn_requires_abort():
+                raise FatalStageError(f"{self.processor.name}: transaction failed: {err}") from exc
+            log.warning("%s: aborting transaction: %s", self.processor.name, err)
+            self._abort(offsets, stop)
+            if self.on_batch:
+                self.on_batch(self.processor.name, len(batch), time.perf_counter() - t0, False)
+            return
+        except FatalStageError:
+            raise
+        except Exception:
+            log.exception("%s: processing failed; aborting the transaction", self.processor.name)
+            self._abort(offsets, stop)
+            raise
+        self.processor.on_commit(out)
+        if self.on_batch:
+            self.on_batch(self.processor.name, len(batch), time.perf_counter() - t0, True)
+
+    def _commit(self, stop: threading.Event) -> None:
+        """commit_transaction, retried while the error is retriable (e.g. a broker bounce)."""
+        assert self.producer is not None
+        delay = 0.5
+        while True:
+            try:
+                self.producer.commit_transaction(TXN_TIMEOUT_S)
+                return
+            except KafkaException as exc:
+                err = exc.args[0]
+                if not err.retriable() or err.txn_requires_abort():
+                    raise
+                log.warning("%s: commit retry: %s", self.processor.name, err)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _abort(self, offsets: dict[tuple[str, int], int], stop: threading.Event) -> None:
+        assert self.producer is not None and self.consumer is not None
+        self._retry(lambda: self.producer.abort_transaction(TXN_TIMEOUT_S), stop, "abort")  # type: ignore[union-attr]
+        parts = [TopicPartition(t, p) for (t, p) in offsets if (t, p) in self.assigned]
+        self._rewind(parts)
+        self.processor.on_abort(parts)
+
+    def _rewind(self, parts: list[TopicPartition]) -> None:
+        """Seek to the committed offsets so the aborted batch is consumed again."""
+        assert self.consumer is not None
+        if not parts:
+            return
+        committed = self.consumer.committed(parts, timeout=TXN_TIMEOUT_S)
+        for tp in committed:
+            offset = tp.offset if tp.offset >= 0 else -2  # OFFSET_BEGINNING
+            self.consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+
+    def _retry(self, fn: Callable[[], None], stop: threading.Event, what: str) -> None:
+        delay = 0.5
+        deadline = time.monotonic() + self.settings.kafka.transaction_timeout_ms / 1000.0 * 2
+        while True:
+            try:
+                fn()
+                return
+            except KafkaException as exc:
+                err = exc.args[0]
+                if not err.retriable() or time.monotonic() > deadline:
+                    raise FatalStageError(f"{self.processor.name}: {what} failed: {err}") from exc
+                log.warning("%s: %s retry: %s", self.processor.name, what, err)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _report_lag(self, batch: list[Message]) -> None:
+        if self.on_lag is None or self.consumer is None:
+            return
+        seen = {(t, p): o for t, p, o in map(position, batch)}
+        for (t, p), off in seen.items():
+            try:
+                _, high = self.consumer.get_watermark_offsets(TopicPartition(t, p), cached=True)
+            except KafkaException:
+                continue
+            if high >= 0:
+                self.on_lag(self.processor.name, p, max(0, high - off - 1))
+
+    def _shutdown(self) -> None:
+        try:
+            self.processor.close()
+        finally:
+            if self.consumer is not None:
+                self.consumer.close()  # leaves the group: revoke callbacks run here
+            if self.producer is not None:
+                self.producer.flush(5)
+
+
+def _fmt(partitions: list[TopicPartition]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions) or "-"

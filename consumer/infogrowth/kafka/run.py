@@ -1,0 +1,228 @@
+"""``infogrowth run``: the embed and/or select stage loops, metrics server and signal handling."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from infogrowth.calibrate import Calibration, resolve_thresholds
+from infogrowth.cells import Cells
+from infogrowth.config import Settings
+from infogrowth.curate import build_models
+from infogrowth.kafka.clients import instance_id
+from infogrowth.kafka.control import read_calibration
+from infogrowth.kafka.embed import EmbedProcessor
+from infogrowth.kafka.loop import TransactionalLoop
+from infogrowth.kafka.select import SelectProcessor
+from infogrowth.pipeline import EmbedStage
+from infogrowth.schema import SPACES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """The running stages; tests drive it in-process, the CLI through :func:`main`."""
+
+    settings: Settings
+    role: str
+    loops: list[TransactionalLoop] = field(default_factory=list)
+    threads: list[threading.Thread] = field(default_factory=list)
+    errors: list[BaseException] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+    select: SelectProcessor | None = None
+    metrics: Any = None
+    server: Any = None
+    watchdog_started: bool = False
+
+    def ready(self) -> bool:
+        return self.ready_status()[0]
+
+    def ready_status(self) -> tuple[bool, str]:
+        if not self.loops or not all(lp.started.is_set() for lp in self.loops):
+            return False, "starting"
+        if self.select is not None and self.select.restoring:
+            return False, "restoring state"
+        if self.stop.is_set():
+            return False, "draining"
+        return True, "ready"
+
+    def healthy(self) -> tuple[bool, str]:
+        if self.errors:
+            return False, f"stage failed: {self.errors[0]}"
+        dead = [t.name for t in self.threads if not t.is_alive()]
+        if dead and not self.stop.is_set():
+            return False, f"stage thread ended: {dead}"
+        return True, "ok"
+
+    def committed_outputs(self) -> int:
+        """Output records this process has committed (embed rejections + select outputs)."""
+        return sum(getattr(lp.processor, "committed_outputs", 0) for lp in self.loops)
+
+    def idle_for(self) -> float:
+        if not self.loops:
+            return 0.0
+        return time.monotonic() - max(lp.last_processed for lp in self.loops)
+
+
+def build(settings: Settings, role: str) -> Runtime:
+    rt = Runtime(settings, role)
+    try:
+        from infogrowth.metrics import Metrics
+
+        rt.metrics = Metrics()
+    except ImportError:  # pragma: no cover - metrics module is part of the package
+        rt.metrics = None
+    cal: Calibration | None = read_calibration(settings)
+    if cal is not None:
+        thresholds = cal.thresholds
+        log.info("calibration: %s", cal.as_record() | {"cells": "..."})
+    else:
+        thresholds = resolve_thresholds(settings, SPACES, None)
+        log.info("no calibration on the control topic: thresholds from config %s", thresholds)
+    prefix = settings.kafka.transactional_id_prefix
+    inst = instance_id(settings)
+    k = settings.kafka
+    if role in ("embed", "all"):
+        encoder, captioner = build_models(settings, None)
+        stage = EmbedStage(
+            settings,
+            encoder,
+            captioner,
+            spaces=cal.spaces if cal else None,
+            dims=cal.dims if cal else None,
+        )
+        if cal is not None and encoder is not None and cal.fingerprint != encoder.fingerprint:
+            raise ValueError(
+                f"encoder fingerprint {encoder.fingerprint!r} differs from the seeded "
+                f"calibration's {cal.fingerprint!r}: re-seed or configure the same model"
+            )
+        stage.delta = thresholds.delta
+        n_cells = k.cells or k.topics.embedded_partitions
+        cells = Cells.from_record(cal.cells, n_cells) if cal and cal.cells else None
+        proc = EmbedProcessor(
+            settings, stage, thresholds, cells, k.topics.embedded_partitions, rt.metrics
+        )
+        rt.loops.append(_loop(settings, rt, proc, k.embed_group, k.topics.ingest, prefix, inst))
+    if role in ("select", "all"):
+        fingerprint = cal.fingerprint if cal and cal.fingerprint else _config_fingerprint(settings)
+        sel = SelectProcessor(settings, thresholds, cal, fingerprint, rt.metrics)
+        rt.select = sel
+        rt.loops.append(_loop(settings, rt, sel, k.select_group, k.topics.embedded, prefix, inst))
+    return rt
+
+
+def _config_fingerprint(settings: Settings) -> str:
+    return f"config:{settings.encoder.kind}:{settings.encoder.model or 'precomputed'}"
+
+
+def _loop(
+    settings: Settings,
+    rt: Runtime,
+    proc: Any,
+    group: str,
+    topic: str,
+    prefix: str,
+    inst: str,
+) -> TransactionalLoop:
+    m = rt.metrics
+
+    def on_batch(stage: str, n: int, seconds: float, committed: bool) -> None:
+        if m is None:
+            return
+        m.batch_duration.labels(stage=stage).observe(seconds)
+        m.transactions.labels(stage=stage, result="committed" if committed else "aborted").inc()
+
+    def on_lag(stage: str, partition: int, lag: int) -> None:
+        if m is not None:
+            m.consumer_lag.labels(stage=stage, partition=str(partition)).set(lag)
+
+    return TransactionalLoop(
+        settings,
+        proc,
+        group=group,
+        topics=[topic],
+        transactional_id=f"{prefix}-{proc.name}-{inst}",
+        on_batch=on_batch,
+        on_lag=on_lag,
+    )
+
+
+def start(rt: Runtime) -> None:
+    def target(loop: TransactionalLoop) -> None:
+        try:
+            loop.run(rt.stop)
+        except BaseException as exc:
+            log.exception("%s stage failed", loop.processor.name)
+            rt.errors.append(exc)
+            rt.stop.set()
+
+    for lp in rt.loops:
+        t = threading.Thread(target=target, args=(lp,), name=f"stage-{lp.processor.name}")
+        t.start()
+        rt.threads.append(t)
+
+
+def serve(rt: Runtime) -> None:
+    if rt.metrics is None:
+        return
+    from infogrowth.metrics import MetricsServer
+
+    s = rt.settings.serve
+    rt.server = MetricsServer(rt.metrics, s.host, s.port, health=rt.healthy, ready=rt.ready_status)
+    rt.server.start()
+    log.info("metrics on http://%s:%d/metrics", s.host, rt.server.port)
+
+
+def main(settings: Settings, role: str, idle_exit_s: float | None = None) -> int:
+    """Run until SIGTERM/SIGINT (or idle for ``idle_exit_s``); exit code 0 on a clean drain."""
+    rt = build(settings, role)
+    serve(rt)
+
+    def on_signal(signum: int, frame: object) -> None:
+        log.info("signal %d: draining", signum)
+        rt.stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    start(rt)
+    try:
+        while any(t.is_alive() for t in rt.threads):
+            if rt.metrics is not None:
+                rt.metrics.ready.set(1 if rt.ready() else 0)
+            if idle_exit_s is not None and rt.ready() and rt.idle_for() > idle_exit_s:
+                log.info("idle for %.1fs: stopping", idle_exit_s)
+                rt.stop.set()
+            if rt.stop.is_set():
+                _watchdog(rt, settings.kafka.drain_timeout_s)
+            time.sleep(0.2)
+    finally:
+        rt.stop.set()
+        for t in rt.threads:
+            t.join()
+        if rt.server is not None:
+            rt.server.stop()
+    return 1 if rt.errors else 0
+
+
+def _watchdog(rt: Runtime, timeout_s: float) -> None:
+    """A stuck broker must not hang shutdown forever: exit hard after the drain timeout."""
+    if rt.watchdog_started:
+        return
+    rt.watchdog_started = True
+
+    def bite() -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not any(t.is_alive() for t in rt.threads):
+                return
+            time.sleep(0.2)
+        log.error("drain did not finish within %.0fs: exiting", timeout_s)
+        os._exit(3)
+
+    threading.Thread(target=bite, daemon=True, name="drain-watchdog").start()

@@ -1,0 +1,92 @@
+"""``infogrowth seed``: calibrate on a seed file, publish the calibration and seed the changelog."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from confluent_kafka import Producer
+
+from infogrowth.calibrate import Calibration
+from infogrowth.cells import Cells, kmeans
+from infogrowth.config import Settings
+from infogrowth.curate import build_models
+from infogrowth.files import read_inputs
+from infogrowth.kafka.clients import instance_id, producer_config
+from infogrowth.kafka.control import CALIBRATION_KEY
+from infogrowth.kafka.select import changelog_record
+from infogrowth.pipeline import Curator
+from infogrowth.schema import Sample, pack
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SeedResult:
+    calibration: Calibration
+    items: int
+    malformed: int
+    per_partition: dict[int, int]
+
+
+def seed(settings: Settings, path: Path) -> SeedResult:
+    items = list(read_inputs([path], settings.limits))
+    probe = next((i for i in items if isinstance(i, Sample)), None)
+    encoder, captioner = build_models(settings, probe)
+    cur = Curator(settings, encoder, captioner)
+    cur.seed(items)
+    assert cur.thresholds is not None and cur.embed.spaces and cur.embed.dims
+    spaces = cur.embed.spaces
+    partitions = settings.kafka.topics.embedded_partitions
+    n_cells = settings.kafka.cells or partitions
+    route_space = "image" if "image" in spaces else spaces[0]
+    seeds = cur.seed_items
+    cells: Cells = kmeans(route_space, np.stack([e.vectors[route_space] for e in seeds]), n_cells)
+    cal = Calibration(
+        thresholds=cur.thresholds,
+        spaces=tuple(spaces),
+        dims=dict(cur.embed.dims),
+        seed_count=len(seeds),
+        fingerprint=cur.embed.fingerprint,
+        cells=cells.as_record(),
+    )
+    producer = Producer(
+        producer_config(
+            settings,
+            f"{settings.kafka.transactional_id_prefix}-seed-{instance_id(settings)}",
+        )
+    )
+    producer.init_transactions(60)
+    producer.begin_transaction()
+    errors: list[str] = []
+
+    def on_delivery(err: object, msg: object) -> None:
+        if err is not None:
+            errors.append(str(err))
+
+    per_part: dict[int, int] = {}
+    for e in seeds:
+        p = cells.route(e.vectors[route_space]) % partitions
+        per_part[p] = per_part.get(p, 0) + 1
+        producer.produce(
+            settings.kafka.topics.changelog,
+            value=pack("changelog", changelog_record(e, seed=True)),
+            key=e.id.encode(),
+            partition=p,
+            on_delivery=on_delivery,
+        )
+        producer.poll(0)
+    producer.produce(
+        settings.kafka.topics.control,
+        value=pack("calibration", cal.as_record()),
+        key=CALIBRATION_KEY,
+        partition=0,
+        on_delivery=on_delivery,
+    )
+    producer.commit_transaction(120)
+    if errors:
+        raise RuntimeError(f"seeding failed: {errors[:3]}")
+    log.info("seeded %d items into %s", len(seeds), per_part)
+    return SeedResult(cal, len(seeds), len(cur.seed_rejected), per_part)

@@ -1,0 +1,307 @@
+"""Select stage on Kafka: per-partition HNSW state, restored from snapshot + changelog.
+
+Partition ``p`` of the embedded topic owns partition ``p`` of the changelog. Its state is a
+materialised view of that changelog partition: restore = load the local snapshot (if it verifies)
+and replay the changelog from the offset the snapshot includes. Kept items go to the changelog
+in the same transaction as the outputs and the input offsets.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from confluent_kafka import Message, TopicPartition
+
+from infogrowth import snapshot
+from infogrowth.calibrate import Calibration
+from infogrowth.config import Settings
+from infogrowth.index import PartitionState
+from infogrowth.kafka.clients import position, source_of
+from infogrowth.kafka.control import read_partition_to_end
+from infogrowth.kafka.loop import Output
+from infogrowth.records import Outcome, output_record
+from infogrowth.schema import Embedded, Malformed, pack, unpack, vector_from_bytes
+from infogrowth.schema import vector_to_bytes as v2b
+from infogrowth.select import Selector, Thresholds
+
+log = logging.getLogger(__name__)
+
+
+def embedded_from_record(rec: dict[str, Any], dims: dict[str, int] | None) -> Embedded:
+    vecs = {
+        s: vector_from_bytes(b, None if dims is None else dims.get(s))
+        for s, b in rec["vectors"].items()
+    }
+    if dims is not None and set(vecs) != set(dims):
+        raise ValueError(f"vectors for {sorted(vecs)}, expected {sorted(dims)}")
+    for s, v in vecs.items():
+        if not np.all(np.isfinite(v)):
+            raise ValueError(f"vectors.{s}: NaN or Inf")
+    return Embedded(
+        id=rec["id"],
+        vectors=vecs,
+        text=rec.get("text"),
+        label=rec.get("label"),
+        image=rec.get("image"),
+        meta=rec.get("meta"),
+        alignment=rec.get("alignment"),
+        original_alignment=rec.get("original_alignment"),
+        original_text=rec.get("original_text"),
+        original_label=rec.get("original_label"),
+        fix=rec.get("fix"),
+        cell=rec.get("cell", 0),
+        source=rec.get("source"),
+    )
+
+
+def changelog_record(e: Embedded, seed: bool = False) -> dict[str, Any]:
+    rec: dict[str, Any] = {
+        "v": 1,
+        "id": e.id,
+        "label": e.label,
+        "vectors": {s: v2b(v) for s, v in e.vectors.items()},
+    }
+    if seed:
+        rec["seed"] = True
+    return rec
+
+
+class SelectProcessor:
+    name = "select"
+
+    def __init__(
+        self,
+        settings: Settings,
+        thresholds: Thresholds,
+        calibration: Calibration | None,
+        fingerprint: str,
+        metrics: Any = None,
+    ) -> None:
+        self.settings = settings
+        self.t = thresholds
+        self.cal = calibration
+        self.fingerprint = fingerprint
+        self.metrics = metrics
+        self.topics = settings.kafka.topics
+        self.states: dict[int, PartitionState] = {}
+        self.selectors: dict[int, Selector] = {}
+        self.dirty: dict[int, int] = defaultdict(int)
+        self.last_snapshot: dict[int, float] = {}
+        self.spaces: tuple[str, ...] | None = calibration.spaces if calibration else None
+        self.dims: dict[str, int] | None = dict(calibration.dims) if calibration else None
+        self.restoring = False
+        self.restore_seconds: list[float] = []
+        fixer = settings.clean.fixer
+        self.neighbour_fixer = fixer in ("auto", "neighbours")
+        self.pending = 0
+        self.committed_outputs = 0
+
+    # -- state lifecycle ----------------------------------------------------------------
+
+    def snapshot_dir(self, partition: int) -> Path:
+        return Path(self.settings.snapshot.directory) / f"{self.topics.embedded}-{partition}"
+
+    def _selector(self, p: int, state: PartitionState) -> None:
+        self.states[p] = state
+        self.selectors[p] = Selector(
+            state, self.t, self.settings.select, self.settings.clean, self.neighbour_fixer
+        )
+        if self.metrics is not None:
+            self.metrics.index_items.labels(partition=str(p)).set(state.count)
+
+    def restore(self, p: int) -> PartitionState | None:
+        """Snapshot (verified) + changelog replay; a bad snapshot falls back to a full replay."""
+        t0 = time.perf_counter()
+        self.restoring = True
+        try:
+            state: PartitionState | None = None
+            if self.spaces is not None and self.dims is not None:
+                try:
+                    state = snapshot.load(
+                        self.snapshot_dir(p),
+                        self.settings.index,
+                        fingerprint=self.fingerprint,
+                        spaces=self.spaces,
+                        dims=self.dims,
+                    )
+                    log.info("partition %d: snapshot with %d items loaded", p, state.count)
+                except snapshot.SnapshotError as exc:
+                    log.warning("partition %d: %s; replaying the changelog", p, exc)
+                    state = None
+            start = state.changelog_offset + 1 if state is not None else -2
+            replayed = 0
+            buf: list[tuple[Embedded, int]] = []
+            for m in read_partition_to_end(self.settings, self.topics.changelog, p, start):
+                rec = unpack("changelog", m.value(), max_bytes=1 << 30)
+                e = embedded_from_record(rec, self.dims)
+                buf.append((e, m.offset()))
+                if len(buf) >= 4096:
+                    state = self._apply(state, buf)
+                    replayed += len(buf)
+                    buf = []
+            if buf:
+                state = self._apply(state, buf)
+                replayed += len(buf)
+            elapsed = time.perf_counter() - t0
+            self.restore_seconds.append(elapsed)
+            if self.metrics is not None:
+                self.metrics.restore_duration.observe(elapsed)
+                self.metrics.replayed_items.inc(replayed)
+            log.info(
+                "partition %d: restored %d items (%d replayed) in %.2fs",
+                p,
+                state.count if state else 0,
+                replayed,
+                elapsed,
+            )
+            return state
+        finally:
+            self.restoring = False
+
+    def _apply(
+        self, state: PartitionState | None, buf: list[tuple[Embedded, int]]
+    ) -> PartitionState:
+        if state is None:
+            first = buf[0][0]
+            if self.spaces is None:
+                self.spaces = tuple(s for s in ("image", "text") if s in first.vectors)
+                self.dims = {s: int(first.vectors[s].shape[0]) for s in self.spaces}
+            assert self.dims is not None
+            state = PartitionState.empty(self.spaces, self.dims, self.settings.index)
+        fresh = [(e, o) for e, o in buf if e.id not in state]
+        if fresh:
+            state.add(
+                [e.id for e, _ in fresh],
+                {s: np.stack([e.vectors[s] for e, _ in fresh]) for s in state.spaces},
+                [e.label for e, _ in fresh],
+            )
+        state.changelog_offset = max(state.changelog_offset, buf[-1][1])
+        return state
+
+    def save_snapshot(self, p: int) -> None:
+        state = self.states.get(p)
+        if state is None:
+            return
+        t0 = time.perf_counter()
+        info = snapshot.save(
+            state, self.snapshot_dir(p), self.fingerprint, keep=self.settings.snapshot.keep
+        )
+        self.dirty[p] = 0
+        self.last_snapshot[p] = time.time()
+        if self.metrics is not None:
+            self.metrics.snapshot_duration.observe(time.perf_counter() - t0)
+            self.metrics.mark_snapshot(str(p), info.created)
+            self.metrics.snapshot_bytes.labels(partition=str(p)).set(info.bytes)
+
+    def _maybe_snapshot(self, p: int) -> None:
+        cfg = self.settings.snapshot
+        due_items = self.dirty[p] >= cfg.interval_items
+        due_time = time.time() - self.last_snapshot.get(p, 0.0) >= cfg.interval_s
+        if self.dirty[p] and (due_items or due_time):
+            self.save_snapshot(p)
+
+    def _drop(self, p: int) -> None:
+        self.states.pop(p, None)
+        self.selectors.pop(p, None)
+        self.dirty.pop(p, None)
+        if self.metrics is not None:
+            self.metrics.drop_partition(str(p))
+
+    # -- Processor protocol -------------------------------------------------------------
+
+    def on_assign(self, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            state = self.restore(tp.partition)
+            if state is not None:
+                self._selector(tp.partition, state)
+                self.last_snapshot.setdefault(tp.partition, time.time())
+
+    def on_revoke(self, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            if self.dirty.get(tp.partition):
+                self.save_snapshot(tp.partition)
+            self._drop(tp.partition)
+
+    def on_lost(self, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self._drop(tp.partition)
+
+    def on_abort(self, partitions: list[TopicPartition]) -> None:
+        """State may hold items of the aborted batch: rebuild it from snapshot + changelog."""
+        self.pending = 0
+        for tp in partitions:
+            self._drop(tp.partition)
+            state = self.restore(tp.partition)
+            if state is not None:
+                self._selector(tp.partition, state)
+
+    def on_commit(self, out: Output) -> None:
+        self.committed_outputs += self.pending
+        self.pending = 0
+        for (topic, p), offset in out.offsets.items():
+            if topic == self.topics.changelog and p in self.states:
+                self.states[p].changelog_offset = max(self.states[p].changelog_offset, offset)
+        for p in list(self.states):
+            if self.metrics is not None:
+                self.metrics.index_items.labels(partition=str(p)).set(self.states[p].count)
+            self._maybe_snapshot(p)
+
+    def close(self) -> None:
+        for p in list(self.states):
+            if self.dirty.get(p):
+                self.save_snapshot(p)
+
+    def process(self, messages: list[Message], out: Output) -> None:
+        by_part: dict[int, list[Message]] = defaultdict(list)
+        for m in messages:
+            by_part[position(m)[1]].append(m)
+        for p, msgs in sorted(by_part.items()):
+            self._process_partition(p, msgs, out)
+
+    def _process_partition(self, p: int, msgs: list[Message], out: Output) -> None:
+        results: list[Embedded | Outcome] = []
+        for m in msgs:
+            try:
+                rec = unpack("embedded", m.value() or b"", max_bytes=1 << 30)
+                results.append(embedded_from_record(rec, self.dims))
+            except ValueError as exc:
+                src = source_of(m)
+                results.append(Outcome.malformed(Malformed(None, str(exc), m.value() or b"", src)))
+        batch = [r for r in results if isinstance(r, Embedded)]
+        if batch and p not in self.selectors:
+            first = batch[0]
+            if self.spaces is None:
+                self.spaces = tuple(s for s in ("image", "text") if s in first.vectors)
+                self.dims = {s: int(first.vectors[s].shape[0]) for s in self.spaces}
+            assert self.dims is not None
+            self._selector(p, PartitionState.empty(self.spaces, self.dims, self.settings.index))
+        verdicts = iter(self.selectors[p].decide(batch)) if batch else iter(())
+        outcomes: list[Outcome] = []
+        for r in results:
+            if isinstance(r, Embedded):
+                v = next(verdicts)
+                o = Outcome.from_verdict(v)
+                if v.decision != "rejected":
+                    out.produce(
+                        self.topics.changelog,
+                        pack("changelog", changelog_record(v.item), check=False),
+                        key=v.item.id.encode(),
+                        partition=p,
+                    )
+                    self.dirty[p] += 1
+            else:
+                o = r
+            outcomes.append(o)
+            self.pending += 1
+            topic = getattr(self.topics, o.decision)
+            rec = output_record(o, self.t, include_image=self.settings.outputs_include_image)
+            out.produce(topic, pack("output", rec, check=False), key=o.id.encode())
+        if self.metrics is not None:
+            self.metrics.observe_outcomes(
+                "select", [(o.decision, o.reason, o.gain, o.alignment) for o in outcomes]
+            )

@@ -1,0 +1,193 @@
+"""``produce`` (files → ingest topic) and ``audit`` (exactly one output per ingest message)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from infogrowth.config import Settings
+from infogrowth.files import read_inputs
+from infogrowth.kafka.clients import base_config, consumer_config, producer_config
+from infogrowth.records import source_key
+from infogrowth.schema import Malformed, pack, sample_to_obj
+
+
+def produce(
+    settings: Settings,
+    paths: list[Path],
+    topic: str | None = None,
+    progress: Callable[[int], None] | None = None,
+    raw: list[bytes] | None = None,
+) -> int:
+    """Load JSONL / WebDataset samples (as msgpack) into the ingest topic; returns the count.
+
+    Lines that fail validation are sent as they are, so the curator rejects them: a producer
+    never filters what the pipeline must account for.
+    """
+    topic = topic or settings.kafka.topics.ingest
+    p = Producer(producer_config(settings, None))
+    errors: list[str] = []
+
+    def on_delivery(err: KafkaError | None, msg: Any) -> None:
+        if err is not None:
+            errors.append(str(err))
+
+    n = 0
+
+    def send(value: bytes, key: bytes | None) -> None:
+        nonlocal n
+        while True:
+            try:
+                p.produce(topic, value=value, key=key, on_delivery=on_delivery)
+                break
+            except BufferError:
+                p.poll(0.1)
+        n += 1
+        if progress is not None and n % 500 == 0:
+            progress(500)
+
+    for item in read_inputs(paths, settings.limits):
+        if isinstance(item, Malformed):
+            send(item.payload, item.id.encode() if item.id else None)
+        else:
+            send(pack("ingest", sample_to_obj(item), check=False), item.id.encode())
+    for value in raw or []:
+        send(value, None)
+    p.flush(120)
+    if progress is not None:
+        progress(n % 500)
+    if errors:
+        raise RuntimeError(f"{len(errors)} messages not delivered: {errors[:3]}")
+    return n
+
+
+def _partitions(settings: Settings, topic: str) -> list[int]:
+    admin = AdminClient(base_config(settings))
+    md = admin.list_topics(topic, timeout=30)
+    t = md.topics.get(topic)
+    if t is None or t.error is not None:
+        raise RuntimeError(f"topic {topic} not found: {t.error if t else 'missing'}")
+    return sorted(t.partitions)
+
+
+def read_topic(settings: Settings, topic: str) -> Iterator[Any]:
+    """Every committed message of ``topic`` (read_committed), all partitions, up to their end."""
+    conf = consumer_config(
+        settings,
+        "infogrowth-audit",
+        **{"enable.partition.eof": True, "partition.assignment.strategy": "range"},
+    )
+    c = Consumer(conf)
+    try:
+        parts = _partitions(settings, topic)
+        todo = set()
+        assign = []
+        for p in parts:
+            low, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=30)
+            if high > low:
+                todo.add(p)
+                assign.append(TopicPartition(topic, p, -2))
+        if not assign:
+            return
+        c.assign(assign)
+        idle = 0
+        while todo:
+            msgs = c.consume(1000, 1.0)
+            if not msgs:
+                idle += 1
+                if idle > 60:
+                    raise TimeoutError(f"reading {topic}: partitions {sorted(todo)} never ended")
+                continue
+            idle = 0
+            for m in msgs:
+                err = m.error()
+                if err is None:
+                    yield m
+                elif err.code() == KafkaError._PARTITION_EOF:
+                    todo.discard(m.partition())
+                else:
+                    raise RuntimeError(f"reading {topic}: {err}")
+    finally:
+        c.close()
+
+
+def ingest_id(value: bytes | None, src: dict[str, str | int]) -> str:
+    """The id the pipeline reports for an ingest message (source position when it has none)."""
+    try:
+        obj = msgpack.unpackb(value or b"", raw=False)
+        if isinstance(obj, dict) and isinstance(obj.get("id"), str) and obj["id"]:
+            return str(obj["id"])[:512]
+    except Exception:
+        pass
+    return source_key(src)
+
+
+@dataclass
+class AuditResult:
+    ingest: int = 0
+    outputs: Counter[str] = field(default_factory=Counter)
+    reasons: Counter[str] = field(default_factory=Counter)
+    missing: list[str] = field(default_factory=list)
+    duplicated: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    decisions: dict[str, tuple[str, str | None]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.duplicated or self.unexpected)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "ingest": self.ingest,
+            "outputs": dict(self.outputs),
+            "reasons": dict(self.reasons),
+            "missing": self.missing[:50],
+            "duplicated": self.duplicated[:50],
+            "unexpected": self.unexpected[:50],
+            "missing_count": len(self.missing),
+            "duplicated_count": len(self.duplicated),
+            "unexpected_count": len(self.unexpected),
+        }
+
+
+def audit(settings: Settings) -> AuditResult:
+    """Every ingest message has exactly one output record across the three output topics."""
+    t = settings.kafka.topics
+    res = AuditResult()
+    expected: Counter[str] = Counter()
+    for m in read_topic(settings, t.ingest):
+        src: dict[str, str | int] = {
+            "topic": m.topic(),
+            "partition": m.partition(),
+            "offset": m.offset(),
+        }
+        expected[ingest_id(m.value(), src)] += 1
+        res.ingest += 1
+    got: Counter[str] = Counter()
+    for name in ("accepted", "relabeled", "rejected"):
+        for m in read_topic(settings, getattr(t, name)):
+            rec = msgpack.unpackb(m.value(), raw=False)
+            got[rec["id"]] += 1
+            res.outputs[name] += 1
+            res.reasons[f"{name}/{rec.get('reason')}" if rec.get("reason") else name] += 1
+            res.decisions[rec["id"]] = (rec["decision"], rec.get("reason"))
+    for sid, n in expected.items():
+        if got[sid] < n:
+            res.missing.append(sid)
+        elif got[sid] > n:
+            res.duplicated.append(sid)
+    res.unexpected = [sid for sid in got if sid not in expected]
+    return res
+
+
+def audit_json(settings: Settings) -> str:
+    return json.dumps(audit(settings).as_dict(), indent=2, sort_keys=True)

@@ -1,0 +1,488 @@
+"""Prometheus metrics and the HTTP endpoint serving /metrics, /healthz and /readyz.
+
+Every metric lives on a dedicated :class:`~prometheus_client.CollectorRegistry` owned by
+:class:`Metrics` (never the global one), so several instances can coexist in one process. Names
+carry the ``infogrowth_`` prefix and base units; labels are bounded (stage, decision, reason,
+step, partition, result, version), never per sample. With ``runtime=True`` the standard
+``process_*`` and ``python_*`` families are added; nothing else is exposed, in particular no
+configuration value.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+import sys
+import threading
+import time
+from collections import Counter as Tally
+from collections.abc import Callable, Iterable, Iterator
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from infogrowth import __version__
+
+__all__ = [
+    "ALIGNMENT_BUCKETS",
+    "GAIN_BUCKETS",
+    "STEPS",
+    "Check",
+    "Metrics",
+    "MetricsServer",
+]
+
+log = logging.getLogger(__name__)
+
+STEPS: Final = frozenset({"decode", "embed", "clean", "select", "produce", "commit"})
+"""Allowed values of the ``step`` label of ``infogrowth_stage_duration_seconds``."""
+
+GAIN_BUCKETS: Final = tuple(round(0.1 * i, 1) for i in range(21))
+"""0.0, 0.1, ..., 2.0: gains live in [0, 2] (chord distances between unit vectors)."""
+
+ALIGNMENT_BUCKETS: Final = tuple(round(-1.0 + 0.1 * i, 1) for i in range(21))
+"""-1.0, -0.9, ..., 1.0: cosine similarities."""
+
+_BATCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_SNAPSHOT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+_RESTORE_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+
+Check = Callable[[], tuple[bool, str]]
+"""A health or readiness probe: ``(ok, reason)``."""
+
+
+class _SnapshotAge:
+    """Custom collector: ``infogrowth_snapshot_age_seconds{partition}``, computed at scrape."""
+
+    NAME = "infogrowth_snapshot_age_seconds"
+    HELP = "Seconds since the partition's last completed snapshot."
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._marks: dict[str, float] = {}
+
+    def mark(self, partition: str, ts: float) -> None:
+        with self._lock:
+            self._marks[partition] = ts
+
+    def drop(self, partition: str) -> None:
+        with self._lock:
+            self._marks.pop(partition, None)
+
+    def describe(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(self.NAME, self.HELP, labels=["partition"])
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(self.NAME, self.HELP, labels=["partition"])
+        now = self._clock()
+        with self._lock:
+            marks = sorted(self._marks.items())
+        for partition, ts in marks:
+            family.add_metric([partition], max(0.0, now - ts))
+        yield family
+
+
+def _labelsets(metric: Gauge) -> list[dict[str, str]]:
+    """The label sets a labelled gauge currently exports (public API only)."""
+    return [dict(s.labels) for family in metric.collect() for s in family.samples]
+
+
+class Metrics:
+    """All InfoGrowth metrics on one private registry.
+
+    The attributes are the raw prometheus_client objects; the methods are the common updates.
+    ``clock`` (wall-clock seconds) drives the snapshot age and is injectable for tests.
+    """
+
+    def __init__(
+        self,
+        *,
+        runtime: bool = True,
+        version: str = __version__,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        reg = self.registry
+        self.samples: Counter = Counter(
+            "infogrowth_samples",
+            "Samples decided, by stage, decision and reason ('' when none).",
+            ["stage", "decision", "reason"],
+            registry=reg,
+        )
+        self.batch_duration: Histogram = Histogram(
+            "infogrowth_batch_duration_seconds",
+            "Wall time to process one batch, poll to commit.",
+            ["stage"],
+            buckets=_BATCH_BUCKETS,
+            registry=reg,
+        )
+        self.stage_duration: Histogram = Histogram(
+            "infogrowth_stage_duration_seconds",
+            "Wall time of one step of a batch (decode|embed|clean|select|produce|commit).",
+            ["stage", "step"],
+            buckets=_STEP_BUCKETS,
+            registry=reg,
+        )
+        self.gain: Histogram = Histogram(
+            "infogrowth_gain",
+            "Information gain of decided samples (distance units, [0, 2]).",
+            buckets=GAIN_BUCKETS,
+            registry=reg,
+        )
+        self.alignment: Histogram = Histogram(
+            "infogrowth_alignment",
+            "Image-text alignment (cosine, [-1, 1]) of decided samples.",
+            buckets=ALIGNMENT_BUCKETS,
+            registry=reg,
+        )
+        self.index_items: Gauge = Gauge(
+            "infogrowth_index_items",
+            "Items held in the partition's selection index.",
+            ["partition"],
+            registry=reg,
+        )
+        self.consumer_lag: Gauge = Gauge(
+            "infogrowth_consumer_lag",
+            "Messages between the consumer position and the partition's end offset.",
+            ["stage", "partition"],
+            registry=reg,
+        )
+        self.transactions: Counter = Counter(
+            "infogrowth_transactions",
+            "Kafka transactions ended, by result (committed|aborted).",
+            ["stage", "result"],
+            registry=reg,
+        )
+        self._snapshot_age = _SnapshotAge(clock)
+        reg.register(self._snapshot_age)
+        self.snapshot_duration: Histogram = Histogram(
+            "infogrowth_snapshot_duration_seconds",
+            "Wall time to write one partition snapshot.",
+            buckets=_SNAPSHOT_BUCKETS,
+            registry=reg,
+        )
+        self.snapshot_bytes: Gauge = Gauge(
+            "infogrowth_snapshot_bytes",
+            "Size of the partition's last snapshot.",
+            ["partition"],
+            registry=reg,
+        )
+        self.restore_duration: Histogram = Histogram(
+            "infogrowth_restore_duration_seconds",
+            "Wall time to restore a partition (snapshot load plus changelog replay).",
+            buckets=_RESTORE_BUCKETS,
+            registry=reg,
+        )
+        self.replayed_items: Counter = Counter(
+            "infogrowth_replayed_items",
+            "Changelog items replayed into indexes during restores.",
+            registry=reg,
+        )
+        self.ready: Gauge = Gauge(
+            "infogrowth_ready", "1 when the process is ready to serve, else 0.", registry=reg
+        )
+        self.build_info: Gauge = Gauge(
+            "infogrowth_build_info",
+            "Always 1; the version label says which build runs.",
+            ["version"],
+            registry=reg,
+        )
+        self.build_info.labels(version).set(1)
+        if runtime:
+            ProcessCollector(registry=reg)
+            PlatformCollector(registry=reg)
+            GCCollector(registry=reg)
+        self._ready_lock = threading.Lock()
+        self._ready_state: tuple[bool, str] = (False, "starting")
+
+    # ------------------------------------------------------------------ updates
+
+    def observe_outcomes(
+        self,
+        stage: str,
+        outcomes: Iterable[tuple[str, str | None, float | None, float | None]],
+    ) -> int:
+        """Count ``(decision, reason, gain, alignment)`` outcomes; return how many there were.
+
+        ``None`` (or NaN) gain/alignment values are not observed.
+        """
+        tally: Tally[tuple[str, str]] = Tally()
+        for decision, reason, gain, alignment in outcomes:
+            tally[(decision, reason or "")] += 1
+            if gain is not None and not math.isnan(gain):
+                self.gain.observe(gain)
+            if alignment is not None and not math.isnan(alignment):
+                self.alignment.observe(alignment)
+        for (decision, reason), n in tally.items():
+            self.samples.labels(stage, decision, reason).inc(n)
+        return sum(tally.values())
+
+    def observe_batch(self, stage: str, seconds: float) -> None:
+        """Record one batch's wall time."""
+        self.batch_duration.labels(stage).observe(seconds)
+
+    def observe_step(self, stage: str, step: str, seconds: float) -> None:
+        """Record one step's wall time; ``step`` must be one of :data:`STEPS`."""
+        if step not in STEPS:
+            raise ValueError(f"unknown step {step!r}; expected one of {sorted(STEPS)}")
+        self.stage_duration.labels(stage, step).observe(seconds)
+
+    def record_transaction(self, stage: str, result: Literal["committed", "aborted"]) -> None:
+        """Count one ended transaction."""
+        if result not in ("committed", "aborted"):
+            raise ValueError(f"unknown transaction result {result!r}")
+        self.transactions.labels(stage, result).inc()
+
+    def set_lag(self, stage: str, partition: int | str, lag: int) -> None:
+        """Set a partition's consumer lag in messages (negative values clamp to 0)."""
+        self.consumer_lag.labels(stage, str(partition)).set(max(0, lag))
+
+    def set_index_items(self, partition: int | str, items: int) -> None:
+        """Set how many items a partition's index holds."""
+        self.index_items.labels(str(partition)).set(items)
+
+    def mark_snapshot(
+        self,
+        partition: int | str,
+        ts: float | None = None,
+        *,
+        duration_s: float | None = None,
+        size_bytes: int | None = None,
+    ) -> None:
+        """Record a completed snapshot taken at ``ts`` (epoch seconds, default now).
+
+        The age gauge is computed from ``ts`` at each scrape; ``duration_s`` and ``size_bytes``
+        feed the duration histogram and the size gauge when given.
+        """
+        p = str(partition)
+        self._snapshot_age.mark(p, time.time() if ts is None else ts)
+        if duration_s is not None:
+            self.snapshot_duration.observe(duration_s)
+        if size_bytes is not None:
+            self.snapshot_bytes.labels(p).set(size_bytes)
+
+    def observe_restore(self, seconds: float, replayed: int = 0) -> None:
+        """Record one restore: its wall time and the changelog items it replayed."""
+        self.restore_duration.observe(seconds)
+        if replayed:
+            self.replayed_items.inc(replayed)
+
+    def set_ready(self, ready: bool, reason: str = "") -> None:
+        """Set readiness (the ``infogrowth_ready`` gauge and what :meth:`readiness` answers)."""
+        with self._ready_lock:
+            self._ready_state = (ready, reason or ("ready" if ready else "not ready"))
+            self.ready.set(1 if ready else 0)
+
+    def readiness(self) -> tuple[bool, str]:
+        """The last :meth:`set_ready` state; the default ``/readyz`` probe."""
+        with self._ready_lock:
+            return self._ready_state
+
+    def drop_partition(
+        self, partition: int | str, stage: str | None = None, *, state: bool = True
+    ) -> None:
+        """Forget a revoked partition's label sets.
+
+        Drops the lag series of ``stage`` (every stage when None) and, with ``state``, the
+        partition's index and snapshot series (pass ``state=False`` from a stage holding no
+        per-partition state, e.g. the embed stage).
+        """
+        p = str(partition)
+        for labels in _labelsets(self.consumer_lag):
+            if labels["partition"] == p and (stage is None or labels["stage"] == stage):
+                self.consumer_lag.remove(labels["stage"], p)
+        if state:
+            self.index_items.remove(p)
+            self.snapshot_bytes.remove(p)
+            self._snapshot_age.drop(p)
+
+    def exposition(self) -> bytes:
+        """The current scrape in Prometheus text format."""
+        return generate_latest(self.registry)
+
+
+# ---------------------------------------------------------------------- HTTP
+
+
+def _always_ok() -> tuple[bool, str]:
+    return True, "ok"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """GET-only handler; the server instance carries the metrics and probes."""
+
+    server: _Server
+    timeout = 10  # seconds a client may idle on a connection
+    server_version = "infogrowth"
+    sys_version = ""
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            try:
+                body = self.server.metrics.exposition()
+            except Exception:
+                log.exception("metrics exposition failed")
+                self._send(HTTPStatus.INTERNAL_SERVER_ERROR, b"exposition failed\n")
+                return
+            self._send(HTTPStatus.OK, body, CONTENT_TYPE_LATEST)
+        elif path == "/healthz":
+            self._probe(self.server.health, "health")
+        elif path == "/readyz":
+            self._probe(self.server.ready, "readiness")
+        else:
+            self._send(HTTPStatus.NOT_FOUND, b"not found\n")
+
+    if not TYPE_CHECKING:  # hidden from mypy, which would otherwise allow any attribute
+
+        def __getattr__(self, name):
+            # Every method but GET (HEAD, POST, PUT, ..., even unknown ones) gets a 405.
+            if name.startswith("do_"):
+                return self._not_allowed
+            raise AttributeError(name)
+
+    def _not_allowed(self) -> None:
+        self._send(HTTPStatus.METHOD_NOT_ALLOWED, b"method not allowed\n", allow="GET")
+
+    def _probe(self, check: Check, what: str) -> None:
+        try:
+            ok, reason = check()
+        except Exception:
+            log.exception("%s probe raised", what)
+            ok, reason = False, f"{what} probe failed"
+        if ok:
+            self._send(HTTPStatus.OK, b"ok\n")
+        else:
+            text = (reason or "not ok").replace("\r", " ").replace("\n", " ")
+            self._send(HTTPStatus.SERVICE_UNAVAILABLE, f"{text}\n".encode())
+
+    def _send(
+        self,
+        status: HTTPStatus,
+        body: bytes,
+        content_type: str = "text/plain; charset=utf-8",
+        allow: str | None = None,
+    ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        if allow is not None:
+            self.send_header("Allow", allow)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s " + format, self.address_string(), *args)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(
+        self, address: tuple[str, int], metrics: Metrics, health: Check, ready: Check
+    ) -> None:
+        self.metrics = metrics
+        self.health = health
+        self.ready = ready
+        super().__init__(address, _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client hanging up mid-response is routine; anything else is logged, not printed.
+        exc = sys.exc_info()[1]
+        level = logging.DEBUG if isinstance(exc, (ConnectionError, TimeoutError)) else logging.ERROR
+        log.log(level, "metrics request from %s failed", client_address, exc_info=True)
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class MetricsServer:
+    """Serves ``/metrics``, ``/healthz`` and ``/readyz`` from a daemon thread.
+
+    ``health`` answers ``/healthz`` (default: always ok while the server runs); ``ready`` answers
+    ``/readyz`` (default: :meth:`Metrics.readiness`). Both return ``(ok, reason)``: 200 "ok"
+    when ok, else 503 with the reason. Unknown paths get 404, methods other than GET 405.
+    Port 0 picks a free port, readable from :attr:`port` after :meth:`start`.
+    """
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        host: str = "0.0.0.0",
+        port: int = 9108,
+        *,
+        health: Check | None = None,
+        ready: Check | None = None,
+    ) -> None:
+        self.metrics = metrics
+        self.host = host
+        self._requested_port = port
+        self._health: Check = health or _always_ok
+        self._ready: Check = ready or metrics.readiness
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port (the requested one before :meth:`start`)."""
+        if self._server is None:
+            return self._requested_port
+        return int(self._server.server_address[1])
+
+    @property
+    def running(self) -> bool:
+        """True between :meth:`start` and :meth:`stop`."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> MetricsServer:
+        """Bind and serve in a daemon thread; idempotent."""
+        if self._server is not None:
+            return self
+        cls = _Server6 if ":" in self.host else _Server
+        server = cls((self.host, self._requested_port), self.metrics, self._health, self._ready)
+        thread = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            name=f"metrics-http-{server.server_address[1]}",
+            daemon=True,
+        )
+        thread.start()
+        self._server, self._thread = server, thread
+        log.info("serving metrics on %s:%d", self.host, self.port)
+        return self
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop serving and release the port; idempotent."""
+        server, thread = self._server, self._thread
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if thread is not None:
+            thread.join(timeout_s)
+        self._server, self._thread = None, None
+
+    def __enter__(self) -> MetricsServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
