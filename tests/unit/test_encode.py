@@ -350,7 +350,7 @@ def test_minilm_batching_invariance(minilm: TransformersEncoder) -> None:
     np.testing.assert_allclose(one.encode_texts(TEXTS), minilm.encode_texts(TEXTS), atol=1e-5)
 
 
-# ---- CUDA (skipped without a GPU) -----------------------------------------------------------------
+# ---- CUDA (skipped without a GPU) ----------------------------------------------------------------
 
 
 @pytest.mark.gpu

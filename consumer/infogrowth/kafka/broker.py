@@ -29,6 +29,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 import weakref
@@ -68,10 +69,11 @@ _MARKER = "resolved.json"
 _MAIN_CLASS = "kafka.Kafka"
 _STORAGE_TOOL = "kafka.tools.StorageTool"
 _READY_TXN_ID = "infogrowth-broker-readiness"
+_PORTS_FILE = "ports.json"
 
 _LOG4J2_XML = """<?xml version="1.0" encoding="UTF-8"?>
 <!-- Written by infogrowth.kafka.broker: broker logs go to files, stdout stays quiet. -->
-<Configuration status="WARN">
+<Configuration status="WARN" shutdownHook="disable">
   <Appenders>
     <RollingFile name="server" fileName="${sys:kafka.logs.dir}/server.log"
                  filePattern="${sys:kafka.logs.dir}/server.log.%i">
@@ -316,24 +318,38 @@ def _random_cluster_id() -> str:
 
 
 def _proc_alive(pid: int) -> bool:
-    """True if ``pid`` runs and is not a zombie (reaping it when it is our own child)."""
+    """True while ``pid`` runs (or is still exiting); our own child is reaped once it is done."""
     try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done == pid:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
             return False
+        child = True
     except ChildProcessError:
-        pass
+        child = False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    if child:
+        return True  # a finished child is reaped by waitpid above, never left as a zombie
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+        threads = len(os.listdir(f"/proc/{pid}/task"))
     except OSError:
+        return _pid_exists(pid)
+    # A JVM's main thread may exit (state Z) while its other threads still shut down.
+    return state != "Z" or threads > 1
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
         return True
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+    return True
 
 
 def _is_our_broker(pid: int, work_dir: Path) -> bool:
@@ -451,6 +467,8 @@ class LocalBroker:
     Ports and the data directory stay fixed for the object's lifetime, so :meth:`stop`/:meth:`kill`
     followed by :meth:`start` (or :meth:`restart`) brings the same broker back with its data.
     Used as a context manager it starts on enter and stops (removing a temporary work dir) on exit.
+    Unless ``detached``, the JVM runs in its own process group and is killed when this object is
+    collected, at interpreter exit, and (via ``setpriv --pdeathsig``) if this process is killed.
     """
 
     def __init__(
@@ -467,7 +485,8 @@ class LocalBroker:
     ) -> None:
         """Configure a broker; nothing runs until :meth:`start`.
 
-        ``work_dir`` defaults to a fresh temporary directory removed by :meth:`close`.
+        ``work_dir`` defaults to a fresh temporary directory removed by :meth:`close`; a work dir
+        used before keeps its data and, when both are free and none are given, its ports.
         ``detached`` starts the JVM in its own session and does not kill it when this object
         or the interpreter goes away (used by :func:`start_detached`).
         """
@@ -477,6 +496,8 @@ class LocalBroker:
         ).resolve()
         self.version = version
         self._auto_ports = port is None and controller_port is None
+        if self._auto_ports:
+            port, controller_port = self._previous_ports()
         self.port = port if port is not None else _free_port()
         self.controller_port = controller_port if controller_port is not None else _free_port()
         while self.controller_port == self.port:
@@ -490,6 +511,17 @@ class LocalBroker:
         self._frozen = False
         if not detached:
             self._finalizer = weakref.finalize(self, _kill_popen, self._procs)
+
+    def _previous_ports(self) -> tuple[int | None, int | None]:
+        """Ports this work dir used before, if both are free again (same bootstrap as before)."""
+        try:
+            saved = json.loads((self.work_dir / _PORTS_FILE).read_text())
+            port, cport = int(saved["port"]), int(saved["controller_port"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None, None
+        if port != cport and _port_free(port) and _port_free(cport):
+            return port, cport
+        return None, None
 
     # -- paths and properties
 
@@ -586,10 +618,15 @@ class LocalBroker:
         body = "".join(f"{k}={v}\n" for k, v in self.config().items())
         self.properties_path.write_text("# written by infogrowth.kafka.broker\n" + body)
         (self.work_dir / "log4j2.xml").write_text(_LOG4J2_XML)
+        ports = {"port": self.port, "controller_port": self.controller_port}
+        (self.work_dir / _PORTS_FILE).write_text(json.dumps(ports))
 
     def _java_cmd(self, main: str, *args: str) -> list[str]:
-        classpath = os.pathsep.join(
-            str(p) for p in resolve_kafka_classpath(self.version, self.cache_dir)
+        jars = resolve_kafka_classpath(self.version, self.cache_dir)
+        dirs = {jar.parent for jar in jars}
+        # One directory holding exactly these jars: a wildcard keeps `ps` output readable.
+        classpath = (
+            str(dirs.pop() / "*") if len(dirs) == 1 else os.pathsep.join(str(jar) for jar in jars)
         )
         return [
             _java(),
@@ -619,6 +656,11 @@ class LocalBroker:
 
     def _launch(self) -> subprocess.Popen[bytes]:
         cmd = self._java_cmd(_MAIN_CLASS, str(self.properties_path))
+        setpriv = shutil.which("setpriv")
+        if not self.detached and setpriv and threading.current_thread() is threading.main_thread():
+            # SIGKILL the JVM if this process dies without cleaning up (e.g. killed by a timeout).
+            # Only from the main thread: the signal follows the thread that started the child.
+            cmd = [setpriv, "--pdeathsig", "KILL", *cmd]
         with (self.logs_dir / "stdout.log").open("ab") as out:
             out.write(f"\n=== start {time.strftime('%Y-%m-%d %H:%M:%S')} ===\n".encode())
             out.flush()
@@ -816,19 +858,9 @@ def start_detached(
         old = _read_state(state_dir)
         if old is not None and _state_alive(old):
             return str(old["bootstrap"])
-        port: int | None = None
-        cport: int | None = None
-        if old is not None and old.get("version") == version:
-            p, c = old.get("port"), old.get("controller_port")
-            if isinstance(p, int) and isinstance(c, int) and _port_free(p) and _port_free(c):
-                port, cport = p, c
+        # The work dir remembers its ports, so a restart keeps the bootstrap when they are free.
         broker = LocalBroker(
-            state_dir / "kafka",
-            version=version,
-            port=port,
-            controller_port=cport,
-            cache_dir=cache_dir,
-            detached=True,
+            state_dir / "kafka", version=version, cache_dir=cache_dir, detached=True
         )
         broker.start(timeout_s)
         state = {

@@ -210,7 +210,10 @@ class SelectProcessor:
         self.selectors.pop(p, None)
         self.dirty.pop(p, None)
         if self.metrics is not None:
-            self.metrics.drop_partition(str(p))
+            try:
+                self.metrics.drop_partition(str(p), "select")
+            except KeyError:  # no series recorded for it yet
+                pass
 
     # -- Processor protocol -------------------------------------------------------------
 
