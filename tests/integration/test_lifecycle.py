@@ -142,7 +142,7 @@ def test_restore_with_and_without_snapshot(
 
 
 def test_metrics_match_audit(kafka_bootstrap: str, tmp_path: Path) -> None:
-    conf, settings, inp, seed_file = _prepare(tmp_path, kafka_bootstrap, n=N)
+    conf, settings, _inp, _seed_file = _prepare(tmp_path, kafka_bootstrap, n=N)
     port = settings.serve.port
     proc = _start(conf, log=tmp_path / "run.log")
     try:
@@ -166,7 +166,7 @@ def test_two_instances_split_partitions(kafka_bootstrap: str, tmp_path: Path) ->
         "kafka.topics.embedded_partitions": 2,
         "kafka.topics.output_partitions": 2,
     }
-    conf, settings, inp, seed_file = _prepare(tmp_path, kafka_bootstrap, **parts)
+    conf, settings, _inp, _seed_file = _prepare(tmp_path, kafka_bootstrap, **parts)
     rid = settings.kafka.topics.ingest.split(".")[0][1:]
     confs = [conf]
     for i in (1,):

@@ -210,10 +210,7 @@ class SelectProcessor:
         self.selectors.pop(p, None)
         self.dirty.pop(p, None)
         if self.metrics is not None:
-            try:
-                self.metrics.drop_partition(str(p), "select")
-            except KeyError:  # no series recorded for it yet
-                pass
+            self.metrics.drop_partition(str(p), "select")
 
     # -- Processor protocol -------------------------------------------------------------
 
