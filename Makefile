@@ -42,5 +42,8 @@ test-integration: install
 test-chaos: install
 	$(BIN)/pytest -m chaos $(PYTEST_ARGS)
 
+demo: install
+	$(BIN)/infogrowth demo
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache out

@@ -270,5 +270,21 @@ def dev_broker_status() -> None:
     sys.exit(0 if st else 1)
 
 
+@main.command()
+@click.option("--samples", default=2000, show_default=True, help="Stream size.")
+@click.option("--seed-samples", default=600, show_default=True)
+@click.option("--port", default=9108, show_default=True, help="Metrics port (0: any free one).")
+@click.option(
+    "--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("out/demo")
+)
+def demo(samples: int, seed_samples: int, port: int, workdir: Path) -> None:
+    """End to end on a local broker: Rotten Tomatoes snippets, MiniLM, injected noise."""
+    from infogrowth.demo import run_demo
+    from infogrowth.logs import configure
+
+    configure("WARNING")
+    sys.exit(run_demo(samples, seed_samples, port, workdir))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main(prog_name="infogrowth")

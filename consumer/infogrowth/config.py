@@ -155,7 +155,6 @@ class KafkaConfig(_Section):
     static_membership: bool = False
     commit_interval_ms: int = Field(500, gt=0)
     commit_max_messages: int = Field(500, gt=0)
-    poll_timeout_ms: int = Field(200, gt=0)
     transaction_timeout_ms: int = Field(60_000, gt=0)
     session_timeout_ms: int = Field(45_000, gt=0)
     max_poll_interval_ms: int = Field(300_000, gt=0)

@@ -369,11 +369,17 @@ class TransformersEncoder:
     def encode_texts(self, texts: Sequence[str]) -> FloatArray:
         """Embed ``texts``; shape ``(len(texts), dims["text"])``."""
         self._require("text")
+        # Batch texts of similar length together so little compute goes to padding.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        ordered = [texts[i] for i in order]
         parts = [
-            self.forward_texts(self.tokenize_texts(texts[i : i + self.batch_size]))
-            for i in range(0, len(texts), self.batch_size)
+            self.forward_texts(self.tokenize_texts(ordered[i : i + self.batch_size]))
+            for i in range(0, len(ordered), self.batch_size)
         ]
-        return self._stack(parts, "text")
+        stacked = self._stack(parts, "text")
+        out = np.empty_like(stacked)
+        out[np.asarray(order, dtype=np.int64)] = stacked
+        return out
 
     def tokenize_texts(self, texts: Sequence[str]) -> TensorBatch:
         """CPU stage: tokenise, truncating to :attr:`max_text_tokens`."""

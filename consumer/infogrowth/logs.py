@@ -37,3 +37,9 @@ def configure(level: str = "INFO", as_json: bool = False) -> None:
     root.setLevel(level)
     for noisy in ("transformers", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    try:  # model-loading progress bars would interleave with our own output
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    except ImportError:  # pragma: no cover
+        pass
