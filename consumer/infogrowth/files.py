@@ -53,7 +53,8 @@ def _split_key(name: str) -> tuple[str, str]:
 
 def read_tar(path: Path, limits: LimitsConfig) -> Iterator[Sample | Malformed]:
     """Samples of a WebDataset shard: members sharing a key (``key.jpg``, ``key.txt``, ``key.json``,
-    ``key.cls``) form one sample; the key is its id unless ``key.json`` carries a ``key``."""
+    ``key.cls``) form one sample whose id is the key (img2dataset writes the same key into
+    ``key.json``). A truncated or corrupt shard yields a malformed record for the key being read."""
     current: str | None = None
     parts: dict[str, bytes] = {}
     errors: list[str] = []
@@ -104,14 +105,25 @@ def read_tar(path: Path, limits: LimitsConfig) -> Iterator[Sample | Malformed]:
                 fh = tar.extractfile(member)
                 if fh is not None:
                     parts[ext] = fh.read()
-            item = flush()
-            if item is not None:
-                yield item
-    except (tarfile.TarError, OSError, EOFError) as exc:
+            end = tar.offset
         item = flush()
         if item is not None:
             yield item
-        yield Malformed(None, f"corrupt tar shard: {exc}", b"", {"file": path.name, "key": "EOF"})
+        if path.name.lower().endswith(".tar") and not _has_end_marker(path, end):
+            current = None  # the last key was complete; what followed it is lost
+            raise tarfile.ReadError("archive ends without its end-of-archive marker (truncated)")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        # The key being read may be incomplete: report it (and the rest of the shard) as bad.
+        key = current if current is not None else "EOF"
+        yield Malformed(current, f"corrupt tar shard: {exc}", b"", {"file": path.name, "key": key})
+
+
+def _has_end_marker(path: Path, offset: int) -> bool:
+    """A complete tar ends with two zero blocks; a cut on a header boundary lacks them."""
+    with path.open("rb") as fh:
+        fh.seek(offset)
+        tail = fh.read(1024)
+    return len(tail) == 1024 and not tail.strip(b"\0")
 
 
 def read_inputs(paths: list[Path], limits: LimitsConfig) -> Iterator[Sample | Malformed]:

@@ -83,7 +83,8 @@ class EmbedStage:
         self.encoder = encoder
         self.captioner = captioner
         self.router = router
-        self.delta: float | None = None
+        self.delta: float | None = settings.clean.delta if settings.clean.enabled else None
+        """Alignment threshold; the seed calibration may set it later."""
         self.times = StageTimes()
         if encoder is not None:
             self.spaces: tuple[str, ...] | None = tuple(encoder.spaces)

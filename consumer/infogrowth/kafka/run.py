@@ -60,6 +60,12 @@ class Runtime:
             return False, f"stage thread ended: {dead}"
         return True, "ok"
 
+    def drained(self) -> bool:
+        """Every input topic fully consumed and committed by its group (not just this member)."""
+        from infogrowth.kafka.tools import group_drained
+
+        return all(group_drained(self.settings, lp.group, lp.topics[0]) for lp in self.loops)
+
     def committed_outputs(self) -> int:
         """Output records this process has committed (embed rejections + select outputs)."""
         return sum(getattr(lp.processor, "committed_outputs", 0) for lp in self.loops)
@@ -191,12 +197,22 @@ def main(settings: Settings, role: str, idle_exit_s: float | None = None) -> int
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     start(rt)
+    next_drain_check = 0.0
     try:
         while any(t.is_alive() for t in rt.threads):
             if rt.metrics is not None:
                 rt.metrics.ready.set(1 if rt.ready() else 0)
-            if idle_exit_s is not None and rt.ready() and rt.idle_for() > idle_exit_s:
-                log.info("idle for %.1fs: stopping", idle_exit_s)
+            if (
+                idle_exit_s is not None
+                and not rt.stop.is_set()
+                and rt.ready()
+                and rt.idle_for() > idle_exit_s
+                and time.monotonic() >= next_drain_check
+            ):
+                next_drain_check = time.monotonic() + 2.0
+                if not rt.drained():
+                    continue
+                log.info("input drained and idle for %.1fs: stopping", idle_exit_s)
                 rt.stop.set()
             if rt.stop.is_set():
                 _watchdog(rt, settings.kafka.drain_timeout_s)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -191,3 +192,41 @@ def audit(settings: Settings) -> AuditResult:
 
 def audit_json(settings: Settings) -> str:
     return json.dumps(audit(settings).as_dict(), indent=2, sort_keys=True)
+
+
+def group_drained(settings: Settings, group: str, topic: str, timeout_s: float = 10.0) -> bool:
+    """True when ``group`` has committed past every committed message of ``topic``.
+
+    Transaction markers occupy offsets, so "committed == end offset" is not the test; instead a
+    probe consumer (not a group member) reads from the committed offsets and must find nothing.
+    """
+    conf = consumer_config(
+        settings,
+        group,
+        **{"enable.partition.eof": True, "partition.assignment.strategy": "range"},
+    )
+    c = Consumer(conf)
+    try:
+        parts = [TopicPartition(topic, p) for p in _partitions(settings, topic)]
+        committed = c.committed(parts, timeout=timeout_s)
+        todo: list[TopicPartition] = []
+        for tp in committed:
+            low, high = c.get_watermark_offsets(TopicPartition(topic, tp.partition), timeout_s)
+            start = tp.offset if tp.offset >= 0 else low
+            if start < high:
+                todo.append(TopicPartition(topic, tp.partition, start))
+        if not todo:
+            return True
+        c.assign(todo)
+        pending = {tp.partition for tp in todo}
+        deadline = time.monotonic() + timeout_s
+        while pending and time.monotonic() < deadline:
+            for m in c.consume(100, 0.5):
+                err = m.error()
+                if err is None:
+                    return False
+                if err.code() == KafkaError._PARTITION_EOF:
+                    pending.discard(m.partition())
+        return not pending
+    finally:
+        c.close()
