@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import click
 from rich.console import Console
@@ -41,7 +41,38 @@ def _summary(title: str, reasons: dict[str, int], total: int) -> Table:
     return table
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """Subcommands that live in their own modules, imported only when invoked.
+
+    Each module exposes a ``click.Command`` named ``command``; heavy imports stay inside it.
+    """
+
+    lazy: ClassVar[dict[str, str]] = {
+        "export": "infogrowth.export",
+        "bench": "infogrowth.bench",
+        "eval": "infogrowth.evaluate",
+        "chaos": "infogrowth.chaos",
+    }
+
+    def _available(self) -> list[str]:
+        import importlib.util
+
+        return [n for n, mod in self.lazy.items() if importlib.util.find_spec(mod) is not None]
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self._available()})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy and cmd_name in self._available():
+            import importlib
+
+            cmd = importlib.import_module(self.lazy[cmd_name]).command
+            assert isinstance(cmd, click.Command)
+            return cmd
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="infogrowth")
 def main() -> None:
     """InfoGrowth: online cleaning and selection of training data."""
