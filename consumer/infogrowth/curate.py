@@ -28,6 +28,15 @@ class CurateResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
+def redacted_config(settings: Settings) -> dict[str, Any]:
+    """The settings as JSON with librdkafka secrets (passwords, keys, tokens) masked."""
+    from infogrowth.kafka.clients import redact
+
+    cfg = settings.model_dump(mode="json")
+    cfg["kafka"]["client"] = redact(cfg["kafka"]["client"])
+    return cfg
+
+
 def _first_valid(items: Iterable[Sample | Malformed]) -> Sample | None:
     for it in items:
         if isinstance(it, Sample):
@@ -153,7 +162,7 @@ def curate(
         "samples_per_s": round(result.inputs / elapsed, 1) if elapsed > 0 else None,
         "stage_samples_per_s": cur.times.rates(),
         "stage_seconds": {k: round(v, 3) for k, v in cur.times.seconds.items()},
-        "config": settings.model_dump(mode="json"),
+        "config": redacted_config(settings),
     }
     write_json_atomic(out_dir / "report.json", result.report)
     return result

@@ -6,6 +6,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from infogrowth.cli import main
@@ -73,3 +74,19 @@ def test_sample_policy_without_calibration_fails_fast(tmp_path: Path) -> None:
     cfg.write_text("select:\n  policy: sample\n")
     code, output, _ = _curate(tmp_path, "o", "--input", str(inp), "--config", str(cfg))
     assert code != 0 and "g_scale" in output
+
+
+def test_secrets_never_reach_report_or_logs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "hunter2-do-not-print"
+    monkeypatch.setenv(
+        "INFOGROWTH_KAFKA__CLIENT",
+        json.dumps({"security.protocol": "SASL_SSL", "sasl.password": secret}),
+    )
+    inp = write_jsonl(tmp_path / "in.jsonl", clustered(20, seed=44).samples)
+    code, output, out = _curate(tmp_path, "o", "--input", str(inp))
+    assert code == 0, output
+    report = (out / "report.json").read_text()
+    assert secret not in report and "SASL_SSL" in report
+    assert secret not in output and secret not in caplog.text

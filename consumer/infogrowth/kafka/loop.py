@@ -92,6 +92,7 @@ class TransactionalLoop:
         transactional_id: str,
         on_batch: Callable[[str, int, float, bool], None] | None = None,
         on_lag: Callable[[str, int, int], None] | None = None,
+        on_step: Callable[[str, str, float], None] | None = None,
     ) -> None:
         self.settings = settings
         self.processor = processor
@@ -100,6 +101,7 @@ class TransactionalLoop:
         self.transactional_id = transactional_id
         self.on_batch = on_batch
         self.on_lag = on_lag
+        self.on_step = on_step
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
         self.last_progress = time.monotonic()
@@ -171,11 +173,16 @@ class TransactionalLoop:
         try:
             self.processor.process(batch, out)
             producer.poll(0)
+            t1 = time.perf_counter()
             tps = [TopicPartition(t, p, o + 1) for (t, p), o in sorted(offsets.items())]
             producer.send_offsets_to_transaction(
                 tps, self.consumer.consumer_group_metadata(), TXN_TIMEOUT_S
             )
             self._commit(stop)
+            if self.on_step:
+                name = self.processor.name
+                self.on_step(name, name, t1 - t0)
+                self.on_step(name, "commit", time.perf_counter() - t1)
             if out.errors:  # commit succeeded only if every delivery did; keep it loud anyway
                 raise FatalStageError(f"delivery errors after commit: {out.errors[:3]}")
         except KafkaException as exc:

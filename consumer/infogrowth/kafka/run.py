@@ -148,6 +148,10 @@ def _loop(
         if m is not None:
             m.consumer_lag.labels(stage=stage, partition=str(partition)).set(lag)
 
+    def on_step(stage: str, step: str, seconds: float) -> None:
+        if m is not None:
+            m.observe_step(stage, step, seconds)
+
     return TransactionalLoop(
         settings,
         proc,
@@ -156,6 +160,7 @@ def _loop(
         transactional_id=f"{prefix}-{proc.name}-{inst}",
         on_batch=on_batch,
         on_lag=on_lag,
+        on_step=on_step,
     )
 
 

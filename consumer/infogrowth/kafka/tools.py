@@ -120,8 +120,14 @@ def read_topic(settings: Settings, topic: str) -> Iterator[Any]:
         c.close()
 
 
-def ingest_id(value: bytes | None, src: dict[str, str | int]) -> str:
-    """The id the pipeline reports for an ingest message (source position when it has none)."""
+def ingest_id(value: bytes | None, src: dict[str, str | int], max_bytes: int) -> str:
+    """The id the pipeline reports for an ingest message (source position when it has none).
+
+    Mirrors :func:`infogrowth.schema.parse_msgpack_sample`: an oversized message is rejected
+    before it is decoded, so it is known by its position too.
+    """
+    if value is not None and len(value) > max_bytes:
+        return source_key(src)
     try:
         obj = msgpack.unpackb(value or b"", raw=False)
         if isinstance(obj, dict) and isinstance(obj.get("id"), str) and obj["id"]:
@@ -171,7 +177,7 @@ def audit(settings: Settings) -> AuditResult:
             "partition": m.partition(),
             "offset": m.offset(),
         }
-        expected[ingest_id(m.value(), src)] += 1
+        expected[ingest_id(m.value(), src, settings.limits.max_message_bytes)] += 1
         res.ingest += 1
     got: Counter[str] = Counter()
     for name in ("accepted", "relabeled", "rejected"):
