@@ -20,7 +20,12 @@ from tests.integration.conftest import settings_from, write_config
 
 pytestmark = pytest.mark.integration
 
-POISON = [b"\xc1garbage", msgpack.packb({"id": "v9", "v": 9, "text": "x"}), b""]
+POISON = [
+    b"\xc1garbage",  # undecodable
+    msgpack.packb({"id": "v9", "v": 9, "text": "x"}),  # unknown schema version
+    b"",  # empty
+    msgpack.packb({"id": "big", "text": "x" * 70_000}),  # over limits.max_message_bytes
+]
 
 
 def _data(tmp: Path, n: int = 300) -> tuple[Path, Path]:
@@ -71,7 +76,12 @@ def kafka_decisions(settings: Any) -> dict[str, Any]:
 
 def test_run_all_exactly_once_and_equal_to_curate(kafka_bootstrap: str, tmp_path: Path) -> None:
     inp, seed_file = _data(tmp_path)
-    cfg = write_config(tmp_path / "c.yaml", kafka_bootstrap, tmp_path / "state")
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        kafka_bootstrap,
+        tmp_path / "state",
+        **{"limits.max_message_bytes": 65536},
+    )
     settings = settings_from(cfg)
     report = ensure_topics(admin_config(settings), topic_specs(settings.kafka.topics))
     assert report.ok_all, report.mismatches
