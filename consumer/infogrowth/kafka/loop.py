@@ -108,6 +108,8 @@ class TransactionalLoop:
         self.last_processed = time.monotonic()
         self.assigned: set[tuple[str, int]] = set()
         self.started = threading.Event()
+        self.assigned_once = threading.Event()
+        """Set after the first assignment (possibly empty) has been restored."""
 
     # -- rebalance callbacks (run inside consume) ---------------------------------------
 
@@ -115,6 +117,7 @@ class TransactionalLoop:
         log.info("%s: assigned %s", self.processor.name, _fmt(partitions))
         self.processor.on_assign(partitions)
         self.assigned |= {(tp.topic, tp.partition) for tp in partitions}
+        self.assigned_once.set()
 
     def _revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("%s: revoked %s", self.processor.name, _fmt(partitions))

@@ -46,6 +46,8 @@ class Runtime:
     def ready_status(self) -> tuple[bool, str]:
         if not self.loops or not all(lp.started.is_set() for lp in self.loops):
             return False, "starting"
+        if not all(lp.assigned_once.is_set() for lp in self.loops):
+            return False, "waiting for a partition assignment"
         if self.select is not None and self.select.restoring:
             return False, "restoring state"
         if self.stop.is_set():
