@@ -81,6 +81,10 @@ class FatalStageError(RuntimeError):
     """The stage cannot continue (fenced, misconfigured); the process should exit."""
 
 
+class StaleBatch(RuntimeError):
+    """The batch holds messages of partitions this member no longer owns: abort, do not decide."""
+
+
 class TransactionalLoop:
     def __init__(
         self,
@@ -178,10 +182,14 @@ class TransactionalLoop:
             producer.poll(0)
             t1 = time.perf_counter()
             tps = [TopicPartition(t, p, o + 1) for (t, p), o in sorted(offsets.items())]
-            producer.send_offsets_to_transaction(
-                tps, self.consumer.consumer_group_metadata(), TXN_TIMEOUT_S
+            consumer = self.consumer
+            self._retriable(
+                lambda: producer.send_offsets_to_transaction(
+                    tps, consumer.consumer_group_metadata(), TXN_TIMEOUT_S
+                ),
+                "send offsets",
             )
-            self._commit(stop)
+            self._retriable(lambda: producer.commit_transaction(TXN_TIMEOUT_S), "commit")
             if self.on_step:
                 name = self.processor.name
                 self.on_step(name, name, t1 - t0)
@@ -199,6 +207,10 @@ class TransactionalLoop:
             return
         except FatalStageError:
             raise
+        except StaleBatch as exc:
+            log.warning("%s: %s; aborting the transaction", self.processor.name, exc)
+            self._abort(offsets, stop)
+            return
         except Exception:
             log.exception("%s: processing failed; aborting the transaction", self.processor.name)
             self._abort(offsets, stop)
@@ -207,19 +219,19 @@ class TransactionalLoop:
         if self.on_batch:
             self.on_batch(self.processor.name, len(batch), time.perf_counter() - t0, True)
 
-    def _commit(self, stop: threading.Event) -> None:
-        """commit_transaction, retried while the error is retriable (e.g. a broker bounce)."""
-        assert self.producer is not None
+    def _retriable(self, fn: Callable[[], None], what: str) -> None:
+        """Call a transactional API again while its error is retriable (e.g. a broker bounce);
+        abortable and fatal errors propagate."""
         delay = 0.5
         while True:
             try:
-                self.producer.commit_transaction(TXN_TIMEOUT_S)
+                fn()
                 return
             except KafkaException as exc:
                 err = exc.args[0]
-                if not err.retriable() or err.txn_requires_abort():
+                if not err.retriable() or err.txn_requires_abort() or err.fatal():
                     raise
-                log.warning("%s: commit retry: %s", self.processor.name, err)
+                log.warning("%s: %s retry: %s", self.processor.name, what, err)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
@@ -235,7 +247,12 @@ class TransactionalLoop:
         assert self.consumer is not None
         if not parts:
             return
-        committed = self.consumer.committed(parts, timeout=TXN_TIMEOUT_S)
+        consumer = self.consumer
+        box: list[list[TopicPartition]] = []
+        self._retriable(
+            lambda: box.append(consumer.committed(parts, timeout=TXN_TIMEOUT_S)), "rewind"
+        )
+        committed = box[0]
         for tp in committed:
             offset = tp.offset if tp.offset >= 0 else -2  # OFFSET_BEGINNING
             self.consumer.seek(TopicPartition(tp.topic, tp.partition, offset))

@@ -23,7 +23,7 @@ from infogrowth.config import Settings
 from infogrowth.index import PartitionState
 from infogrowth.kafka.clients import position, source_of
 from infogrowth.kafka.control import read_partition_to_end
-from infogrowth.kafka.loop import Output
+from infogrowth.kafka.loop import Output, StaleBatch
 from infogrowth.records import Outcome, output_record
 from infogrowth.schema import Embedded, Malformed, pack, unpack, vector_from_bytes
 from infogrowth.schema import vector_to_bytes as v2b
@@ -100,6 +100,7 @@ class SelectProcessor:
         self.neighbour_fixer = fixer in ("auto", "neighbours")
         self.pending = 0
         self.committed_outputs = 0
+        self.owned: set[int] = set()
 
     # -- state lifecycle ----------------------------------------------------------------
 
@@ -215,6 +216,7 @@ class SelectProcessor:
     # -- Processor protocol -------------------------------------------------------------
 
     def on_assign(self, partitions: list[TopicPartition]) -> None:
+        self.owned |= {tp.partition for tp in partitions}
         for tp in partitions:
             state = self.restore(tp.partition)
             if state is not None:
@@ -222,12 +224,14 @@ class SelectProcessor:
                 self.last_snapshot.setdefault(tp.partition, time.time())
 
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
+        self.owned -= {tp.partition for tp in partitions}
         for tp in partitions:
             if self.dirty.get(tp.partition):
                 self.save_snapshot(tp.partition)
             self._drop(tp.partition)
 
     def on_lost(self, partitions: list[TopicPartition]) -> None:
+        self.owned -= {tp.partition for tp in partitions}
         for tp in partitions:
             self._drop(tp.partition)
 
@@ -260,6 +264,9 @@ class SelectProcessor:
         by_part: dict[int, list[Message]] = defaultdict(list)
         for m in messages:
             by_part[position(m)[1]].append(m)
+        stale = sorted(set(by_part) - self.owned)
+        if stale:  # revoked or lost while these were in flight: their state is gone
+            raise StaleBatch(f"partitions {stale} are no longer owned")
         for p, msgs in sorted(by_part.items()):
             self._process_partition(p, msgs, out)
 
