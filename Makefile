@@ -13,7 +13,7 @@ export SSL_CERT_FILE ?= /etc/ssl/certs/ca-certificates.crt
 endif
 PYTEST_ARGS ?=
 
-.PHONY: install lint test test-unit test-integration test-chaos demo clean
+.PHONY: install lint test test-unit test-integration test-chaos test-deploy tools chart-schema demo clean
 
 install: $(VENV)/.installed
 
@@ -29,18 +29,31 @@ lint: install
 	$(BIN)/ruff check consumer tests
 	$(BIN)/ruff format --check consumer tests
 	$(BIN)/mypy
+	$(BIN)/hadolint Dockerfile
 
-test: lint
+# Deployment test tools: helm (built from its Go module, cached in ~/.cache/infogrowth/tools) and
+# Debian's prometheus package (promtool + server), each installed only when missing.
+tools:
+	bash scripts/install-tools.sh
+
+test: lint tools
 	$(BIN)/pytest -m "not chaos" $(PYTEST_ARGS)
 
 test-unit: install
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
-test-integration: install
+test-integration: install tools
 	$(BIN)/pytest -m integration $(PYTEST_ARGS)
 
 test-chaos: install
 	$(BIN)/pytest -m chaos $(PYTEST_ARGS)
+
+test-deploy: install tools
+	$(BIN)/pytest -m deploy $(PYTEST_ARGS)
+
+# Regenerate the `config` part of the chart's values.schema.json from infogrowth.config.Settings.
+chart-schema: install
+	$(BIN)/python scripts/gen-chart-schema.py
 
 demo: install
 	$(BIN)/infogrowth demo
