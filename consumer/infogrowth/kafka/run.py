@@ -78,14 +78,12 @@ class Runtime:
         return time.monotonic() - max(lp.last_processed for lp in self.loops)
 
 
-def build(settings: Settings, role: str) -> Runtime:
-    rt = Runtime(settings, role)
-    try:
+def build(settings: Settings, role: str, rt: Runtime | None = None) -> Runtime:
+    """Read the calibration, load the models and wire the stage loops (nothing runs yet)."""
+    if rt is None:
         from infogrowth.metrics import Metrics
 
-        rt.metrics = Metrics()
-    except ImportError:  # pragma: no cover - metrics module is part of the package
-        rt.metrics = None
+        rt = Runtime(settings, role, metrics=Metrics())
     cal: Calibration | None = read_calibration(settings)
     if cal is not None:
         thresholds = cal.thresholds
@@ -193,9 +191,21 @@ def serve(rt: Runtime) -> None:
 
 
 def main(settings: Settings, role: str, idle_exit_s: float | None = None) -> int:
-    """Run until SIGTERM/SIGINT (or idle for ``idle_exit_s``); exit code 0 on a clean drain."""
-    rt = build(settings, role)
+    """Run until SIGTERM/SIGINT (or idle for ``idle_exit_s``); exit code 0 on a clean drain.
+
+    The HTTP endpoint starts first, so /healthz answers while a large model loads (/readyz says
+    "starting" until state is restored).
+    """
+    from infogrowth.metrics import Metrics
+
+    rt = Runtime(settings, role, metrics=Metrics())
     serve(rt)
+    try:
+        build(settings, role, rt)
+    except BaseException:
+        if rt.server is not None:
+            rt.server.stop()
+        raise
 
     def on_signal(signum: int, frame: object) -> None:
         log.info("signal %d: draining", signum)
