@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -255,7 +256,8 @@ def _watchdog(rt: Runtime, timeout_s: float) -> None:
             if not any(t.is_alive() for t in rt.threads):
                 return
             time.sleep(0.2)
-        log.error("drain did not finish within %.0fs: exiting", timeout_s)
+        log.error("drain did not finish within %.0fs: exiting; stacks follow", timeout_s)
+        faulthandler.dump_traceback(all_threads=True)
         os._exit(3)
 
     threading.Thread(target=bite, daemon=True, name="drain-watchdog").start()
