@@ -146,7 +146,7 @@ def write_config(
             "session_timeout_ms": 6000,
             "max_poll_interval_ms": 10000,
             "transaction_timeout_ms": 15000,
-            "drain_timeout_s": 20,
+            "drain_timeout_s": 45,
             "client": {"topic.metadata.refresh.interval.ms": 2000},
         },
         "limits": {"max_message_bytes": 65536},
@@ -564,9 +564,13 @@ def command(
     with _broker(bootstrap) as (bs, _own):
         for name in names:
             click.echo(f"scenario {name} ...", err=True)
-            results.append(
-                run_scenario(name, samples=samples, faults=faults, bootstrap=bs, seed=seed)
-            )
+            try:
+                r = run_scenario(name, samples=samples, faults=faults, bootstrap=bs, seed=seed)
+            except Exception as exc:  # a crashed scenario is a failed row, not a lost table
+                log.exception("scenario %s failed", name)
+                r = ChaosResult(name, 0, samples, -1, -1, -1, False, None, None, 0.0, [repr(exc)])
+            click.echo(result_table([r]).splitlines()[-1], err=True)
+            results.append(r)
     click.echo(result_table(results))
     if json_out is not None:
         json_out.write_text(json.dumps([asdict(r) for r in results], indent=2))
