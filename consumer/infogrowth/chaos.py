@@ -129,40 +129,28 @@ def _free_port() -> int:
 def write_config(
     path: Path, bootstrap: str, state: Path, rid: str, instance: str, **extra: Any
 ) -> Path:
-    topics = {
-        t: f"chaos-{rid}.{t}"
-        for t in ("ingest", "embedded", "changelog", "control", "accepted", "relabeled", "rejected")
+    """A chaos-sized run: small transactions, frequent snapshots, short timeouts."""
+    from infogrowth.kafka.sandbox import write_sandbox_config
+
+    overrides: dict[str, Any] = {
+        "kafka.topics.embedded_partitions": 2,
+        "kafka.topics.output_partitions": 2,
+        "kafka.commit_interval_ms": 200,
+        "kafka.commit_max_messages": 50,
+        "kafka.session_timeout_ms": 6000,
+        "kafka.max_poll_interval_ms": 10000,
+        "kafka.transaction_timeout_ms": 15000,
+        "kafka.drain_timeout_s": 45,
+        "limits.max_message_bytes": 65536,
+        "snapshot.interval_s": 0.5,
+        "snapshot.interval_items": 150,
+        "serve.port": _free_port(),
+        "select.policy": "sample",
+        **extra,
     }
-    cfg: dict[str, Any] = {
-        "kafka": {
-            "bootstrap_servers": bootstrap,
-            "topics": {**topics, "embedded_partitions": 2, "output_partitions": 2},
-            "embed_group": f"chaos-{rid}-embed",
-            "select_group": f"chaos-{rid}-select",
-            "transactional_id_prefix": f"chaos-{rid}",
-            "instance_id": instance,
-            "commit_interval_ms": 200,
-            "commit_max_messages": 50,
-            "session_timeout_ms": 6000,
-            "max_poll_interval_ms": 10000,
-            "transaction_timeout_ms": 15000,
-            "drain_timeout_s": 45,
-            "client": {"topic.metadata.refresh.interval.ms": 2000},
-        },
-        "limits": {"max_message_bytes": 65536},
-        "snapshot": {"directory": str(state), "interval_s": 0.5, "interval_items": 150},
-        "serve": {"host": "127.0.0.1", "port": _free_port()},
-        "select": {"policy": "sample"},
-        "log_json": False,
-    }
-    for key, value in extra.items():
-        node = cfg
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_sandbox_config(
+        path, bootstrap, state, run_id=rid, prefix="chaos-", instance=instance, overrides=overrides
+    )
 
 
 def _produce_raw(settings: Settings, messages: list[bytes], topic: str) -> None:

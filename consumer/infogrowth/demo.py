@@ -16,7 +16,6 @@ import json
 import os
 import random
 import time
-import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -118,28 +117,21 @@ def _broker() -> Iterator[str]:
 
 
 def _settings(bootstrap: str, state: Path, port: int) -> Settings:
-    rid = uuid.uuid4().hex[:6]
-    topics = {
-        t: f"demo-{rid}.{t}"
-        for t in ("ingest", "embedded", "changelog", "control", "accepted", "relabeled", "rejected")
-    }
-    return load_settings(
-        None,
-        **{
+    from infogrowth.kafka.sandbox import sandbox_config
+
+    cfg = sandbox_config(
+        bootstrap,
+        state,
+        prefix="demo-",
+        instance="demo",
+        overrides={
             "encoder.model": "minilm",
             "encoder.kind": "text",
-            "kafka.bootstrap_servers": bootstrap,
-            "kafka.topics": topics,
-            "kafka.embed_group": f"demo-{rid}-embed",
-            "kafka.select_group": f"demo-{rid}-select",
-            "kafka.transactional_id_prefix": f"demo-{rid}",
-            "kafka.instance_id": "demo",
-            "snapshot.directory": str(state),
             "serve.port": port,
-            "serve.host": "127.0.0.1",
             "select.policy": "sample",
         },
     )
+    return load_settings(None, **cfg)
 
 
 def run_demo(

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from infogrowth.config import Settings, load_settings
+from infogrowth.kafka.sandbox import write_sandbox_config
 
 
 @pytest.fixture(scope="session")
@@ -24,45 +23,17 @@ def kafka_bootstrap() -> Iterator[str]:
 def write_config(
     path: Path, bootstrap: str, state_dir: Path, *, run_id: str | None = None, **extra: Any
 ) -> Path:
-    """A config file with topics and groups unique to one test."""
-    rid = run_id or uuid.uuid4().hex[:8]
-    topics = {
-        name: f"t{rid}.{name}"
-        for name in (
-            "ingest",
-            "embedded",
-            "changelog",
-            "control",
-            "accepted",
-            "relabeled",
-            "rejected",
-        )
+    """A config file with topics and groups unique to one test (dotted ``extra`` overrides)."""
+    overrides: dict[str, Any] = {
+        "kafka.commit_interval_ms": 300,
+        "kafka.commit_max_messages": 64,
+        "kafka.session_timeout_ms": 10000,
+        "snapshot.interval_s": 1.0,
+        "snapshot.interval_items": 100,
+        "select.batch_size": 64,
+        **extra,
     }
-    cfg: dict[str, Any] = {
-        "kafka": {
-            "bootstrap_servers": bootstrap,
-            "topics": topics,
-            "embed_group": f"g{rid}-embed",
-            "select_group": f"g{rid}-select",
-            "transactional_id_prefix": f"x{rid}",
-            "instance_id": "i0",
-            "commit_interval_ms": 300,
-            "commit_max_messages": 64,
-            "session_timeout_ms": 10000,
-            "client": {"topic.metadata.refresh.interval.ms": 2000},
-        },
-        "snapshot": {"directory": str(state_dir), "interval_s": 1.0, "interval_items": 100},
-        "serve": {"host": "127.0.0.1", "port": 0},
-        "select": {"batch_size": 64},
-    }
-    for key, value in extra.items():
-        node = cfg
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_sandbox_config(path, bootstrap, state_dir, run_id=run_id, overrides=overrides)
 
 
 def settings_from(path: Path) -> Settings:
