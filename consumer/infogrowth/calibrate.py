@@ -82,7 +82,8 @@ def resolve_thresholds(
             eps[s] = sel.epsilon
         elif stats is not None and stats.nn.get(s):
             p = _pct(stats.nn[s], sel.epsilon_percentile)
-            eps[s] = round((p or 0.0) * sel.epsilon_fraction, ROUND)
+            # identical seed items give distances of about -1e-7: a floor is never negative
+            eps[s] = max(0.0, round((p or 0.0) * sel.epsilon_fraction, ROUND))
         else:
             eps[s] = sel.epsilon_default
 
