@@ -105,7 +105,10 @@ def tag_worker(s: CuratedSample) -> tuple[int, CuratedSample]:
 
 
 def epoch(stream: CuratedStream[Any], workers: int = 2) -> Iterator[tuple[int, CuratedSample]]:
-    loader = DataLoader(stream, batch_size=None, num_workers=workers)
+    # forkserver: forking a process that holds live librdkafka threads can deadlock the workers
+    loader = DataLoader(
+        stream, batch_size=None, num_workers=workers, multiprocessing_context="forkserver"
+    )
     for worker, sample in loader:
         yield int(worker), sample
 
