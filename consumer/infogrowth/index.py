@@ -1,23 +1,91 @@
 """Per-partition selection state: one hnswlib index per embedding space plus the id map.
 
-Items are appended in a fixed order with a single insertion thread, so the same sequence of adds
-always builds the same graph (restore == replay). Queries are multi-threaded.
+Items are appended in a fixed order with a single insertion thread per index, so the same sequence
+of adds always builds the same graph (restore == replay). Queries are multi-threaded. With
+``index.threads`` other than 1, each index inserts on its own background thread (still one
+thread per index, batches in order): the spaces fill side by side, and the caller goes on with
+its batch (verdicts, records, produce) while hnswlib inserts. Anything that reads the hnswlib
+graph (a query, a save) first waits for the index's pending insert, so every graph is identical
+to a sequential build.
+
+Every index keeps a float32 mirror of its vectors: the selector recomputes decision distances from
+the stored vectors, and hnswlib's ``get_items`` goes through Python lists (tens of microseconds a
+vector). The mirror costs ``4 * dim`` bytes an item, next to hnswlib's ``4 * dim + 8 * M + 16``.
 """
 
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import hnswlib
 import numpy as np
 
 from infogrowth.config import IndexConfig
 
+_HEADER = struct.Struct("<QQQQQQiIQQQdQ")
+"""hnswlib 0.8 ``saveIndex`` header: offsetLevel0, max_elements, count, size_data_per_element,
+label_offset, offsetData, maxlevel, enterpoint, maxM, maxM0, M, mult, ef_construction."""
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="index-add")
+    return _POOL
+
 
 def _threads(cfg: IndexConfig) -> int:
     return cfg.threads if cfg.threads > 0 else max(1, os.cpu_count() or 1)
+
+
+def read_vectors(
+    path: str, dim: int, chunk_bytes: int = 32 << 20, capacity: int = 0
+) -> np.ndarray | None:
+    """Vectors of a saved hnswlib index, row = label, read straight from the file.
+
+    ``None`` when the file does not look like an hnswlib 0.8 index of ``dim`` float32 vectors with
+    labels ``0..count-1``; callers then fall back to ``get_items``. Reads sequentially in chunks
+    of about ``chunk_bytes``. The array has room for ``capacity`` rows; the first ``count`` hold
+    the vectors.
+    """
+    p = Path(path)
+    size = p.stat().st_size
+    if size < _HEADER.size:
+        return None
+    with p.open("rb") as fh:
+        head = _HEADER.unpack(fh.read(_HEADER.size))
+        _, _, count, per_elem, label_off, data_off = head[:6]
+        if count == 0:
+            return np.empty((0, dim), dtype=np.float32)
+        if (
+            data_off + 4 * dim > label_off
+            or label_off + 8 > per_elem
+            or _HEADER.size + count * per_elem > size
+        ):
+            return None
+        vecs = np.empty((max(count, capacity), dim), dtype=np.float32)
+        seen = np.zeros(count, dtype=bool)
+        rows = max(1, chunk_bytes // per_elem)
+        buf = np.empty((min(rows, count), per_elem), dtype=np.uint8)
+        for lo in range(0, count, rows):
+            m = min(rows, count - lo)
+            part = buf[:m]
+            if fh.readinto(part.data.cast("B")) != m * per_elem:
+                return None
+            labels = part[:, label_off : label_off + 8].copy().view(np.uint64).ravel()
+            if int(labels.max()) >= count:
+                return None
+            at = labels.astype(np.int64)
+            vecs[at] = part[:, data_off : data_off + 4 * dim].copy().view(np.float32)
+            seen[at] = True
+    return vecs[:count] if bool(seen.all()) else None
 
 
 class SpaceIndex:
@@ -36,15 +104,29 @@ class SpaceIndex:
         )
         self._index.set_ef(cfg.ef)
         self._query_threads = _threads(cfg)
-        self._exact: np.ndarray | None = np.empty((cap, dim), dtype=np.float32)
+        self._vectors = np.empty((cap, dim), dtype=np.float32)
+        self._n = 0
+        self._exact = True
+        self._pending: Future[None] | None = None
+
+    def wait(self) -> None:
+        """Block until the pending background insert (if any) is in the graph."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     @property
     def count(self) -> int:
-        return int(self._index.get_current_count())
+        return self._n
 
     @property
     def capacity(self) -> int:
         return int(self._index.get_max_elements())
+
+    @property
+    def exact(self) -> bool:
+        """Searched by brute force (at most ``index.exact_below`` items so far)."""
+        return self._exact
 
     def knn(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Labels (int64) and hnswlib distances (float32) of the ``min(k, count)`` nearest items."""
@@ -55,16 +137,16 @@ class SpaceIndex:
                 np.empty((len(queries), 0), dtype=np.int64),
                 np.empty((len(queries), 0), dtype=np.float32),
             )
-        if self._exact is not None:
+        if self._exact:
             return self._knn_exact(queries, kk)
+        self.wait()
         labels, dists = self._index.knn_query(queries, k=kk, num_threads=self._query_threads)
         return labels.astype(np.int64, copy=False), dists
 
     def _knn_exact(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Brute force: float32 scores pick candidates, float64 re-ranks them (ties by id)."""
-        assert self._exact is not None
         n = self.count
-        mat = self._exact[:n]
+        mat = self._vectors[:n]
         scores = queries @ mat.T
         c = min(n, max(2 * k, k + 8))
         if c < n:
@@ -78,8 +160,27 @@ class SpaceIndex:
         dists = np.take_along_axis(d, order, axis=1).astype(np.float32)
         return labels, dists
 
-    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
-        """Append items with consecutive integer ids; grows capacity geometrically."""
+    def reserve(self, capacity: int) -> None:
+        """Make room for ``capacity`` items now rather than growing on a later add."""
+        self.wait()
+        if capacity > self.capacity:
+            self._index.resize_index(capacity)
+        if capacity > len(self._vectors):
+            grown = np.empty((capacity, self.dim), dtype=np.float32)
+            grown[: self._n] = self._vectors[: self._n]
+            self._vectors = grown
+
+    def add(
+        self, vectors: np.ndarray, ids: np.ndarray, *, threads: int = 1, background: bool = False
+    ) -> None:
+        """Append items with consecutive integer ids; grows capacity geometrically.
+
+        With ``background`` the hnswlib insert runs on a pool thread and this returns at once;
+        the next query, add or save waits for it. ``threads`` other than 1 builds a graph that
+        depends on thread timing: only for benchmark prefills, never for state that a replay
+        must reproduce.
+        """
+        self.wait()
         need = self.count + len(vectors)
         if need > self.capacity:
             new_cap = self.capacity
@@ -87,30 +188,33 @@ class SpaceIndex:
                 new_cap = int(new_cap * self.cfg.growth) + 1
             self._index.resize_index(new_cap)
         start = self.count
-        self._index.add_items(vectors, ids, num_threads=1)
-        self._track_exact(start, vectors)
+        self._mirror(start, vectors)
+        rows = self._vectors[start : start + len(vectors)]  # the mirror's copy: no extra one
+        if background:
+            self._pending = _pool().submit(self._index.add_items, rows, ids, threads)
+        else:
+            self._index.add_items(rows, ids, num_threads=threads)
 
-    def _track_exact(self, start: int, vectors: np.ndarray) -> None:
-        if self._exact is None:
-            return
+    def _mirror(self, start: int, vectors: np.ndarray) -> None:
         end = start + len(vectors)
+        if end > len(self._vectors):
+            cap = max(end, self.capacity)
+            grown = np.empty((cap, self.dim), dtype=np.float32)
+            grown[:start] = self._vectors[:start]
+            self._vectors = grown
+        self._vectors[start:end] = vectors
+        self._n = end
         if end > self.cfg.exact_below:
-            self._exact = None  # large partition: HNSW from here on
-            return
-        if end > len(self._exact):
-            grown = np.empty((max(end, 2 * len(self._exact)), self.dim), dtype=np.float32)
-            grown[:start] = self._exact[:start]
-            self._exact = grown
-        self._exact[start:end] = vectors
+            self._exact = False  # large partition: HNSW from here on
 
     def get(self, ids: np.ndarray) -> np.ndarray:
         """Stored vectors for ``ids`` as a float32 (n, dim) array."""
         if len(ids) == 0:
             return np.empty((0, self.dim), dtype=np.float32)
-        out = self._index.get_items(ids, return_type="numpy")
-        return np.asarray(out, dtype=np.float32)
+        return self._vectors[np.asarray(ids, dtype=np.int64)]
 
     def save(self, path: str) -> None:
+        self.wait()
         self._index.save_index(path)
 
     @classmethod
@@ -122,11 +226,33 @@ class SpaceIndex:
         obj._index.load_index(path)
         obj._index.set_ef(cfg.ef)
         obj._query_threads = _threads(cfg)
-        n = obj.count
-        obj._exact = np.empty((max(n, 1), dim), dtype=np.float32)
+        n = int(obj._index.get_current_count())
+        cap = max(obj.capacity, n, 1)
+        vecs = read_vectors(path, dim, capacity=cap)
+        obj._n = 0
+        obj._exact = True
+        obj._pending = None
+        if vecs is not None and len(vecs) == n and _spot_check(obj._index, vecs):
+            # read_vectors allocated room for ``cap`` rows: keep its whole buffer as the mirror.
+            obj._vectors = vecs.base if isinstance(vecs.base, np.ndarray) else vecs
+            obj._n = n
+            obj._exact = n <= cfg.exact_below
+            return obj
+        obj._vectors = np.empty((cap, dim), dtype=np.float32)
         if n:
-            obj._track_exact(0, obj.get(np.arange(n, dtype=np.int64)))
+            got = obj._index.get_items(np.arange(n), return_type="numpy")
+            obj._mirror(0, np.asarray(got, dtype=np.float32))
         return obj
+
+
+def _spot_check(index: hnswlib.Index, vecs: np.ndarray) -> bool:
+    """The file parse agrees with hnswlib on a few items."""
+    n = len(vecs)
+    if n == 0:
+        return True
+    probe = np.unique(np.linspace(0, n - 1, num=min(n, 8)).astype(np.int64))
+    got = np.asarray(index.get_items(probe, return_type="numpy"), dtype=np.float32)
+    return bool(np.array_equal(got, vecs[probe]))
 
 
 @dataclass
@@ -163,6 +289,11 @@ class PartitionState:
     def __contains__(self, sample_id: object) -> bool:
         return sample_id in self.id_pos
 
+    def wait(self) -> None:
+        """Block until every index's background insert is done."""
+        for idx in self.indexes.values():
+            idx.wait()
+
     def add(
         self,
         ids: Sequence[str],
@@ -175,12 +306,16 @@ class PartitionState:
             return
         start = self.count
         pos = np.arange(start, start + n, dtype=np.int64)
+        mats = {}
         for s in self.spaces:
-            v = np.ascontiguousarray(vectors[s], dtype=np.float32)
+            v = np.asarray(vectors[s], dtype=np.float32)
             if v.shape != (n, self.dims[s]):
                 raise ValueError(f"{s}: expected shape {(n, self.dims[s])}, got {v.shape}")
-            self.indexes[s].add(v, pos)
-        for i, sid in enumerate(ids):
-            self.id_pos[sid] = start + i
+            mats[s] = v
+        # One insert thread per index, in the background unless the config asks for one thread.
+        background = _threads(self.cfg) > 1
+        for s in self.spaces:
+            self.indexes[s].add(mats[s], pos, background=background)
+        self.id_pos.update(zip(ids, range(start, start + n), strict=True))
         self.ids.extend(ids)
         self.labels.extend(labels)

@@ -2,13 +2,20 @@
 
 ``EmbedStage`` turns parsed samples into unit vectors and applies the cleaner; ``Curator`` chains
 it with one partition's :class:`~infogrowth.select.Selector`. Nothing here touches Kafka or files.
+
+The CPU work around the model runs beside it: images are decoded on a small thread pool (Pillow
+releases the GIL), and while the model embeds one image batch the pool already resizes the next
+one, split across its threads. The model sees the same batches as a plain ``encode_images`` call,
+so the vectors are the same.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -61,6 +68,14 @@ class StageTimes:
         return {s: round(self.items[s] / t, 1) if t > 0 else 0.0 for s, t in self.seconds.items()}
 
 
+def cpu_threads() -> int:
+    """Threads for decoding and preprocessing: the cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 def _unit(v: np.ndarray) -> np.ndarray:
     n = float(np.linalg.norm(v.astype(np.float64)))
     return (v / n).astype(np.float32)
@@ -86,6 +101,8 @@ class EmbedStage:
         self.delta: float | None = settings.clean.delta if settings.clean.enabled else None
         """Alignment threshold; the seed calibration may set it later."""
         self.times = StageTimes()
+        self.threads = cpu_threads()
+        self._pool: ThreadPoolExecutor | None = None
         if encoder is not None:
             self.spaces: tuple[str, ...] | None = tuple(encoder.spaces)
             self.dims: dict[str, int] | None = dict(encoder.dims)
@@ -138,20 +155,22 @@ class EmbedStage:
 
         # Decode images that a tower must embed (and that recaptioning may need).
         images: dict[int, Image.Image] = {}
-        lim = self.settings.limits
-        for pos, sample, vecs in todo:
-            need = "image" not in vecs and self.spaces is not None and "image" in self.spaces
-            if sample.image is not None and (need or self.recaption):
-                from infogrowth.imaging import ImageError, decode_image
-
-                try:
-                    images[pos] = decode_image(
-                        sample.image, max_bytes=lim.max_image_bytes, max_pixels=lim.max_image_pixels
-                    )
-                except ImageError as exc:
-                    out[pos] = Outcome.malformed(
-                        Malformed(sample.id, f"image: {exc}", sample.image, sample.source)
-                    )
+        jobs = [
+            (pos, sample)
+            for pos, sample, vecs in todo
+            if sample.image is not None
+            and (
+                self.recaption
+                or ("image" not in vecs and self.spaces is not None and "image" in self.spaces)
+            )
+        ]
+        for (pos, sample), res in zip(jobs, self._map(self._decode, jobs), strict=True):
+            if isinstance(res, Image.Image):
+                images[pos] = res
+            else:
+                out[pos] = Outcome.malformed(
+                    Malformed(sample.id, f"image: {res}", sample.image or b"", sample.source)
+                )
         todo = [t for t in todo if out[t[0]] is None]
 
         for space in self.spaces or ():
@@ -170,7 +189,7 @@ class EmbedStage:
                 meta=sample.meta,
                 source=sample.source,
             )
-            if "image" in vecs and "text" in vecs:
+            if "image" in vecs and "text" in vecs and vecs["image"].shape == vecs["text"].shape:
                 emb.alignment = round(float(np.dot(vecs["image"], vecs["text"])), 9)
             out[pos] = emb
         if clean:
@@ -223,7 +242,7 @@ class EmbedStage:
         if space == "text":
             mat = self.encoder.encode_texts([s.text or "" for _, s, _ in need])
         else:
-            mat = self.encoder.encode_images([images[pos] for pos, _, _ in need])
+            mat = self._encode_images([images[pos] for pos, _, _ in need])
         for row, (pos, sample, vecs) in enumerate(need):
             v = mat[row]
             if not np.all(np.isfinite(v)):
@@ -232,6 +251,69 @@ class EmbedStage:
                 )
             else:
                 vecs[space] = np.ascontiguousarray(v, dtype=np.float32)
+
+    # -- CPU work beside the model ---------------------------------------------------------
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="embed-cpu")
+        return self._pool
+
+    def _map(self, fn: Callable[[Any], Any], jobs: Sequence[Any]) -> list[Any]:
+        if self.threads <= 1 or len(jobs) <= 1:
+            return [fn(j) for j in jobs]
+        return list(self._executor().map(fn, jobs))
+
+    def _decode(self, job: tuple[int, Sample]) -> Image.Image | str:
+        from infogrowth.imaging import ImageError, decode_image
+
+        lim = self.settings.limits
+        data = job[1].image
+        assert data is not None
+        try:
+            return decode_image(
+                data, max_bytes=lim.max_image_bytes, max_pixels=lim.max_image_pixels
+            )
+        except ImageError as exc:
+            return str(exc)
+
+    def _encode_images(self, images: list[Image.Image]) -> np.ndarray:
+        """``encode_images`` with the next batch's preprocessing overlapping this batch's forward.
+
+        Each batch is preprocessed in slices on the pool and joined (into pinned memory on CUDA),
+        then the model runs on exactly the batches ``encode_images`` would give it.
+        """
+        enc: Any = self.encoder
+        assert enc is not None
+        pre = getattr(enc, "preprocess_images", None)
+        fwd = getattr(enc, "forward_images", None)
+        bs = getattr(enc, "batch_size", None)
+        if pre is None or fwd is None or not isinstance(bs, int) or self.threads <= 1:
+            return np.asarray(enc.encode_images(images), dtype=np.float32)
+        chunks = [images[i : i + bs] for i in range(0, len(images), bs)]
+        pool = self._executor()
+        pinned = str(getattr(enc, "device", "cpu")).startswith("cuda")
+
+        def submit(chunk: list[Image.Image]) -> list[Future[Any]]:
+            step = -(-len(chunk) // self.threads)
+            return [pool.submit(pre, chunk[i : i + step]) for i in range(0, len(chunk), step)]
+
+        parts: list[np.ndarray] = []
+        pending = submit(chunks[0])
+        for ci, chunk in enumerate(chunks):
+            slices = [f.result() for f in pending]
+            if ci + 1 < len(chunks):
+                pending = submit(chunks[ci + 1])
+            batch = _join(slices, pinned)
+            if batch is None:  # slices that do not stack: preprocess the batch whole
+                batch = pre(chunk)
+            parts.append(np.asarray(fwd(batch), dtype=np.float32))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
 
     # -- cleaning -------------------------------------------------------------------------
 
@@ -379,3 +461,26 @@ class Curator:
 
     def report_thresholds(self) -> dict[str, Any]:
         return self.thresholds.as_record() if self.thresholds else {}
+
+
+def _join(slices: list[Any], pinned: bool) -> dict[str, Any] | None:
+    """Concatenate preprocessed slices along the batch; ``None`` if their shapes differ."""
+    if len(slices) == 1 and not pinned:
+        return dict(slices[0])
+    import torch
+
+    keys = list(slices[0])
+    if any(list(sl) != keys for sl in slices):
+        return None
+    out: dict[str, Any] = {}
+    for key in keys:
+        parts = [sl[key] for sl in slices]
+        if not all(isinstance(p, torch.Tensor) for p in parts):
+            return None
+        if any(p.shape[1:] != parts[0].shape[1:] or p.dtype != parts[0].dtype for p in parts):
+            return None
+        shape = (sum(int(p.shape[0]) for p in parts), *parts[0].shape[1:])
+        buf = torch.empty(shape, dtype=parts[0].dtype, pin_memory=pinned)
+        torch.cat(parts, dim=0, out=buf)
+        out[key] = buf
+    return out

@@ -183,12 +183,18 @@ def test_prometheus_scrape_matches_audit(
 
         # Every dashboard query is valid PromQL for a real server and has data: the run decides
         # image+text samples, restores (replaying the seeded changelog) and snapshots every second.
+        # Rates need two scrapes inside their window: on a loaded machine give them a minute.
         dashboard = load_dashboard(DASHBOARD)
-        empty = [
-            title
-            for title, expr in dashboard_exprs(dashboard)
-            if not api.query(grafana_to_promql(expr, "1m"))
-        ]
+        deadline = time.monotonic() + 60
+        while True:
+            empty = [
+                title
+                for title, expr in dashboard_exprs(dashboard)
+                if not api.query(grafana_to_promql(expr, "1m"))
+            ]
+            if not empty or time.monotonic() > deadline:
+                break
+            time.sleep(2)
         assert not empty, f"dashboard queries without data: {empty}"
 
         # The alert rules loaded and evaluate without errors against real series.

@@ -147,3 +147,13 @@ def test_fuzz_structured_inputs_one_outcome_each(objs: list[dict[str, Any]]) -> 
             assert (o.decision, o.reason) == ("rejected", "malformed")
             assert o.payload is not None
         json.dumps(o.id)
+
+
+def test_spaces_of_different_dimension_have_no_alignment() -> None:
+    """Found by the fuzzer: precomputed image and text vectors of different sizes (two unrelated
+    encoders) are indexed, but no cosine is taken between them."""
+    cfg = make_settings(**{"select.policy": "all"})
+    cur = Curator(cfg, None)
+    obj = {"id": "a", "embedding": {"image": [1.0, 0.5], "text": [2.0]}}
+    (out,) = cur.process([parse_msgpack_sample(msgpack.packb(obj), cfg.limits)])
+    assert out.decision == "accepted" and out.alignment is None

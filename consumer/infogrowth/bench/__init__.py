@@ -1,0 +1,224 @@
+"""``infogrowth bench``: throughput of every stage against its own floor.
+
+Each figure is the median of repeated runs with min and max; every ratio is measured side by side
+in the same run. Results print as tables and, with ``--json FILE``, are written with the machine
+and the commit they were measured on.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+STAGES = ("select", "embed", "kafka", "scale", "restore", "memory")
+
+
+@click.command("bench")
+@click.option(
+    "--stage",
+    "stages",
+    multiple=True,
+    type=click.Choice([*STAGES, "all"]),
+    default=("select",),
+    show_default=True,
+    help="Stage(s) to measure; repeat the option for several.",
+)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write results here.")
+@click.option(
+    "--markdown", "md_path", type=click.Path(path_type=Path), help="Write the tables as Markdown."
+)
+@click.option(
+    "--n", "n", type=int, default=100_000, show_default=True, help="Prefilled index size."
+)
+@click.option("--stream", type=int, default=None, help="Measured samples per run.")
+@click.option("--batch", type=int, default=256, show_default=True, help="Select batch size.")
+@click.option("--threads", default=None, help="Thread counts, e.g. 1,2 (default 1, 2, cores).")
+@click.option("--repeats", type=int, default=3, show_default=True, help="Runs per figure.")
+@click.option("--dim", type=int, default=256, show_default=True, help="Vector dimension.")
+@click.option("--sizes", default=None, help="select: index sizes for the throughput-vs-size sweep.")
+@click.option("--restore-sizes", default=None, help="restore: index sizes (default: --n).")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="select: sweep PNG.")
+@click.option("--workdir", type=click.Path(path_type=Path), help="Scratch directory.")
+@click.option(
+    "--cache/--no-cache",
+    default=True,
+    show_default=True,
+    help="select: keep the prefilled index under $INFOGROWTH_CACHE_DIR/bench for later runs.",
+)
+def command(
+    stages: tuple[str, ...],
+    json_path: Path | None,
+    md_path: Path | None,
+    n: int,
+    stream: int | None,
+    batch: int,
+    threads: str | None,
+    repeats: int,
+    dim: int,
+    sizes: str | None,
+    restore_sizes: str | None,
+    plot_path: Path | None,
+    workdir: Path | None,
+    cache: bool,
+) -> None:
+    """Measure stages against their floors; print tables, optionally write JSON."""
+    from rich.console import Console
+    from rich.table import Table as RichTable
+
+    from infogrowth.bench.common import Table, commit, machine, threads_list
+
+    chosen = list(STAGES) if "all" in stages else list(dict.fromkeys(stages))
+    th = threads_list(threads)
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {
+        "machine": machine(),
+        "commit": commit(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "stages": {},
+    }
+    tables: list[Table] = []
+    for stage in chosen:
+        t0 = time.perf_counter()
+        res, tabs = _run(
+            stage,
+            n=n,
+            stream=stream,
+            batch=batch,
+            threads=th,
+            repeats=repeats,
+            dim=dim,
+            sizes=_ints(sizes),
+            restore_sizes=_ints(restore_sizes) or [n],
+            workdir=workdir,
+            cache=cache,
+        )
+        res["seconds"] = round(time.perf_counter() - t0, 1)
+        result["stages"][stage] = res
+        tables.extend(tabs)
+        if stage == "select" and plot_path is not None and res.get("sweep"):
+            from infogrowth.bench.plot import plot_sweep
+
+            plot_sweep(res, result["machine"], plot_path)
+    result["machine"]["load_avg_end"] = _load()
+    console = Console(markup=False, highlight=False)
+    m = result["machine"]
+    console.print(
+        f"machine: {m['cpu']}, {m['cores']} cores, GPU {m['gpu'] or 'none'}; "
+        f"commit {result['commit'].get('sha') or '?'}"
+        + (" (dirty)" if result["commit"].get("dirty") else "")
+    )
+    for t in tables:
+        rt = RichTable(title=t.title, caption=t.note)
+        for c in t.columns:
+            rt.add_column(c)
+        for r in t.rows:
+            rt.add_row(*r)
+        console.print(rt)
+    result["tables"] = [t.as_dict() for t in tables]
+    if md_path is not None:
+        md_path.parent.mkdir(parents=True, exist_ok=True)
+        md_path.write_text(_markdown(result, tables))
+        console.print(f"wrote {md_path}")
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        console.print(f"wrote {json_path}")
+
+
+def _markdown(result: dict[str, Any], tables: list[Any]) -> str:
+    m = result["machine"]
+    c = result["commit"]
+    head = (
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m.get('memory_gib')} GiB, "
+        f"GPU {m['gpu'] or 'none'}; load average {m.get('load_avg')} → {m.get('load_avg_end')}; "
+        f"commit `{(c.get('sha') or '?')[:10]}`{' + local changes' if c.get('dirty') else ''}; "
+        f"{result['started']}.\n"
+    )
+    parts = [head]
+    for t in tables:
+        parts.append(f"**{t.title}**\n\n{t.markdown()}\n" + (f"\n_{t.note}_\n" if t.note else ""))
+    return "\n".join(parts)
+
+
+def _ints(spec: str | None) -> list[int]:
+    if not spec:
+        return []
+    return [int(float(x)) for x in spec.split(",") if x.strip()]
+
+
+def _load() -> list[float] | None:
+    import os
+
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _run(stage: str, **kw: Any) -> tuple[dict[str, Any], list[Any]]:
+    if stage == "select":
+        from infogrowth.bench import sel
+
+        res = sel.bench(
+            n=kw["n"],
+            stream=kw["stream"] or 4096,
+            batch=kw["batch"],
+            threads=kw["threads"],
+            repeats=kw["repeats"],
+            dim=kw["dim"],
+            workdir=kw["workdir"],
+            sizes=kw["sizes"],
+            cache=sel.default_cache() if kw["cache"] else None,
+        )
+        return res, sel.tables(res)
+    if stage == "kafka":
+        from infogrowth.bench import kafkabench
+
+        res = kafkabench.bench(
+            n=kw["stream"] or 10_000,
+            dim=kw["dim"],
+            repeats=kw["repeats"],
+            workdir=kw["workdir"],
+        )
+        return res, kafkabench.tables(res)
+    if stage == "embed":
+        from infogrowth.bench import embedbench
+
+        res = embedbench.bench(
+            n=kw["stream"] or 512,
+            threads=kw["threads"],
+            repeats=kw["repeats"],
+            workdir=kw["workdir"],
+        )
+        return res, embedbench.tables(res)
+    if stage == "scale":
+        from infogrowth.bench import scale
+
+        res = scale.bench(
+            n=kw["stream"] or 20_000,
+            dim=kw["dim"],
+            repeats=kw["repeats"],
+            batch=kw["batch"],
+        )
+        return res, scale.tables(res)
+    if stage == "restore":
+        from infogrowth.bench import restore
+
+        res = restore.bench(
+            sizes=kw["restore_sizes"], dim=kw["dim"], repeats=kw["repeats"], workdir=kw["workdir"]
+        )
+        return res, restore.tables(res)
+    if stage == "memory":
+        from infogrowth.bench import memory
+
+        res = memory.bench(n=kw["n"], dim=kw["dim"], workdir=kw["workdir"])
+        return res, memory.tables(res)
+    raise click.UsageError(f"unknown stage {stage}")
+
+
+__all__ = ["STAGES", "command"]

@@ -1,0 +1,125 @@
+"""Peak RSS per indexed item vs the raw hnswlib index size.
+
+Runs in a fresh interpreter so that nothing else's memory counts: it imports the package, builds
+a :class:`~infogrowth.index.PartitionState` of N items (2 spaces) in chunks, the way a partition
+grows, and reports the resident set before and after, the peak (VmHWM), and what hnswlib itself
+holds (its saved index size) next to the vector mirror.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from infogrowth.bench.common import Table, progress
+
+_CHILD = r"""
+import json, os, sys, tempfile, gc
+import numpy as np
+
+def status():
+    out = {}
+    for line in open("/proc/self/status"):
+        if line.startswith(("VmRSS", "VmHWM")):
+            out[line.split(":")[0]] = int(line.split()[1]) * 1024
+    return out
+
+from infogrowth.bench import synth
+from infogrowth.config import load_settings
+from infogrowth.index import PartitionState
+n, dim, chunk = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+cfg = load_settings(None).index
+vec = synth.make(0, n, dim=dim, dup_rate=0.0, seed=5)
+gc.collect()
+before = status()
+st = PartitionState.empty(("image", "text"), {"image": dim, "text": dim}, cfg)
+threads = os.cpu_count() or 1
+for lo in range(0, n, chunk):
+    hi = min(n, lo + chunk)
+    for s in st.spaces:
+        st.indexes[s].add(vec.stream[s][lo:hi], np.arange(lo, hi, dtype=np.int64), threads=threads)
+    ids = [f"id{i:09d}" for i in range(lo, hi)]
+    st.id_pos.update(zip(ids, range(lo, hi)))
+    st.ids.extend(ids)
+    st.labels.extend([None] * (hi - lo))
+gc.collect()
+after = status()
+tmp = tempfile.mkdtemp()
+hnsw = 0
+for s in st.spaces:
+    p = os.path.join(tmp, s + ".bin")
+    st.indexes[s].save(p)
+    hnsw += os.path.getsize(p)
+    os.remove(p)
+mirror = sum(st.indexes[s].count * st.indexes[s].dim * 4 for s in st.spaces)
+mirror_alloc = sum(st.indexes[s]._vectors.nbytes for s in st.spaces)
+print(json.dumps({"before": before, "after": after, "hnsw_bytes": hnsw, "mirror_bytes": mirror,
+                  "mirror_allocated_bytes": mirror_alloc,
+                  "vectors_bytes": int(vec.stream["image"].nbytes * 2)}))
+"""
+
+
+def bench(
+    n: int = 100_000, dim: int = 256, chunk: int = 20_000, workdir: Path | None = None
+) -> dict[str, Any]:
+    progress(f"memory: building {n:,} items in a fresh process")
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        script = Path(tmp) / "child.py"
+        script.write_text(_CHILD)
+        out = subprocess.run(
+            [sys.executable, str(script), str(n), str(dim), str(chunk)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ},
+        )
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    # The generated input vectors live in the child too: subtract them from the growth.
+    grown = r["after"]["VmRSS"] - r["before"]["VmRSS"]
+    peak = r["after"]["VmHWM"] - r["before"]["VmRSS"]
+    per = 1_000_000 / n
+    return {
+        "params": {"n": n, "dim": dim, "spaces": 2, "chunk": chunk},
+        "rss_growth_bytes": grown,
+        "peak_growth_bytes": peak,
+        "input_vectors_bytes": r["vectors_bytes"],
+        "hnsw_bytes": r["hnsw_bytes"],
+        "mirror_bytes": r["mirror_bytes"],
+        "mirror_allocated_bytes": r["mirror_allocated_bytes"],
+        "per_million": {
+            "rss_gib": round(grown * per / 2**30, 2),
+            "peak_rss_gib": round(peak * per / 2**30, 2),
+            "hnsw_gib": round(r["hnsw_bytes"] * per / 2**30, 2),
+            "mirror_gib": round(r["mirror_bytes"] * per / 2**30, 2),
+        },
+        "ratio_rss_vs_hnsw": round(grown / r["hnsw_bytes"], 3),
+        "ratio_peak_vs_hnsw": round(peak / r["hnsw_bytes"], 3),
+    }
+
+
+def tables(res: dict[str, Any]) -> list[Table]:
+    p = res["params"]
+    pm = res["per_million"]
+    t = Table(
+        f"memory: a partition of {p['n']:,} items, 2×{p['dim']}-d, scaled to 1M items",
+        ["measure", "GiB per 1M items", "vs raw hnswlib"],
+        note=(
+            "RSS growth of a fresh process while the state grows in chunks (capacity doubling, "
+            "as a partition grows); peak = VmHWM, which includes the copies made while the "
+            "hnswlib index and the mirror grow"
+        ),
+    )
+    t.add("raw hnswlib index (saved size)", f"{pm['hnsw_gib']:.2f}", "1.00")
+    t.add(
+        "float32 vector mirror (rows in use)",
+        f"{pm['mirror_gib']:.2f}",
+        f"{res['mirror_bytes'] / res['hnsw_bytes']:.2f}",
+    )
+    t.add("RSS growth", f"{pm['rss_gib']:.2f}", f"{res['ratio_rss_vs_hnsw']:.2f}")
+    t.add("peak RSS growth", f"{pm['peak_rss_gib']:.2f}", f"{res['ratio_peak_vs_hnsw']:.2f}")
+    return [t]

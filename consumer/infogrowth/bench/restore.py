@@ -1,0 +1,175 @@
+"""Snapshot write and load, changelog replay rate, and the stall a snapshot causes.
+
+A state of N items (2 spaces) is built once (multi-threaded, not measured), then: ``snapshot.save``
+(hnswlib files, ids, manifest, fsync, sha256) and ``snapshot.load`` (verify + load) are timed, and
+a changelog tail of packed records is replayed onto the loaded state the way the select stage
+restores (unpack, decode vectors, add in chunks of 4096). The select stage writes snapshots on
+its own thread between transactions, so the stall equals the write time.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from infogrowth.bench import synth
+from infogrowth.bench.common import Stat, Table, fmt, progress
+from infogrowth.config import load_settings
+from infogrowth.index import PartitionState, SpaceIndex
+
+
+def bench(
+    sizes: list[int] | None = None,
+    dim: int = 256,
+    repeats: int = 3,
+    tail: int = 8192,
+    workdir: Path | None = None,
+) -> dict[str, Any]:
+    from infogrowth import snapshot
+    from infogrowth.kafka.select import changelog_record, embedded_from_record
+    from infogrowth.schema import Embedded, pack, unpack
+
+    settings = load_settings(None)
+    cfg = settings.index
+    rows = []
+    for n in sizes or [100_000]:
+        progress(f"restore: building a state of {n:,} items")
+        vec = synth.make(n, tail, dim=dim, dup_rate=0.0, seed=3)
+        spaces = tuple(vec.prefill)
+        indexes = {}
+        for s in spaces:
+            idx = SpaceIndex(dim, cfg, capacity=n)
+            idx.add(vec.prefill[s], np.arange(n, dtype=np.int64), threads=os.cpu_count() or 1)
+            indexes[s] = idx
+        ids = [f"p{i}" for i in range(n)]
+        state = PartitionState(
+            spaces,
+            {s: dim for s in spaces},
+            cfg,
+            indexes,
+            ids,
+            [None] * n,
+            {sid: i for i, sid in enumerate(ids)},
+            changelog_offset=n - 1,
+        )
+        records = [
+            pack(
+                "changelog",
+                changelog_record(
+                    Embedded(id=f"t{i}", vectors={s: vec.stream[s][i] for s in spaces})
+                ),
+                check=False,
+            )
+            for i in range(tail)
+        ]
+        save_s, load_s, replay = Stat(), Stat(), Stat()
+        size_bytes = 0
+        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+            d = Path(tmp) / "snap"
+            for _ in range(repeats):
+                gc.collect()
+                t0 = time.perf_counter()
+                info = snapshot.save(state, d, "bench", keep=1)
+                save_s.add(time.perf_counter() - t0)
+                size_bytes = info.bytes
+                _drop_cache(d)
+                t0 = time.perf_counter()
+                loaded = snapshot.load(
+                    d, cfg, fingerprint="bench", spaces=spaces, dims={s: dim for s in spaces}
+                )
+                load_s.add(time.perf_counter() - t0)
+                gc.collect()
+                t0 = time.perf_counter()
+                for lo in range(0, tail, 4096):
+                    buf = [
+                        embedded_from_record(unpack("changelog", r, max_bytes=1 << 30), loaded.dims)
+                        for r in records[lo : lo + 4096]
+                    ]
+                    fresh = [e for e in buf if e.id not in loaded]
+                    loaded.add(
+                        [e.id for e in fresh],
+                        {s: np.stack([e.vectors[s] for e in fresh]) for s in spaces},
+                        [e.label for e in fresh],
+                    )
+                replay.add(tail / (time.perf_counter() - t0))
+                del loaded
+                shutil.rmtree(d, ignore_errors=True)
+        row = {
+            "n": n,
+            "snapshot_bytes": size_bytes,
+            "save_s": save_s.as_dict(3),
+            "load_s": load_s.as_dict(3),
+            "replay_items_per_s": replay.as_dict(1),
+            "stall_s": save_s.as_dict(3),
+            "full_replay_estimate_s": round(n / replay.median, 1) if replay.values else None,
+        }
+        progress(
+            f"restore: {n:,}: save {save_s.median:.2f}s, load {load_s.median:.2f}s, "
+            f"replay {replay.median:,.0f} items/s"
+        )
+        rows.append(row)
+        del state, indexes
+        gc.collect()
+    return {
+        "params": {
+            "dim": dim,
+            "spaces": 2,
+            "tail": tail,
+            "repeats": repeats,
+            "m": cfg.m,
+            "ef_construction": cfg.ef_construction,
+            "threads": os.cpu_count(),
+        },
+        "sizes": rows,
+    }
+
+
+def _drop_cache(path: Path) -> None:
+    """Ask the kernel to forget the snapshot's pages, so the load reads from disk (best effort)."""
+    for f in path.rglob("*"):
+        if f.is_file():
+            try:
+                fd = os.open(f, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+            except (OSError, AttributeError):
+                pass
+
+
+def tables(res: dict[str, Any]) -> list[Table]:
+    p = res["params"]
+    t = Table(
+        f"restore: snapshot and changelog replay, 2×{p['dim']}-d, M={p['m']}, "
+        f"ef_c={p['ef_construction']}",
+        [
+            "items",
+            "snapshot size",
+            "write = stall (s)",
+            "load + verify (s)",
+            "replay (items/s)",
+            "full replay (est. s)",
+        ],
+        note=(
+            f"replay of a {p['tail']:,}-record changelog tail onto the loaded state; "
+            f"median [min–max] of {p['repeats']} runs"
+        ),
+    )
+    for r in res["sizes"]:
+        t.add(
+            f"{r['n']:,}",
+            f"{r['snapshot_bytes'] / 2**20:,.0f} MiB",
+            fmt(r["save_s"], 2),
+            fmt(r["load_s"], 2),
+            fmt(r["replay_items_per_s"]),
+            f"{r['full_replay_estimate_s']:,.0f}" if r["full_replay_estimate_s"] else "-",
+        )
+    return [t]

@@ -1,0 +1,97 @@
+"""Clustered unit vectors with injected near-duplicates, generated as whole arrays.
+
+Two spaces share each sample's cluster (as an image and its caption do) but have their own
+centres and noise. A duplicate copies an earlier sample (of the prefill or of the stream; half of
+them a recent one, as re-posts come in bursts) plus noise far below the cluster spread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SPACES = ("image", "text")
+
+
+@dataclass
+class Vectors:
+    """``prefill`` rows are indexed before the run; ``stream`` rows are the measured input."""
+
+    prefill: dict[str, np.ndarray]
+    stream: dict[str, np.ndarray]
+    dup: np.ndarray
+    """Stream rows that are injected near-duplicates."""
+    dup_source: np.ndarray
+    """For duplicates, the global row copied (prefill rows first, then stream rows); else -1."""
+    cluster: np.ndarray
+    """Cluster of every global row."""
+
+    @property
+    def dim(self) -> int:
+        return int(next(iter(self.stream.values())).shape[1])
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32)
+
+
+def make(
+    n_prefill: int,
+    n_stream: int,
+    *,
+    dim: int = 256,
+    spaces: tuple[str, ...] = SPACES,
+    clusters: int = 1000,
+    spread: float = 1.0,
+    dup_rate: float = 0.1,
+    dup_noise: float = 0.01,
+    seed: int = 0,
+) -> Vectors:
+    """Vectors around ``clusters`` centres; ``spread`` is the noise norm relative to a centre's.
+
+    A duplicate adds noise of norm ``dup_noise`` (cosine distance about ``dup_noise**2 / 2``).
+    """
+    total = n_prefill + n_stream
+    crng = np.random.default_rng(1234)
+    centres = {s: crng.normal(size=(clusters, dim)) / np.sqrt(dim) for s in spaces}
+    # Prefill and stream come from their own generators: the same prefill for any stream size.
+    prng = np.random.default_rng([seed, 0])
+    rng = np.random.default_rng([seed, 1])
+    cluster = np.concatenate(
+        [prng.integers(clusters, size=n_prefill), rng.integers(clusters, size=n_stream)]
+    )
+    out: dict[str, np.ndarray] = {}
+    for s in spaces:
+        parts = []
+        for gen, lo, hi in ((prng, 0, n_prefill), (rng, n_prefill, total)):
+            noise = gen.normal(scale=spread / np.sqrt(dim), size=(hi - lo, dim))
+            parts.append(centres[s][cluster[lo:hi]] + noise)
+        out[s] = _unit(np.concatenate(parts))
+    dup = np.zeros(n_stream, dtype=bool)
+    source = np.full(n_stream, -1, dtype=np.int64)
+    if n_stream > 1 and dup_rate > 0:
+        dup[1:] = rng.random(n_stream - 1) < dup_rate
+        rows = np.flatnonzero(dup)
+        g = n_prefill + rows  # global row of each duplicate
+        recent = rng.random(len(rows)) < 0.5
+        start = np.where(recent, np.maximum(g - 1000, 0), 0)
+        src = start + (rng.random(len(rows)) * (g - start)).astype(np.int64)
+        # Copy from a row that is itself original, so a chain never drifts.
+        for i, (gi, si) in enumerate(zip(g.tolist(), src.tolist(), strict=True)):
+            while si >= n_prefill and dup[si - n_prefill]:
+                si = int(source[si - n_prefill])
+            src[i] = si
+            source[gi - n_prefill] = si
+        cluster[g] = cluster[src]
+        for s in spaces:
+            noise = rng.normal(scale=dup_noise / np.sqrt(dim), size=(len(rows), dim))
+            out[s][g] = _unit(out[s][src].astype(np.float64) + noise)
+    return Vectors(
+        prefill={s: out[s][:n_prefill] for s in spaces},
+        stream={s: out[s][n_prefill:] for s in spaces},
+        dup=dup,
+        dup_source=source,
+        cluster=cluster,
+    )
