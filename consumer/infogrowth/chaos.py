@@ -385,6 +385,8 @@ def _damage(
             if not cur.is_file():
                 continue
             snap = part / cur.read_text().strip()
+            if not snap.is_dir():  # already deleted by an earlier round, no newer one written
+                continue
             target = snap / "space-image.bin"
             if kind == "truncate" and target.exists():
                 target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
