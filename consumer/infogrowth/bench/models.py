@@ -50,12 +50,12 @@ WORDS = [
 ]
 
 
-def tiny_clip(directory: Path, image_size: int = 224, patch: int = 32) -> Path:
-    import torch
+def byte_clip_tokenizer(max_tokens: int = 77) -> Any:
+    """Byte-level BPE with no merges: every byte is a token, so any text is encodable offline."""
     import transformers
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    byte_map: Any = bytes_to_unicode
+    byte_map: Any = bytes_to_unicode  # untyped upstream
     chars = list(byte_map().values())
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for suffix in ("", "</w>"):
@@ -65,7 +65,14 @@ def tiny_clip(directory: Path, image_size: int = 224, patch: int = 32) -> Path:
         root = Path(tmp)
         (root / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
         (root / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-        tokenizer = transformers.CLIPTokenizer.from_pretrained(tmp, model_max_length=77)
+        return transformers.CLIPTokenizer.from_pretrained(tmp, model_max_length=max_tokens)
+
+
+def tiny_clip(directory: Path, image_size: int = 224, patch: int = 32) -> Path:
+    import torch
+    import transformers
+
+    tokenizer = byte_clip_tokenizer(77)
     hidden = 32
     text_config = {
         "vocab_size": len(tokenizer),

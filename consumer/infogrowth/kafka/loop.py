@@ -23,6 +23,7 @@ from infogrowth.kafka.clients import consumer_config, position, producer_config
 
 log = logging.getLogger(__name__)
 TXN_TIMEOUT_S = 30.0
+LAG_INTERVAL_S = 2.0
 
 
 @dataclass
@@ -110,6 +111,7 @@ class TransactionalLoop:
         self.producer: Producer | None = None
         self.last_progress = time.monotonic()
         self.last_processed = time.monotonic()
+        self._last_lag = 0.0
         self.assigned: set[tuple[str, int]] = set()
         self.started = threading.Event()
         self.assigned_once = threading.Event()
@@ -273,8 +275,13 @@ class TransactionalLoop:
                 delay = min(delay * 2, 5.0)
 
     def _report_lag(self, batch: list[Message]) -> None:
+        # Watermark lookups cost tens of ms: report lag every few seconds, not every batch.
         if self.on_lag is None or self.consumer is None:
             return
+        now = time.monotonic()
+        if now - self._last_lag < LAG_INTERVAL_S:
+            return
+        self._last_lag = now
         seen = {(t, p): o for t, p, o in map(position, batch)}
         for (t, p), off in seen.items():
             try:
