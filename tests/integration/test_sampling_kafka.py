@@ -165,7 +165,9 @@ def test_ranks_times_workers_beyond_partitions_split_by_id(topics: Topics) -> No
 
     data = CuratedSet.from_stream(CuratedStream(settings, timeout_s=30))
     assert sorted(data.ids) == sorted(topics.committed)
-    assert data.g_scale == 0.8
+    # The stream sampled these online (policy sample): the trainer does not sample them again.
+    assert data.recorded_g_scale == 0.8 and data.stream_sampled
+    assert bool((data.normalised_gains == 1.0).all())
     positions = [s.position for s in data.samples]
     assert positions == sorted(positions, key=lambda p: (p[0] != settings.kafka.topics.accepted, p))
 

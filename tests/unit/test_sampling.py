@@ -1,17 +1,21 @@
-"""Gain samplers: inclusion frequencies match their definitions, epochs reproduce, shards split.
+"""Gain samplers: the authors' normalisation (the set's own 99th gain percentile), Bernoulli-round
+epochs, one sampling step (never q²), frequencies that match the definitions, reproducible
+epochs, shards that split.
 
 Statistical checks use fixed seeds (so they are deterministic) and tolerances of 5 binomial
-standard errors around the exact inclusion probability, so a correct sampler passes with any seed
+standard errors around the exact probability, so a correct sampler passes with any seed
 (a 5-sigma miss has probability below 1e-6 per check).
 """
 
 from __future__ import annotations
 
 import base64
+import logging
 import math
 import os
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,11 +34,12 @@ from infogrowth.sampling import (
     GainSamplerBase,
     StaticGainSampler,
     TwoPhaseGainSampler,
+    gain_weights,
     normalise_gains,
+    percentile_g_scale,
     resolve_g_scale,
 )
 from infogrowth.sampling.kafka import id_bucket, reader_share
-from infogrowth.sampling.samplers import pps_probabilities, systematic_sample
 
 LEVELS = np.array([0.0, 0.05, 0.2, 0.5, 0.8, 1.0, 1.6])
 """Gains per group (g_scale 1): q = 0, .05, .2, .5, .8, 1 and a clipped 1.6 -> 1."""
@@ -59,7 +64,9 @@ def _assert_frequency(hits: np.ndarray, expected: np.ndarray, trials: int, what:
         assert abs(freq - p) <= SIGMAS * se + 1e-12, f"{what}: group p={p:.4f} got {freq:.4f}"
 
 
-def _epoch_hits(sampler: GainSamplerBase, epochs: range) -> tuple[np.ndarray, np.ndarray]:
+def _epoch_hits(
+    sampler: StaticGainSampler | TwoPhaseGainSampler, epochs: range
+) -> tuple[np.ndarray, np.ndarray]:
     hits = np.zeros(len(sampler.q))
     expected = np.zeros(len(sampler.q))
     for e in epochs:
@@ -69,7 +76,17 @@ def _epoch_hits(sampler: GainSamplerBase, epochs: range) -> tuple[np.ndarray, np
         assert len(idx) == len(sampler)
         hits[idx] += 1
         expected += sampler.inclusion_probabilities(e)
+        assert np.array_equal(sampler.expected_counts(e), sampler.inclusion_probabilities(e))
     return hits, expected / len(epochs)
+
+
+def _sample(i: int, gain: float | None, policy: str | None = "all") -> CuratedSample:
+    return CuratedSample(id=f"s{i}", decision="accepted", gain=gain, g_scale=0.05, policy=policy)
+
+
+def _spread_with_outlier(n: int = 1000) -> np.ndarray:
+    """Gains spread evenly over [0.1, 0.3] and one isolated item at 1.0."""
+    return np.concatenate([np.linspace(0.1, 0.3, n - 1), [1.0]])
 
 
 # -- gain normalisation -------------------------------------------------------------------
@@ -82,12 +99,63 @@ def test_normalise_gains_clips_and_fills_missing() -> None:
         normalise_gains(np.array([0.1]), 0.0)
 
 
-def test_resolve_g_scale_order() -> None:
-    gains = np.array([0.2, 0.6, np.nan])
-    assert resolve_g_scale(0.5, [0.9], gains) == 0.5
-    assert resolve_g_scale(None, [0.9, 0.7, 0.9, None], gains) == 0.9
-    assert resolve_g_scale(None, [None], gains) == 0.6
-    assert resolve_g_scale(None, [], np.array([0.0])) == 1.0
+def test_resolve_g_scale_explicit_else_own_percentile() -> None:
+    gains = np.array([0.2, 0.6, np.nan, 0.4])
+    assert resolve_g_scale(0.5, gains) == 0.5  # explicit wins
+    assert resolve_g_scale(None, gains) == pytest.approx(np.percentile([0.2, 0.6, 0.4], 99))
+    assert resolve_g_scale(None, gains, 50) == pytest.approx(0.4)
+    assert resolve_g_scale(None, np.array([0.0])) == 1.0  # nothing positive
+    assert percentile_g_scale(np.array([0.0] * 200 + [0.3])) == 0.3  # a 0 percentile: the max
+    assert percentile_g_scale(np.array([np.nan])) == 1.0
+    for bad in (0.0, -1.0, 101.0):
+        with pytest.raises(ValueError):
+            resolve_g_scale(None, gains, bad)
+    with pytest.raises(ValueError):
+        resolve_g_scale(0.0, gains)
+
+
+def test_one_isolated_gain_does_not_shrink_everyone() -> None:
+    """The authors' scale is the set's own 99th percentile, not its maximum: an outlier at 1.0
+    leaves the bulk's weights where they were (with the max they would all drop below 0.3)."""
+    gains = _spread_with_outlier()
+    expected_scale = float(np.percentile(gains, 99))
+    assert 0.29 < expected_scale < 0.3
+    w = gain_weights(gains)
+    assert w.g_scale == pytest.approx(expected_scale) and not w.explicit
+    assert w.q[-1] == 1.0 and w.q[-2] == 1.0  # the top of the bulk reaches 1, as does the outlier
+    assert w.q[:-1].mean() > 0.65  # vs about 0.2 with the maximum as scale
+    data = CuratedSet([_sample(i, float(g)) for i, g in enumerate(gains)])
+    assert data.g_scale == pytest.approx(expected_scale)  # not the recorded 0.05, not the max
+    assert data.recorded_g_scale == 0.05
+    for sampler in (
+        StaticGainSampler(data),
+        GainSampler(data),
+        TwoPhaseGainSampler(data),
+        StaticGainSampler(gains),
+        GainSampler(list(gains)),
+        TwoPhaseGainSampler(gains),
+    ):
+        assert sampler.g_scale == pytest.approx(expected_scale)
+        assert np.allclose(sampler.q, w.q)
+    # The percentile is a parameter, on the set and on every sampler.
+    p90 = float(np.percentile(gains, 90))
+    assert CuratedSet(data.samples, g_percentile=90).g_scale == pytest.approx(p90)
+    assert GainSampler(data, g_percentile=90).g_scale == pytest.approx(p90)
+    assert StaticGainSampler(gains, g_percentile=90).g_scale == pytest.approx(p90)
+
+
+def test_explicit_g_scale_wins_everywhere() -> None:
+    gains = _spread_with_outlier()
+    data = CuratedSet([_sample(i, float(g)) for i, g in enumerate(gains)])
+    assert CuratedSet(data.samples, g_scale=2.0).g_scale == 2.0
+    assert np.allclose(CuratedSet(data.samples, g_scale=2.0).normalised_gains, gains / 2)
+    for cls in (StaticGainSampler, GainSampler, TwoPhaseGainSampler):
+        assert cls(data, g_scale=2.0).g_scale == 2.0
+        assert np.allclose(cls(data, g_scale=2.0).q, gains / 2)
+        assert cls(gains, g_scale=2.0).g_scale == 2.0
+    # A scale given to the set is used by its samplers; one given to the sampler wins over it.
+    given = CuratedSet(data.samples, g_scale=0.5)
+    assert GainSampler(given).g_scale == 0.5 and GainSampler(given, g_scale=0.25).g_scale == 0.25
 
 
 def test_curated_sample_from_msgpack_and_json_records() -> None:
@@ -108,7 +176,9 @@ def test_curated_sample_from_msgpack_and_json_records() -> None:
     s = CuratedSample.from_record(msgpack.unpackb(msgpack.packb(rec), raw=False), ("t", 1, 5))
     assert s.relabeled and s.label == "new" and s.original_label == "old"
     assert s.image == rec["image"] and s.g_scale == 0.6 and s.position == ("t", 1, 5)
-    assert s.normalised_gain() == pytest.approx(0.5)
+    assert s.policy == "sample" and s.sampled_online
+    assert s.normalised_gain() == pytest.approx(0.5)  # the stream's view: its recorded scale
+    assert not CuratedSample.from_record({**rec, "thresholds": {"policy": "all"}}).sampled_online
     j = CuratedSample.from_record({**rec, "image": base64.b64encode(rec["image"]).decode()})
     assert j.image == rec["image"] and j.position is None
 
@@ -135,64 +205,96 @@ def test_static_inclusion_matches_clipped_gain() -> None:
     _assert_frequency(many, s.q, 20, "static over seeds")
 
 
-def test_static_uses_the_sets_g_scale() -> None:
+def test_static_uses_the_sets_own_scale_not_the_recorded_one() -> None:
     samples = [
-        CuratedSample(id=f"s{i}", decision="accepted", gain=g, g_scale=0.5)
+        CuratedSample(id=f"s{i}", decision="accepted", gain=g, g_scale=0.5, policy="all")
         for i, g in enumerate([0.0, 0.25, 0.5, 1.0])
     ]
     data = CuratedSet(samples)
     s = StaticGainSampler(data)
-    assert s.g_scale == 0.5 and s.q.tolist() == [0.0, 0.5, 1.0, 1.0]
+    assert s.g_scale == pytest.approx(np.percentile([0.0, 0.25, 0.5, 1.0], 99))
+    assert s.q.tolist() == pytest.approx([0.0, 0.25 / s.g_scale, 0.5 / s.g_scale, 1.0])
     assert StaticGainSampler(data, g_scale=2.0).q.tolist() == [0.0, 0.125, 0.25, 0.5]
 
 
 # -- dynamic ------------------------------------------------------------------------------
 
 
-def test_pps_probabilities_proportional_capped_and_exact_size() -> None:
-    q = np.array([1.0, 1.0, 0.6, 0.3, 0.1, 0.0])
-    pi = pps_probabilities(q, 3)
-    assert pi.sum() == pytest.approx(3.0)
-    assert pi.max() <= 1.0 and pi[-1] == 0.0
-    assert pi[0] == pi[1] == 1.0
-    assert pi[2] / q[2] == pytest.approx(pi[3] / q[3]) == pytest.approx(pi[4] / q[4])
-    capped = pps_probabilities(np.array([0.9, 0.05, 0.05]), 2)
-    assert capped.tolist() == pytest.approx([1.0, 0.5, 0.5])
-    with pytest.raises(ValueError):
-        pps_probabilities(np.array([0.5, 0.0]), 2)
-    rng = np.random.default_rng(0)
-    for _ in range(50):
-        got = systematic_sample(pi, 3, rng)
-        assert len(got) == 3 and 5 not in got and {0, 1} <= set(got.tolist())
+def _group_hits(idx: np.ndarray) -> np.ndarray:
+    return np.bincount(np.asarray(idx) // PER_LEVEL, minlength=len(LEVELS))
 
 
-def test_dynamic_inclusion_matches_definition() -> None:
+def test_dynamic_epochs_are_bernoulli_rounds_of_exactly_n() -> None:
     s = GainSampler(_gains(), g_scale=1.0, seed=5)
-    assert (
-        s.num_samples == s.budget == math.floor(float(s.q.sum()) + 0.5)
-        and s.refill_probability == 0.0
-    )
-    hits, expected = _epoch_hits(s, range(30))
-    _assert_frequency(hits, expected, 30, "dynamic")
-    assert np.allclose(expected, s.pi) and s.pi.sum() == pytest.approx(s.num_samples)
-    # proportional to the normalised gain (no item capped here)
-    ratio = s.pi[s.q > 0] / s.q[s.q > 0]
-    assert np.allclose(ratio, ratio[0])
+    n, q = len(_gains()), s.q
+    assert s.num_samples == n and s.round_size == pytest.approx(q.sum())
+    full_rounds = 0
+    for e in range(10):
+        s.set_epoch(e)
+        idx = s.epoch_indices()
+        assert len(idx) == len(s) == n == len(list(s))  # exactly N, every epoch
+        rounds = s.epoch_rounds(e)
+        assert np.array_equal(np.concatenate(rounds), idx)  # the epoch is its rounds in order
+        assert len(rounds) >= 2  # sum(q) < N here, so items recur across rounds
+        for r in rounds:
+            assert len(r) == len(set(r.tolist()))  # an index at most once per round
+        assert not np.any(q[idx] == 0)  # zero-weight items never appear
+        # Every round but the (truncated) last keeps each item independently with p = q: per
+        # level, its hit count is Binomial(PER_LEVEL, q).
+        for r in rounds[:-1]:
+            full_rounds += 1
+            hits = _group_hits(r)
+            for level, got in zip(LEVELS, hits, strict=True):
+                p = min(level, 1.0)
+                se = math.sqrt(PER_LEVEL * p * (1 - p))
+                assert abs(got - PER_LEVEL * p) <= SIGMAS * se + 1e-9, (e, level, got)
+        # The last round only tops up: it is no larger than a round and ends the epoch at N.
+        assert 0 < len(rounds[-1]) <= np.count_nonzero(q)
+    assert full_rounds >= 10
 
 
-def test_dynamic_refills_uniformly_to_the_epoch_length() -> None:
+def test_dynamic_items_recur_in_proportion_to_q() -> None:
+    s = GainSampler(_gains(), g_scale=1.0, seed=8)
+    epochs = 40
+    counts = np.zeros(len(s.q))
+    for e in range(epochs):
+        s.set_epoch(e)
+        counts += np.bincount(s.epoch_indices(), minlength=len(s.q))
+    expected = s.expected_counts()
+    assert expected.sum() == pytest.approx(s.num_samples)
+    assert np.allclose(expected, s.q * s.num_samples / s.q.sum())
+    per_item = counts / epochs
+    for g in _groups():
+        mean = float(per_item[g].mean())
+        # per item and epoch the count is a sum of ~N / sum(q) Bernoulli(q) draws
+        q = float(s.q[g].mean())
+        rounds = s.num_samples / s.q.sum()
+        se = math.sqrt(rounds * q * (1 - q) / (epochs * PER_LEVEL))
+        assert abs(mean - float(expected[g].mean())) <= SIGMAS * se + 0.01, (q, mean)
+    # Recurrence is proportional to q: count / q is the same for every positive level.
+    positive = [g for g in _groups() if s.q[g].mean() > 0]
+    ratios = [per_item[g].mean() / s.q[g].mean() for g in positive]
+    assert max(ratios) / min(ratios) < 1.05
+    assert per_item[_groups()[0]].sum() == 0
+
+
+def test_dynamic_epoch_lengths_and_limits() -> None:
     n = len(_gains())
-    s = GainSampler(_gains(), g_scale=1.0, seed=6, num_samples=int(0.8 * n))
-    k, length = s.by_gain, s.num_samples
-    assert k == s.budget < length
-    hits, expected = _epoch_hits(s, range(30))
-    assert np.allclose(expected, s.pi + (1 - s.pi) * (length - k) / (n - k))
-    _assert_frequency(hits, expected, 30, "dynamic with refill")
-    assert hits[_groups()[0]].sum() > 0  # zero-gain items only come in through the refill
-    shorter = GainSampler(_gains(), g_scale=1.0, seed=6, num_samples=1000)
-    assert len(shorter) == 1000 and shorter.refill_probability == 0.0
+    short = GainSampler(_gains(), g_scale=1.0, seed=6, num_samples=1000)
+    assert len(short) == 1000 and len(short.epoch_rounds()) == 1  # one truncated round
+    assert len(set(short.epoch_indices().tolist())) == 1000
+    long = GainSampler(_gains(), g_scale=1.0, seed=6, num_samples=3 * n)
+    assert len(long) == 3 * n and max(Counter(long.epoch_indices().tolist()).values()) >= 4
+    assert list(GainSampler(_gains(), num_samples=0)) == []
     with pytest.raises(ValueError):
-        GainSampler(_gains(), num_samples=n + 1)
+        GainSampler(_gains(), num_samples=-1)
+    with pytest.raises(ValueError, match="positive weight"):
+        GainSampler(np.zeros(10), g_scale=1.0)
+    with pytest.raises(ValueError, match="rounds"):
+        GainSampler(np.full(10, 1e-6), g_scale=1.0)
+    # All weights 1 (uniform): one round holds every index, so an epoch is a permutation.
+    uniform = GainSampler(np.ones(500), g_scale=1.0, seed=2)
+    assert sorted(uniform.epoch_indices().tolist()) == list(range(500))
 
 
 # -- two-phase ----------------------------------------------------------------------------
@@ -240,10 +342,11 @@ def test_epochs_are_reproducible(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 @pytest.mark.parametrize("replicas", [1, 2, 3, 7])
 def test_distributed_shards_are_disjoint_and_cover(name: str, replicas: int) -> None:
+    """Shards split the epoch's positions: as multisets (a GainSampler index may recur)."""
     for epoch in (0, 1):
         full = SAMPLERS[name](9)
         full.set_epoch(epoch)
-        epoch_set = list(full)
+        epoch_list = list(full)
         shards = {}
         for mode in ("uneven", "pad", "drop"):
             per_rank = []
@@ -256,15 +359,17 @@ def test_distributed_shards_are_disjoint_and_cover(name: str, replicas: int) -> 
                 assert len(d) == len(per_rank[-1])
             shards[mode] = per_rank
         flat = [i for s in shards["uneven"] for i in s]
-        assert len(flat) == len(set(flat)) and sorted(flat) == sorted(epoch_set)
+        assert Counter(flat) == Counter(epoch_list)
         assert max(map(len, shards["uneven"])) - min(map(len, shards["uneven"])) <= 1
         pad = shards["pad"]
         assert len({len(s) for s in pad}) == 1
-        assert len(pad[0]) == math.ceil(len(epoch_set) / replicas)
-        assert set().union(*map(set, pad)) == set(epoch_set)
+        assert len(pad[0]) == math.ceil(len(epoch_list) / replicas)
+        padded = Counter(i for s in pad for i in s)
+        assert padded >= Counter(epoch_list) and set(padded) == set(epoch_list)
         drop = [i for s in shards["drop"] for i in s]
         assert len({len(s) for s in shards["drop"]}) == 1
-        assert len(drop) == len(set(drop)) == len(epoch_set) // replicas * replicas
+        cut = len(epoch_list) // replicas * replicas
+        assert Counter(drop) == Counter(epoch_list[:cut])
 
 
 def test_reader_share_round_robin_or_hash() -> None:
@@ -282,14 +387,14 @@ def test_reader_share_round_robin_or_hash() -> None:
 # -- CuratedSet ---------------------------------------------------------------------------
 
 
-def _record(i: int, decision: str, gain: float) -> dict[str, object]:
+def _record(i: int, decision: str, gain: float, policy: str = "all") -> dict[str, object]:
     return {
         "v": 1,
         "id": f"r{i}",
         "decision": decision,
         "reason": None if decision == "accepted" else "neighbour_relabel",
         "gain": gain,
-        "thresholds": {"policy": "sample", "k": 4, "g_scale": 0.5},
+        "thresholds": {"policy": policy, "k": 4, "g_scale": 0.5},
         "text": f"text {i}",
         "label": f"c{i % 3}",
         "original_label": None if decision == "accepted" else "c9",
@@ -305,7 +410,9 @@ def test_curated_set_from_curate_outputs_and_dataloader(tmp_path: Path) -> None:
     data = CuratedSet.from_export(tmp_path)
     assert [s.decision for s in data.samples[:2]] == ["accepted", "accepted"]
     assert {s.decision for s in data.samples} == {"accepted", "relabeled"}
-    assert len(data) == 27 and data.g_scale == 0.5
+    assert len(data) == 27 and not data.stream_sampled
+    assert data.g_scale == pytest.approx(np.percentile(data.gains, 99))  # not the recorded 0.5
+    assert data.recorded_g_scale == 0.5
     assert data.samples[0].image == b"img0"
     assert data.normalised_gains.max() == 1.0
     tensors = data.with_transform(lambda s: (torch.tensor([s.gain]), int(s.label[1:])))
@@ -316,6 +423,76 @@ def test_curated_set_from_curate_outputs_and_dataloader(tmp_path: Path) -> None:
         assert x.shape[1] == 1 and y.dtype == torch.int64
         seen.append(len(y))
     assert sum(seen) == len(sampler)
+
+
+# -- one sampling step, never two -----------------------------------------------------------
+
+
+def test_stream_sampled_online_is_not_sampled_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Records the stream kept by its gain coin (policy ``sample``) already had their one
+    sampling step: by default every sampler leaves them at q = 1 (sampling again would keep
+    them with about q²) and says so in the log."""
+    with OutputWriter(tmp_path) as w:
+        for i in range(300):
+            w.write(_record(i, "accepted", gain=(i % 10) / 10, policy="sample"))
+    data = CuratedSet.from_export(tmp_path)
+    assert data.stream_sampled and data.sampled_online.all()
+    assert np.all(data.normalised_gains == 1.0)
+    n = len(data)
+    with caplog.at_level(logging.WARNING, logger="infogrowth.sampling.samplers"):
+        static = StaticGainSampler(data)
+        dynamic = GainSampler(data)
+        two = TwoPhaseGainSampler(data)
+    warnings = [r for r in caplog.records if "sampled online" in r.getMessage()]
+    assert len(warnings) == 3 and all("q = 1" in r.getMessage() for r in warnings)
+    assert static.unweighted.all() and len(static.kept) == n  # keeps everything
+    for e in range(3):
+        dynamic.set_epoch(e)
+        assert sorted(dynamic) == list(range(n))  # one round of everything: a plain shuffle
+        assert sorted(two.epoch_indices(e).tolist()) == list(range(n))  # both phases
+    # An explicit g_scale is the user asking for a second weighting: it wins, without a warning.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="infogrowth.sampling.samplers"):
+        weighted = StaticGainSampler(data, g_scale=0.9, seed=1)
+        also = GainSampler(CuratedSet(data.samples, g_scale=0.9))
+    assert not caplog.records
+    assert np.allclose(weighted.q, np.clip(data.gains / 0.9, 0, 1)) and len(weighted.kept) < n
+    assert not also.unweighted.any() and also.g_scale == 0.9
+    assert not np.all(np.bincount(also.epoch_indices(), minlength=n) == 1)
+
+
+def test_mixed_sets_weight_only_what_the_stream_did_not_sample() -> None:
+    """A set that switched policy mid-stream: samples kept by ``all`` are weighted with the
+    percentile of *their* gains, samples kept by ``sample`` stay at q = 1."""
+    gains = _spread_with_outlier(400)
+    samples = [
+        _sample(i, float(g), policy="sample" if i % 4 == 0 else "all") for i, g in enumerate(gains)
+    ]
+    data = CuratedSet(samples)
+    online = np.arange(len(gains)) % 4 == 0
+    assert np.array_equal(data.sampled_online, online) and data.stream_sampled
+    assert data.g_scale == pytest.approx(np.percentile(gains[~online], 99))
+    q = GainSampler(data).q
+    assert np.all(q[online] == 1.0)
+    assert np.allclose(q[~online], np.clip(gains[~online] / data.g_scale, 0, 1))
+    low = TwoPhaseGainSampler(data).inclusion_probabilities(1)
+    assert np.all(low[online] == 1.0) and np.all(low[~online] < 1.0)
+
+
+def test_default_path_all_then_one_sampling_step_at_training() -> None:
+    """The documented default: the stream keeps everything (``all``); the trainer samples once,
+    with the authors' normalisation, so an item's epoch share follows its gain."""
+    gains = _spread_with_outlier(2000)
+    data = CuratedSet([_sample(i, float(g), policy="all") for i, g in enumerate(gains)])
+    sampler = GainSampler(data, seed=3)
+    assert not data.stream_sampled and not sampler.unweighted.any()
+    assert sampler.g_scale == pytest.approx(np.percentile(gains, 99))
+    counts = np.bincount(sampler.epoch_indices(), minlength=len(data))
+    assert counts.sum() == len(data)
+    low, high = counts[:500].mean(), counts[-500:-1].mean()
+    assert high > 2 * low  # high-gain items recur more; the outlier does not crowd them out
 
 
 def test_import_needs_neither_kafka_nor_a_gpu() -> None:

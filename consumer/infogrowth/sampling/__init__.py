@@ -3,8 +3,11 @@
 * :class:`CuratedStream`: the ``accepted`` + ``relabeled`` topics as a torch ``IterableDataset``
   (read_committed, finite repeatable epochs, split across DataLoader workers and ranks).
 * :class:`CuratedSet`: a materialised set (from the stream or an ``infogrowth export``) with gains.
-* :class:`StaticGainSampler`, :class:`GainSampler`, :class:`TwoPhaseGainSampler`: seeded
-  gain-weighted samplers over a set; :class:`DistributedGainSampler` shards them across ranks.
+* :class:`StaticGainSampler`, :class:`GainSampler`, :class:`TwoPhaseGainSampler`: the authors'
+  seeded gain-weighted samplers over a set, with ``q = clip(g / g_scale, 0, 1)`` and
+  ``g_scale`` the set's own 99th gain percentile unless given (:func:`gain_weights`); samples
+  the stream already sampled online keep ``q = 1`` (one sampling step, never two).
+  :class:`DistributedGainSampler` shards them across ranks.
 
 Importing this package needs neither Kafka nor a GPU: torch-based classes load on first use and
 ``confluent_kafka`` only when a stream is read.
@@ -17,7 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 from infogrowth.sampling.records import (
     CuratedSample,
+    GainWeights,
+    gain_weights,
     normalise_gains,
+    percentile_g_scale,
     read_curated_records,
     resolve_g_scale,
 )
@@ -40,9 +46,12 @@ __all__ = [
     "DistributedGainSampler",
     "GainSampler",
     "GainSamplerBase",
+    "GainWeights",
     "StaticGainSampler",
     "TwoPhaseGainSampler",
+    "gain_weights",
     "normalise_gains",
+    "percentile_g_scale",
     "read_curated_records",
     "resolve_g_scale",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
@@ -12,12 +13,15 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from infogrowth.sampling.records import (
+    DEFAULT_G_PERCENTILE,
     EXPORT_INFO,
     CuratedSample,
+    GainWeights,
+    check_percentile,
     gain_array,
-    normalise_gains,
+    gain_weights,
     read_curated_records,
-    resolve_g_scale,
+    recorded_g_scale,
 )
 
 if TYPE_CHECKING:
@@ -31,9 +35,12 @@ class CuratedSet(Dataset[T]):
     """Curated samples in a fixed order, with their gains; a map-style torch ``Dataset``.
 
     ``set[i]`` is ``transform(samples[i])`` (the sample itself without a transform); the
-    samplers in :mod:`infogrowth.sampling` draw indices into it. ``g_scale`` maps gains to
-    ``[0, 1]`` (``clip(g / g_scale, 0, 1)``): given, else the curator's recorded
-    ``thresholds.g_scale``, else the largest gain (see :func:`resolve_g_scale`).
+    samplers in :mod:`infogrowth.sampling` draw indices into it. The samplers weight item ``i``
+    by ``q_i = clip(g_i / g_scale, 0, 1)`` (:meth:`weights`): ``g_scale`` given, else the
+    ``g_percentile``-th (default 99th) percentile of the set's own gains, as the authors
+    normalise. Samples the stream already sampled online (``thresholds.policy == "sample"``,
+    see :attr:`stream_sampled`) keep ``q = 1`` unless ``g_scale`` is given: one sampling step,
+    never two. The stream's own recorded scale is :attr:`recorded_g_scale` (information only).
     """
 
     @overload
@@ -42,6 +49,7 @@ class CuratedSet(Dataset[T]):
         samples: Iterable[CuratedSample],
         *,
         g_scale: float | None = ...,
+        g_percentile: float = ...,
         transform: None = ...,
     ) -> None: ...
 
@@ -51,6 +59,7 @@ class CuratedSet(Dataset[T]):
         samples: Iterable[CuratedSample],
         *,
         g_scale: float | None = ...,
+        g_percentile: float = ...,
         transform: Callable[[CuratedSample], T],
     ) -> None: ...
 
@@ -59,19 +68,52 @@ class CuratedSet(Dataset[T]):
         samples: Iterable[CuratedSample],
         *,
         g_scale: float | None = None,
+        g_percentile: float = DEFAULT_G_PERCENTILE,
         transform: Callable[[CuratedSample], T] | None = None,
     ) -> None:
         self.samples: list[CuratedSample] = list(samples)
         self.gains: np.ndarray = gain_array(s.gain for s in self.samples)
-        self.g_scale: float = resolve_g_scale(
-            g_scale, (s.g_scale for s in self.samples), self.gains
+        self.sampled_online: np.ndarray = np.array(
+            [s.sampled_online for s in self.samples], dtype=bool
         )
+        """Per sample: the stream already kept it by a gain coin (policy ``sample``)."""
+        self.g_percentile = check_percentile(g_percentile)
+        self.g_scale_given = g_scale
+        """The ``g_scale`` given by the user (it wins over every default), or None."""
+        w = self.weights()
+        self.g_scale: float = w.g_scale
+        """The scale the samplers use by default: given, else the set's own percentile."""
         self.transform = transform
+
+    def weights(
+        self, g_scale: float | None = None, g_percentile: float | None = None
+    ) -> GainWeights:
+        """The samplers' weights: :func:`gain_weights` over this set's gains and online-sampled
+        mask; ``g_scale`` / ``g_percentile`` override the set's own."""
+        return gain_weights(
+            self.gains,
+            g_scale=g_scale if g_scale is not None else self.g_scale_given,
+            percentile=self.g_percentile if g_percentile is None else g_percentile,
+            sampled_online=self.sampled_online,
+        )
 
     @property
     def normalised_gains(self) -> np.ndarray:
-        """``clip(gain / g_scale, 0, 1)`` per sample (a missing gain counts as 1)."""
-        return normalise_gains(self.gains, self.g_scale)
+        """The default sampling weight ``q`` per sample (:meth:`weights`; a missing gain counts
+        as 1, a sample the stream already sampled online as 1 unless ``g_scale`` was given)."""
+        return self.weights().q
+
+    @property
+    def stream_sampled(self) -> bool:
+        """True when any sample was already sampled online by the stream (policy ``sample``,
+        e.g. with ``select.keep_fraction``): the samplers then leave those samples at ``q = 1``
+        by default instead of sampling them twice."""
+        return bool(self.sampled_online.any())
+
+    @property
+    def recorded_g_scale(self) -> float | None:
+        """The stream's recorded ``thresholds.g_scale`` (most frequent), for information."""
+        return recorded_g_scale(s.g_scale for s in self.samples)
 
     @property
     def ids(self) -> list[str]:
@@ -79,8 +121,7 @@ class CuratedSet(Dataset[T]):
 
     def with_transform(self, transform: Callable[[CuratedSample], U]) -> CuratedSet[U]:
         """The same samples and gains, mapped by ``transform`` on access."""
-        out: CuratedSet[U] = CuratedSet.__new__(CuratedSet)
-        out.samples, out.gains, out.g_scale = self.samples, self.gains, self.g_scale
+        out = cast("CuratedSet[U]", copy.copy(self))
         out.transform = transform
         return out
 
@@ -97,7 +138,11 @@ class CuratedSet(Dataset[T]):
 
     @classmethod
     def from_stream(
-        cls, stream: CuratedStream[Any], *, g_scale: float | None = None
+        cls,
+        stream: CuratedStream[Any],
+        *,
+        g_scale: float | None = None,
+        g_percentile: float = DEFAULT_G_PERCENTILE,
     ) -> CuratedSet[CuratedSample]:
         """Read one epoch of ``stream`` in this process (all partitions, every rank reads the
         whole set; shard with :class:`DistributedGainSampler`), ordered by
@@ -109,11 +154,16 @@ class CuratedSet(Dataset[T]):
                 (order[s.position[0]], s.position[1], s.position[2]) if s.position else (0, 0, 0)
             ),
         )
-        return CuratedSet(samples, g_scale=g_scale)
+        return CuratedSet(samples, g_scale=g_scale, g_percentile=g_percentile)
 
     @classmethod
     def from_export(
-        cls, path: Path | str, *, g_scale: float | None = None, images: bool = True
+        cls,
+        path: Path | str,
+        *,
+        g_scale: float | None = None,
+        g_percentile: float = DEFAULT_G_PERCENTILE,
+        images: bool = True,
     ) -> CuratedSet[CuratedSample]:
         """Load an ``infogrowth export`` directory (either format), a ``curate`` output
         directory (accepted then relabeled) or one JSONL file of output records.
@@ -130,7 +180,11 @@ class CuratedSet(Dataset[T]):
                 img = shard_images.get((str(loc.get("shard")), str(loc.get("key"))))
                 if img is not None:
                     rec["image"] = img
-        return CuratedSet((CuratedSample.from_record(r) for r in records), g_scale=g_scale)
+        return CuratedSet(
+            (CuratedSample.from_record(r) for r in records),
+            g_scale=g_scale,
+            g_percentile=g_percentile,
+        )
 
 
 def _export_info(p: Path) -> dict[str, Any] | None:

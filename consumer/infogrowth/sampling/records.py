@@ -26,8 +26,11 @@ class CuratedSample:
     """One curated sample: the payload a model trains on plus the curator's scores.
 
     ``gain`` is the InfoGrowth gain (mean cosine distance to the nearest accepted items, in
-    ``[0, 2]``); ``g_scale`` is the sampling scale the curator recorded with it (its
-    ``thresholds.g_scale``; ``None`` without a calibration). For relabeled samples ``text`` /
+    ``[0, 2]``); ``g_scale`` is the scale the curator recorded with it (its
+    ``thresholds.g_scale``; ``None`` without one) and ``policy`` its ``thresholds.policy``:
+    ``"sample"`` means the stream already kept this sample by a gain coin
+    (:attr:`sampled_online`), so a trainer must not sample it by gain again. For relabeled
+    samples ``text`` /
     ``label`` are the repaired values and ``original_text`` / ``original_label`` the input's.
     ``position`` is ``(topic, partition, offset)`` of the output record when it came from Kafka.
     """
@@ -47,14 +50,23 @@ class CuratedSample:
     g_scale: float | None = None
     source: dict[str, str | int] | None = None
     position: tuple[str, int, int] | None = None
+    policy: str | None = None
 
     @property
     def relabeled(self) -> bool:
         """True when the curator repaired the text or label."""
         return self.decision == "relabeled"
 
+    @property
+    def sampled_online(self) -> bool:
+        """True when the stream kept this sample by its gain coin (``thresholds.policy ==
+        "sample"``): it has had its one sampling step."""
+        return self.policy == "sample"
+
     def normalised_gain(self, g_scale: float | None = None) -> float:
-        """``clip(gain / g_scale, 0, 1)`` with ``g_scale`` given or recorded (1 when missing)."""
+        """``clip(gain / g_scale, 0, 1)`` with ``g_scale`` given, else the stream's recorded
+        scale, else 1. This is the stream's view of one sample; the trainer-side default
+        (the set's own percentile) is :meth:`CuratedSet.weights`."""
         scale = g_scale if g_scale is not None else self.g_scale
         return float(normalise_gains(np.array([_float(self.gain)]), scale or 1.0)[0])
 
@@ -69,7 +81,9 @@ class CuratedSample:
         elif isinstance(image, bytearray | memoryview):
             image = bytes(image)
         thresholds = rec.get("thresholds") or {}
-        g_scale = thresholds.get("g_scale") if isinstance(thresholds, Mapping) else None
+        if not isinstance(thresholds, Mapping):
+            thresholds = {}
+        policy = thresholds.get("policy")
         return cls(
             id=str(rec["id"]),
             decision=str(rec["decision"]),
@@ -83,9 +97,10 @@ class CuratedSample:
             original_label=rec.get("original_label"),
             image=image,
             meta=rec.get("meta"),
-            g_scale=g_scale,
+            g_scale=thresholds.get("g_scale"),
             source=rec.get("source"),
             position=position,
+            policy=None if policy is None else str(policy),
         )
 
 
@@ -112,33 +127,104 @@ def normalise_gains(gains: np.ndarray, g_scale: float) -> np.ndarray:
 
 
 def recorded_g_scale(recorded: Iterable[float | None]) -> float | None:
-    """The ``thresholds.g_scale`` recorded most often (ties: the larger), None if none was."""
+    """The ``thresholds.g_scale`` recorded most often (ties: the larger), None if none was.
+
+    This is the *stream's* scale (what its ``sample`` policy used), reported by ``infogrowth
+    export``; trainer-side sampling does not use it (see :func:`gain_weights`).
+    """
     counts = Counter(float(g) for g in recorded if g is not None and g > 0)
     if not counts:
         return None
     return max(counts.items(), key=lambda kv: (kv[1], kv[0]))[0]
 
 
-def resolve_g_scale(
-    explicit: float | None, recorded: Iterable[float | None], gains: np.ndarray
-) -> float:
-    """The scale that maps gains to ``[0, 1]``.
+DEFAULT_G_PERCENTILE = 99.0
+"""The authors' normalisation: gains are divided by the curated set's own 99th percentile."""
 
-    Order: ``explicit``; else the value the curator recorded most often (``thresholds.g_scale``,
-    one per calibration); else the largest gain in the set (so the most novel sample gets 1);
-    else 1.
+
+def check_percentile(percentile: float) -> float:
+    if not 0.0 < percentile <= 100.0:
+        raise ValueError(f"g_percentile must be in (0, 100], got {percentile}")
+    return float(percentile)
+
+
+def percentile_g_scale(gains: np.ndarray, percentile: float = DEFAULT_G_PERCENTILE) -> float:
+    """The ``percentile``-th percentile of the finite gains (numpy's linear interpolation, as
+    the authors' ``np.quantile(gains, 0.99)``).
+
+    A percentile rather than the maximum: one isolated item (gain 1.0) would otherwise shrink
+    every other item's probability. Degenerate sets fall back: when the percentile is not
+    positive (almost every gain is 0), the largest gain; when no gain is positive, 1.
     """
+    check_percentile(percentile)
+    finite = np.asarray(gains, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    if finite.size == 0:
+        return 1.0
+    value = float(np.percentile(finite, percentile))
+    if value > 0:
+        return value
+    top = float(finite.max())
+    return top if top > 0 else 1.0
+
+
+def resolve_g_scale(
+    explicit: float | None, gains: np.ndarray, percentile: float = DEFAULT_G_PERCENTILE
+) -> float:
+    """The scale that maps gains to ``[0, 1]``: ``explicit`` when given (it always wins), else
+    the ``percentile``-th percentile of ``gains`` themselves (:func:`percentile_g_scale`)."""
     if explicit is not None:
         if not explicit > 0:
             raise ValueError(f"g_scale must be positive, got {explicit}")
         return float(explicit)
-    found = recorded_g_scale(recorded)
-    if found is not None:
-        return found
-    finite = gains[np.isfinite(gains)]
-    if finite.size and float(finite.max()) > 0:
-        return float(finite.max())
-    return 1.0
+    return percentile_g_scale(gains, percentile)
+
+
+@dataclass(frozen=True, slots=True)
+class GainWeights:
+    """Per-item sampling weights ``q`` in ``[0, 1]`` and how they were made."""
+
+    q: np.ndarray
+    """``clip(g / g_scale, 0, 1)``, or 1 where :attr:`unweighted`."""
+    g_scale: float
+    """The scale applied to the gain-weighted items."""
+    unweighted: np.ndarray
+    """Boolean mask: items the stream already sampled online, held at ``q = 1`` so that they
+    are not sampled by gain a second time (never set when ``g_scale`` was given)."""
+    explicit: bool
+    """True when ``g_scale`` was given by the user."""
+
+
+def gain_weights(
+    gains: np.ndarray,
+    *,
+    g_scale: float | None = None,
+    percentile: float = DEFAULT_G_PERCENTILE,
+    sampled_online: np.ndarray | None = None,
+) -> GainWeights:
+    """The trainer-side normalisation: one sampling step, never two.
+
+    With ``g_scale`` given: ``q = clip(g / g_scale, 0, 1)`` for every item. Otherwise items the
+    stream already sampled online (``sampled_online``, from ``thresholds.policy == "sample"``)
+    get ``q = 1`` (sampling them by gain again would keep them with about ``q²``), and the rest
+    get ``q = clip(g / s, 0, 1)`` with ``s`` the ``percentile``-th percentile of *their* gains
+    (the authors' rule: the curated set's own 99th percentile). A missing gain counts as 1.
+    """
+    g = np.asarray(gains, dtype=np.float64).reshape(-1)
+    online = (
+        np.zeros(len(g), dtype=bool)
+        if sampled_online is None
+        else np.asarray(sampled_online, dtype=bool).reshape(-1)
+    )
+    if len(online) != len(g):
+        raise ValueError(f"sampled_online has {len(online)} entries for {len(g)} gains")
+    if g_scale is not None:
+        scale = resolve_g_scale(g_scale, g)
+        return GainWeights(normalise_gains(g, scale), scale, np.zeros(len(g), dtype=bool), True)
+    scale = percentile_g_scale(g[~online], percentile)
+    q = normalise_gains(g, scale)
+    q[online] = 1.0
+    return GainWeights(q, scale, online, False)
 
 
 def read_jsonl_records(path: Path) -> Iterator[dict[str, Any]]:

@@ -1,16 +1,23 @@
 """Gain-weighted samplers over a materialised curated set (InfoGrowth's training-side sampling).
 
-Gains are cosine distances in ``[0, 2]``; every sampler first normalises them to
-``q = clip(g / g_scale, 0, 1)`` (``g_scale`` given, else the set's, else the largest gain) and
-draws with probabilities built from ``q``. Draws come from ``numpy`` generators seeded by
-``(seed, purpose, epoch)``: the same seed and epoch give the same indices in every process and on
-every rank, and no global RNG is touched. Call ``set_epoch(epoch)`` before each epoch, as with
-torch's ``DistributedSampler``. ``inclusion_probabilities(epoch)`` returns the exact probability
-that each index is in that epoch (useful for ``1 / p`` importance weights).
+Gains are cosine distances in ``[0, 2]``; every sampler first turns them into weights
+``q = clip(g / g_scale, 0, 1)`` with the authors' normalisation: ``g_scale`` given, else the
+99th percentile (``g_percentile``) of the set's own gains (never the maximum: one isolated item
+would shrink everyone's ``q``). Samples the stream already sampled online (policy ``sample``)
+keep ``q = 1`` unless ``g_scale`` is given, so no sample is sampled by gain twice
+(:func:`~infogrowth.sampling.records.gain_weights`).
+
+Draws come from ``numpy`` generators seeded by ``(seed, purpose, epoch)``: the same seed and
+epoch give the same indices in every process and on every rank, and no global RNG is touched.
+Call ``set_epoch(epoch)`` before each epoch, as with torch's ``DistributedSampler``.
+``expected_counts(epoch)`` is how often each index is expected in that epoch; the samplers that
+take an index at most once per epoch also give the exact ``inclusion_probabilities(epoch)``
+(useful for ``1 / p`` importance weights).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from abc import ABC, abstractmethod
@@ -20,17 +27,32 @@ from typing import Literal, Protocol, runtime_checkable
 import numpy as np
 from torch.utils.data import Sampler
 
-from infogrowth.sampling.records import gain_array, normalise_gains, resolve_g_scale
+from infogrowth.sampling.records import (
+    DEFAULT_G_PERCENTILE,
+    GainWeights,
+    gain_array,
+    gain_weights,
+)
+
+log = logging.getLogger(__name__)
 
 _STATIC, _ORDER, _DYNAMIC, _TWO_PHASE = 1, 2, 3, 4
+
+MAX_ROUNDS = 10_000
+"""A :class:`GainSampler` epoch that would need more Bernoulli rounds than this (on average)
+is refused: its weights are almost all zero."""
+_COINS_PER_BATCH = 1 << 22
 
 
 @runtime_checkable
 class HasGains(Protocol):
-    """A set with per-item gains and a scale (:class:`CuratedSet`)."""
+    """A set with per-item gains that knows its sampling weights (:class:`CuratedSet`)."""
 
     gains: np.ndarray
-    g_scale: float
+
+    def weights(
+        self, g_scale: float | None = None, g_percentile: float | None = None
+    ) -> GainWeights: ...
 
     def __len__(self) -> int: ...
 
@@ -52,29 +74,57 @@ def _rng(seed: int, *tags: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, *tags]))
 
 
-def _gains_of(data: GainsLike) -> tuple[np.ndarray, float | None]:
+def _weights_of(
+    data: GainsLike, g_scale: float | None, g_percentile: float | None
+) -> tuple[np.ndarray, GainWeights]:
     if isinstance(data, HasGains):
-        return np.asarray(data.gains, dtype=np.float64), float(data.g_scale)
+        return np.asarray(data.gains, dtype=np.float64), data.weights(g_scale, g_percentile)
     if isinstance(data, np.ndarray):
-        return np.asarray(data, dtype=np.float64).reshape(-1), None
-    return gain_array(data), None
+        gains = np.asarray(data, dtype=np.float64).reshape(-1)
+    else:
+        gains = gain_array(data)
+    percentile = DEFAULT_G_PERCENTILE if g_percentile is None else g_percentile
+    return gains, gain_weights(gains, g_scale=g_scale, percentile=percentile)
 
 
 class GainSamplerBase(Sampler[int], ABC):
-    """Shared machinery: normalised gains, seeded per-epoch draws, epoch caching."""
+    """Shared machinery: normalised gains, seeded per-epoch draws, epoch caching.
 
-    def __init__(self, data: GainsLike, *, g_scale: float | None = None, seed: int = 0) -> None:
+    ``g_scale`` (wins over every default) and ``g_percentile`` (default: the set's, else 99)
+    choose the normalisation; see the module docstring.
+    """
+
+    def __init__(
+        self,
+        data: GainsLike,
+        *,
+        g_scale: float | None = None,
+        g_percentile: float | None = None,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
-        gains, recorded = _gains_of(data)
+        gains, weights = _weights_of(data, g_scale, g_percentile)
         self.gains = gains
-        self.g_scale = resolve_g_scale(g_scale, [recorded], gains)
-        self.q = normalise_gains(gains, self.g_scale)
-        """Normalised gains ``clip(g / g_scale, 0, 1)``."""
+        self.g_scale = weights.g_scale
+        """The scale applied to the gain-weighted items."""
+        self.q = weights.q
+        """Per-index weight ``clip(g / g_scale, 0, 1)`` (1 for items sampled online)."""
+        self.unweighted = weights.unweighted
+        """Items held at ``q = 1`` because the stream already sampled them online."""
         self.seed = seed
         self.epoch = 0
         self._cache: tuple[int, np.ndarray] | None = None
+        if self.unweighted.any():
+            log.warning(
+                "%d of %d curated samples were already sampled online by the stream "
+                "(thresholds.policy=sample): %s leaves them at q = 1 instead of sampling them "
+                "by gain a second time; pass g_scale to weight them by gain anyway",
+                int(self.unweighted.sum()),
+                len(self.q),
+                type(self).__name__,
+            )
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch the next iteration draws (its draw is a function of seed and epoch)."""
@@ -90,8 +140,9 @@ class GainSamplerBase(Sampler[int], ABC):
         return self._cache[1]
 
     @abstractmethod
-    def inclusion_probabilities(self, epoch: int | None = None) -> np.ndarray:
-        """Probability that each index appears in ``epoch``, by this sampler's definition."""
+    def expected_counts(self, epoch: int | None = None) -> np.ndarray:
+        """How often each index is expected to appear in ``epoch``, by this sampler's
+        definition."""
 
     @abstractmethod
     def _draw(self, epoch: int) -> np.ndarray: ...
@@ -104,25 +155,30 @@ class GainSamplerBase(Sampler[int], ABC):
 
 
 class StaticGainSampler(GainSamplerBase):
-    """The authors' static selection: index ``i`` is kept with ``p = q_i = clip(g / g_scale, 0,
-    1)``, once (the kept set depends on ``seed`` only); every epoch iterates the same kept set,
-    reshuffled per epoch when ``shuffle``."""
+    """The authors' static selection: index ``i`` is kept with ``p = q_i``, once (the kept set
+    depends on ``seed`` only); every epoch iterates the same kept set, reshuffled per epoch when
+    ``shuffle``. Each index appears at most once per epoch."""
 
     def __init__(
         self,
         data: GainsLike,
         *,
         g_scale: float | None = None,
+        g_percentile: float | None = None,
         seed: int = 0,
         shuffle: bool = True,
     ) -> None:
-        super().__init__(data, g_scale=g_scale, seed=seed)
+        super().__init__(data, g_scale=g_scale, g_percentile=g_percentile, seed=seed)
         self.shuffle = shuffle
         self.kept = np.flatnonzero(_rng(seed, _STATIC).random(len(self.q)) < self.q)
         """The selected indices, ascending."""
 
     def inclusion_probabilities(self, epoch: int | None = None) -> np.ndarray:
+        """Exact: ``P(i in every epoch) = q_i`` (over seeds)."""
         return self.q.copy()
+
+    def expected_counts(self, epoch: int | None = None) -> np.ndarray:
+        return self.inclusion_probabilities(epoch)
 
     def _draw(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
@@ -130,58 +186,22 @@ class StaticGainSampler(GainSamplerBase):
         return _rng(self.seed, _ORDER, epoch).permutation(self.kept)
 
 
-def pps_probabilities(q: np.ndarray, k: int) -> np.ndarray:
-    """Inclusion probabilities ``pi_i = min(1, c * q_i)`` with ``sum(pi) = k``: sampling ``k``
-    items without replacement proportionally to ``q`` (items that would exceed 1 are taken
-    surely and ``c`` grows for the rest). Needs ``k <=`` the number of positive ``q``."""
-    n = len(q)
-    pi = np.zeros(n, dtype=np.float64)
-    if k <= 0:
-        return pi
-    positive = int(np.count_nonzero(q > 0))
-    if k > positive:
-        raise ValueError(f"cannot draw {k} items by gain: only {positive} have a positive gain")
-    order = np.argsort(-q, kind="stable")
-    qs = q[order]
-    suffix = np.cumsum(qs[::-1])[::-1]
-    for capped in range(k + 1):
-        rest = float(suffix[capped]) if capped < n else 0.0
-        if capped == k or rest <= 0:
-            c = 0.0
-        else:
-            c = (k - capped) / rest
-            if c * qs[capped] > 1.0:
-                continue
-        pi[order[:capped]] = 1.0
-        pi[order[capped:]] = np.minimum(1.0, c * qs[capped:])
-        return pi
-    raise AssertionError("unreachable: capping all k items always satisfies the constraint")
-
-
-def systematic_sample(pi: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """Draw ``k`` indices whose inclusion probabilities are exactly ``pi`` (each in ``[0, 1]``,
-    summing to ``k``): systematic sampling in a random order. Returns sorted indices."""
-    n = len(pi)
-    if k == 0 or n == 0:
-        return np.zeros(0, dtype=np.int64)
-    perm = rng.permutation(n)
-    cum = np.cumsum(pi[perm])
-    cum *= k / cum[-1]  # remove float drift so the k points fall inside [0, k)
-    points = rng.random() + np.arange(k)
-    pos = np.minimum(np.searchsorted(cum, points, side="right"), n - 1)
-    return np.unique(perm[pos])
-
-
 class GainSampler(GainSamplerBase):
-    """The authors' dynamic scheme, redrawn every epoch with a fixed epoch length ``L``.
+    """The authors' dynamic sampling: every epoch holds exactly ``N = num_samples`` indices
+    (default: the set's size), gathered by repeated Bernoulli rounds.
 
-    Our reading of "draw by gain, refill to the epoch length": each epoch draws
-    ``k = min(B, L)`` indices without replacement with inclusion probability proportional to the
-    normalised gain (``pi_i = min(1, c * q_i)``, ``sum(pi) = k``; exact, by systematic sampling
-    in a random order), where ``B`` (``sum(q)`` rounded) is the static selection's expected
-    size; then refills ``L - k`` indices uniformly from the rest. So
-    ``P(i in epoch) = pi_i + (1 - pi_i) * (L - k) / (n - k)``. ``num_samples`` is ``L``
-    (default ``B``: the static budget, redrawn every epoch, no refill).
+    A round keeps each index ``i`` independently with probability ``q_i`` and shuffles what it
+    kept; rounds are appended until the epoch holds ``N`` indices, and the last round that
+    overshoots contributes only its first ``N - filled`` (shuffled, so a uniform subset of its
+    hits). An index therefore appears at most once per round but may recur across rounds, about
+    ``N * q_i / sum(q)`` times per epoch: items recur in proportion to ``q``. Everything is a
+    function of ``(seed, epoch)``; :meth:`epoch_rounds` shows the rounds.
+
+    ``expected_counts`` returns that rate ``N * q_i / sum(q)``. It is exact for the full rounds
+    (each contributes ``q_i``, Wald's identity); the truncated last round moves the exact
+    expectation of an index by at most about one round's share (``q_i``) and, because it keeps
+    a uniform subset, by far less on large sets. Needs a positive weight somewhere; an epoch
+    that would take more than :data:`MAX_ROUNDS` rounds on average raises ``ValueError``.
     """
 
     def __init__(
@@ -190,39 +210,71 @@ class GainSampler(GainSamplerBase):
         *,
         num_samples: int | None = None,
         g_scale: float | None = None,
+        g_percentile: float | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__(data, g_scale=g_scale, seed=seed)
+        super().__init__(data, g_scale=g_scale, g_percentile=g_percentile, seed=seed)
         n = len(self.q)
-        self.budget = math.floor(float(self.q.sum()) + 0.5)
-        self.num_samples = self.budget if num_samples is None else num_samples
-        if not 0 <= self.num_samples <= n:
-            raise ValueError(f"num_samples must be in [0, {n}], got {self.num_samples}")
-        self.by_gain = min(self.budget, self.num_samples)
-        self.pi = pps_probabilities(self.q, self.by_gain)
-        rest = n - self.by_gain
-        self.refill_probability = (self.num_samples - self.by_gain) / rest if rest else 0.0
+        self.num_samples = n if num_samples is None else num_samples
+        if self.num_samples < 0:
+            raise ValueError(f"num_samples must be >= 0, got {self.num_samples}")
+        self.round_size = float(self.q.sum())
+        """``sum(q)``: the expected number of indices one Bernoulli round keeps."""
+        if self.num_samples > 0:
+            if self.round_size <= 0:
+                raise ValueError("GainSampler needs at least one item with a positive weight")
+            rounds = self.num_samples / self.round_size
+            if rounds > MAX_ROUNDS:
+                raise ValueError(
+                    f"an epoch of {self.num_samples} would need about {rounds:.0f} Bernoulli "
+                    f"rounds (sum of weights {self.round_size:.3g}); more than {MAX_ROUNDS}: "
+                    "check g_scale"
+                )
 
-    def inclusion_probabilities(self, epoch: int | None = None) -> np.ndarray:
-        return self.pi + (1.0 - self.pi) * self.refill_probability
+    def expected_counts(self, epoch: int | None = None) -> np.ndarray:
+        if self.num_samples == 0:
+            return np.zeros(len(self.q))
+        return self.q * (self.num_samples / self.round_size)
+
+    def epoch_rounds(self, epoch: int | None = None) -> list[np.ndarray]:
+        """The Bernoulli rounds of ``epoch`` (default: the current one), in order; the last one
+        is truncated. Their concatenation is the epoch."""
+        e = self.epoch if epoch is None else epoch
+        rng = _rng(self.seed, _DYNAMIC, e)
+        positive = np.flatnonzero(self.q > 0)
+        q = self.q[positive]
+        rounds: list[np.ndarray] = []
+        need = self.num_samples
+        while need > 0:
+            # Draw several rounds' coins at once; how many depends on the data only, so the
+            # draw stays a function of (seed, epoch).
+            batch = math.ceil(need / self.round_size) + 1
+            batch = max(1, min(batch, _COINS_PER_BATCH // max(1, len(q))))
+            coins = rng.random((batch, len(q))) < q
+            for row in coins:
+                hits = rng.permutation(positive[row])
+                if len(hits) >= need:
+                    rounds.append(hits[:need])
+                    need = 0
+                    break
+                rounds.append(hits)
+                need -= len(hits)
+        return rounds
 
     def _draw(self, epoch: int) -> np.ndarray:
-        rng = _rng(self.seed, _DYNAMIC, epoch)
-        n = len(self.q)
-        chosen = systematic_sample(self.pi, self.by_gain, rng)
-        need = self.num_samples - len(chosen)
-        if need > 0:
-            rest = np.setdiff1d(np.arange(n), chosen, assume_unique=True)
-            chosen = np.concatenate([chosen, rng.choice(rest, size=need, replace=False)])
-        return rng.permutation(chosen)
+        rounds = self.epoch_rounds(epoch)
+        if not rounds:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate(rounds).astype(np.int64, copy=False)
 
 
 class TwoPhaseGainSampler(GainSamplerBase):
-    """Alternating emphasis: in high-gain epochs index ``i`` is drawn with ``p = q_i``, in
-    low-gain epochs with ``p = max(floor, 1 - q_i)``, independently per index and epoch, where
-    ``q = clip(g / g_scale, 0, 1)`` (the raw gain is a distance in ``[0, 2]``, so it is
-    normalised before it can be a probability). Phases switch every ``period`` epochs, starting
-    with ``start``. Epoch lengths vary; ``len()`` is the current epoch's."""
+    """The authors' two-phase schedule: in high-gain epochs index ``i`` is drawn with
+    ``p = q_i``, in low-gain epochs with ``p = max(floor, 1 - q_i)``, independently per index
+    and epoch (so each index appears at most once per epoch). Phases switch every ``period``
+    epochs, starting with ``start``. Items the stream already sampled online are taken in both
+    phases (``p = 1``), as they are not weighted by gain again. Epoch lengths vary; ``len()`` is
+    the current epoch's."""
 
     def __init__(
         self,
@@ -232,9 +284,10 @@ class TwoPhaseGainSampler(GainSamplerBase):
         period: int = 1,
         start: Literal["high", "low"] = "high",
         g_scale: float | None = None,
+        g_percentile: float | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__(data, g_scale=g_scale, seed=seed)
+        super().__init__(data, g_scale=g_scale, g_percentile=g_percentile, seed=seed)
         if not 0.0 <= floor <= 1.0:
             raise ValueError(f"floor must be in [0, 1], got {floor}")
         if period < 1:
@@ -252,9 +305,13 @@ class TwoPhaseGainSampler(GainSamplerBase):
         return "low" if self.start == "high" else "high"
 
     def inclusion_probabilities(self, epoch: int | None = None) -> np.ndarray:
+        """Exact probability that each index is in ``epoch``."""
         if self.phase(epoch) == "high":
             return self.q.copy()
-        return np.maximum(self.floor, 1.0 - self.q)
+        return np.where(self.unweighted, 1.0, np.maximum(self.floor, 1.0 - self.q))
+
+    def expected_counts(self, epoch: int | None = None) -> np.ndarray:
+        return self.inclusion_probabilities(epoch)
 
     def _draw(self, epoch: int) -> np.ndarray:
         rng = _rng(self.seed, _TWO_PHASE, epoch)
@@ -266,10 +323,12 @@ class DistributedGainSampler(Sampler[int]):
     """Shards a gain sampler's epoch across ranks, like torch's ``DistributedSampler``.
 
     Every rank builds the same inner sampler (same data order, seed and epoch), so all draw the
-    same epoch; rank ``r`` of ``R`` takes positions ``r, r + R, ...``. ``remainder``: ``pad``
-    (default) repeats indices from the start of the epoch so every rank gets
-    ``ceil(len / R)`` (DDP needs equal step counts); ``drop`` cuts the tail to a multiple of
-    ``R``; ``uneven`` keeps shards disjoint with lengths differing by at most one.
+    same epoch; rank ``r`` of ``R`` takes positions ``r, r + R, ...`` of it (an index that
+    recurs in a :class:`GainSampler` epoch may land on several ranks, once per occurrence).
+    ``remainder``: ``pad`` (default) repeats positions from the start of the epoch so every
+    rank gets ``ceil(len / R)`` (DDP needs equal step counts); ``drop`` cuts the tail to a
+    multiple of ``R``; ``uneven`` splits the positions disjointly, shard lengths differing by at
+    most one.
     ``num_replicas`` / ``rank`` default to torch.distributed, else ``WORLD_SIZE`` / ``RANK``.
     """
 
