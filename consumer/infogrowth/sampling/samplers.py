@@ -197,10 +197,10 @@ class GainSampler(GainSamplerBase):
     ``N * q_i / sum(q)`` times per epoch: items recur in proportion to ``q``. Everything is a
     function of ``(seed, epoch)``; :meth:`epoch_rounds` shows the rounds.
 
-    ``expected_counts`` returns that rate ``N * q_i / sum(q)``. It is exact for the full rounds
-    (each contributes ``q_i``, Wald's identity); the truncated last round moves the exact
-    expectation of an index by at most about one round's share (``q_i``) and, because it keeps
-    a uniform subset, by far less on large sets. Needs a positive weight somewhere; an epoch
+    ``expected_counts`` returns that rate ``N * q_i / sum(q)`` (every full round contributes
+    exactly ``q_i``); only the truncated last round makes the exact expectation differ, by at
+    most about one round's share (``q_i``) and, because it keeps a uniform subset, by far less
+    on large sets. Needs a positive weight somewhere; an epoch
     that would take more than :data:`MAX_ROUNDS` rounds on average raises ``ValueError``.
     """
 
