@@ -137,6 +137,10 @@ def test_one_isolated_gain_does_not_shrink_everyone() -> None:
     ):
         assert sampler.g_scale == pytest.approx(expected_scale)
         assert np.allclose(sampler.q, w.q)
+    # Any dataset with a gains array gets the same normalisation.
+    other = torch.utils.data.TensorDataset(torch.zeros(len(gains)))
+    other.gains = gains  # type: ignore[attr-defined]
+    assert np.allclose(GainSampler(other).q, w.q)  # type: ignore[arg-type]
     # The percentile is a parameter, on the set and on every sampler.
     p90 = float(np.percentile(gains, 90))
     assert CuratedSet(data.samples, g_percentile=90).g_scale == pytest.approx(p90)

@@ -79,7 +79,10 @@ def _weights_of(
 ) -> tuple[np.ndarray, GainWeights]:
     if isinstance(data, HasGains):
         return np.asarray(data.gains, dtype=np.float64), data.weights(g_scale, g_percentile)
-    if isinstance(data, np.ndarray):
+    own = getattr(data, "gains", None)  # another dataset that carries a gains array
+    if isinstance(own, np.ndarray):
+        gains = np.asarray(own, dtype=np.float64).reshape(-1)
+    elif isinstance(data, np.ndarray):
         gains = np.asarray(data, dtype=np.float64).reshape(-1)
     else:
         gains = gain_array(data)
