@@ -6,6 +6,7 @@ leave-one-out gain and nearest-neighbour distance.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,49 +17,159 @@ from infogrowth.config import Settings
 from infogrowth.schema import SPACES, Embedded
 from infogrowth.select import NO_NEIGHBOUR_GAIN, ROUND, Thresholds
 
+log = logging.getLogger(__name__)
+
 MAX_SEED_STATS = 20_000
 """Seed items used for statistics; larger seeds are thinned deterministically."""
+DUPLICATE_DISTANCE = 1e-6
+"""Seed items this close (in every space) to an earlier seed item are copies: left out of the
+statistics, so the ε floor is never fitted to a copy's distance of zero."""
+VOTE_ROUNDS = 10
+CONFIDENCE_GRID = tuple(round(0.55 + 0.05 * i, 2) for i in range(10))
+REJECT_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
+MIN_CALIBRATION_FLAGS = 5
+"""A setting needs at least this many flags in the calibration to count as measured."""
+SHUFFLES = 3
+
+
+@dataclass
+class VoteCalibration:
+    """The neighbour vote's settings and what they measured on the seed with synthetic flips."""
+
+    confidence: float | None
+    reject_share: float | None
+    radius: float | None
+    scale: float | None
+    relabel_precision: float | None = None
+    flag_precision: float | None = None
+    clean_flagged: float | None = None
+    noisy_caught: float | None = None
+    note: str = ""
+
+    def as_record(self) -> dict[str, Any]:
+        return {
+            "confidence": self.confidence,
+            "reject_share": self.reject_share,
+            "radius": self.radius,
+            "scale": self.scale,
+            "relabel_precision": self.relabel_precision,
+            "flag_precision": self.flag_precision,
+            "clean_flagged": self.clean_flagged,
+            "noisy_caught": self.noisy_caught,
+            "note": self.note,
+        }
 
 
 @dataclass
 class SeedStats:
     count: int = 0
+    duplicates: int = 0
     alignments: list[float] = field(default_factory=list)
+    mismatched: list[float] = field(default_factory=list)
+    """Alignments of seed images with other seed items' captions (the negatives for δ)."""
     gains: list[float] = field(default_factory=list)
     nn: dict[str, list[float]] = field(default_factory=dict)
     knn_mean: dict[str, list[float]] = field(default_factory=dict)
+    kth: dict[str, list[float]] = field(default_factory=dict)
+    """Distance to the ``clean.neighbour_k``-th nearest other seed item, per space."""
+    neighbours: dict[str, np.ndarray] = field(default_factory=dict)
+    """Row indices of each item's ``clean.neighbour_k`` nearest others, sorted, per space."""
+    neighbour_d: dict[str, np.ndarray] = field(default_factory=dict)
+    labels: list[str | None] = field(default_factory=list)
+    vote: VoteCalibration | None = None
 
 
-def seed_stats(seed: Sequence[Embedded], spaces: Sequence[str], k: int) -> SeedStats:
-    """Leave-one-out gains and nearest-neighbour distances of the seed items."""
-    stats = SeedStats(count=len(seed))
+def _dedupe(items: list[Embedded], spaces: Sequence[str]) -> tuple[list[Embedded], int]:
+    """Drop items that repeat an earlier one (same id, or closer than DUPLICATE_DISTANCE in
+    every space)."""
+    seen: set[str] = set()
+    out = [it for it in items if not (it.id in seen or seen.add(it.id))]  # type: ignore[func-returns-value]
+    if len(out) < 2 or not spaces:
+        return out, len(items) - len(out)
+    mats = {s: np.stack([it.vectors[s] for it in out]).astype(np.float64) for s in spaces}
+    n = len(out)
+    dup = np.zeros(n, dtype=bool)
+    for lo in range(0, n, 1024):
+        hi = min(lo + 1024, n)
+        close = np.ones((hi - lo, n), dtype=bool)
+        for s in spaces:
+            close &= (1.0 - mats[s][lo:hi] @ mats[s].T) <= DUPLICATE_DISTANCE
+        close &= np.tri(hi - lo, n, lo - 1, dtype=bool)  # earlier items only
+        dup[lo:hi] = close.any(axis=1)
+    kept = [it for it, d in zip(out, dup.tolist(), strict=True) if not d]
+    return kept, len(items) - len(kept)
+
+
+def seed_stats(
+    seed: Sequence[Embedded], spaces: Sequence[str], k: int, vote_k: int | None = None
+) -> SeedStats:
+    """Leave-one-out gains, nearest-neighbour distances, neighbour lists and pair alignments of
+    the (deduplicated) seed items."""
     items = list(seed)
     if len(items) > MAX_SEED_STATS:
         step = len(items) / MAX_SEED_STATS
         items = [items[int(i * step)] for i in range(MAX_SEED_STATS)]
+    items, dups = _dedupe(items, spaces)
+    stats = SeedStats(count=len(seed), duplicates=dups)
+    if dups:
+        log.info("seed: %d duplicate items left out of the calibration", dups)
     stats.alignments = [it.alignment for it in items if it.alignment is not None]
+    stats.labels = [it.label for it in items]
+    if "image" in spaces and "text" in spaces:
+        stats.mismatched = _mismatched(items)
     n = len(items)
     if n < 2:
         return stats
+    vk = max(vote_k or 0, 1)
     per_space_gain = []
     for s in spaces:
         m = np.stack([it.vectors[s] for it in items]).astype(np.float64)
         kk = min(k, n - 1)
+        kv = min(vk, n - 1)
+        kmax = max(kk, kv)
         gains = np.empty(n)
         nn = np.empty(n)
+        nb = np.empty((n, kmax), dtype=np.int64)
+        nb_d = np.empty((n, kmax))
         for lo in range(0, n, 1024):
             d = 1.0 - m[lo : lo + 1024] @ m.T
             rows = np.arange(lo, min(lo + 1024, n))
             d[rows - lo, rows] = np.inf
-            part = np.partition(d, kk - 1, axis=1)[:, :kk]
-            part.sort(axis=1)
-            gains[lo : lo + len(rows)] = part.mean(axis=1)
+            idx = np.argpartition(d, kmax - 1, axis=1)[:, :kmax]
+            part = np.take_along_axis(d, idx, axis=1)
+            order = np.lexsort((idx, part), axis=1)
+            idx = np.take_along_axis(idx, order, axis=1)
+            part = np.take_along_axis(part, order, axis=1)
+            gains[lo : lo + len(rows)] = part[:, :kk].mean(axis=1)
             nn[lo : lo + len(rows)] = part[:, 0]
+            nb[lo : lo + len(rows)] = idx
+            nb_d[lo : lo + len(rows)] = part
         per_space_gain.append(gains)
         stats.nn[s] = nn.tolist()
         stats.knn_mean[s] = gains.tolist()
+        stats.kth[s] = nb_d[:, kv - 1].tolist()
+        stats.neighbours[s] = nb[:, :kv]
+        stats.neighbour_d[s] = nb_d[:, :kv]
     stats.gains = np.mean(per_space_gain, axis=0).tolist()
     return stats
+
+
+def _mismatched(items: Sequence[Embedded]) -> list[float]:
+    """cos(image_i, text_j) for j a fixed derangement of i (several shuffles)."""
+    both = [it for it in items if "image" in it.vectors and "text" in it.vectors]
+    n = len(both)
+    if n < 2:
+        return []
+    img = np.stack([it.vectors["image"] for it in both]).astype(np.float64)
+    txt = np.stack([it.vectors["text"] for it in both]).astype(np.float64)
+    rng = np.random.default_rng(0)
+    out: list[float] = []
+    for _ in range(SHUFFLES):
+        perm = rng.permutation(n)
+        partner = np.empty(n, dtype=np.int64)
+        partner[perm] = np.roll(perm, 1)  # a derangement: nobody keeps their own caption
+        out.extend(np.einsum("ij,ij->i", img, txt[partner]).tolist())
+    return out
 
 
 def _pct(values: Sequence[float], q: float) -> float | None:
@@ -67,61 +178,248 @@ def _pct(values: Sequence[float], q: float) -> float | None:
     return round(float(np.percentile(np.asarray(values, dtype=np.float64), q)), ROUND)
 
 
+def calibrate_delta(
+    matched: Sequence[float], mismatched: Sequence[float], false_flags: float
+) -> float:
+    """δ that flags at most ``false_flags`` of matched pairs and as many mismatched ones as that
+    allows; within the range of equal detection, its middle."""
+    a = np.sort(np.asarray(matched, dtype=np.float64))
+    allowed = int(np.floor(false_flags * len(a)))
+    t_max = float(a[min(allowed, len(a) - 1)])
+    neg = np.asarray(mismatched, dtype=np.float64)
+    below = neg[neg < t_max]
+    t_low = float(below.max()) if len(below) else float(a[0])
+    t_low = min(t_low, t_max)
+    return round((t_low + t_max) / 2, ROUND)
+
+
+def weighted_shares(
+    labels: np.ndarray, d: np.ndarray, valid: np.ndarray, scale: float | None, n_labels: int
+) -> np.ndarray:
+    """(n, n_labels) vote shares: voter weight ``1 / (d + scale)`` (equal without a scale)."""
+    w = np.where(valid, 1.0 / (d + scale) if scale is not None else 1.0, 0.0)
+    out = np.zeros((len(labels), n_labels))
+    rows = np.repeat(np.arange(len(labels)), labels.shape[1])
+    np.add.at(out, (rows, np.where(valid, labels, 0).reshape(-1)), w.reshape(-1))
+    tot = out.sum(axis=1, keepdims=True)
+    shares: np.ndarray = np.divide(out, tot, out=np.zeros_like(out), where=tot > 0)
+    return shares
+
+
+def calibrate_vote(settings: Settings, stats: SeedStats, space: str) -> VoteCalibration | None:
+    """Pick the vote's confidence and reject share on the seed with synthetic label flips.
+
+    Every round flips ``clean.calibration_noise`` of the seed labels to another class (voters
+    carry flipped labels too: the pessimistic case), votes leave-one-out with the stream's rule,
+    and counts right and wrong relabels and flags. The confidence is the least strict one whose
+    relabels are right at least ``target_precision`` of the time while at most
+    ``max_clean_flagged`` of clean items are touched; then the largest reject share that keeps
+    both targets for all flags together. Explicit settings win over the calibration.
+    """
+    c = settings.clean
+    labelled = [lbl for lbl in stats.labels if lbl is not None]
+    if space not in stats.neighbours or len(labelled) < 2 or len(labelled) < len(stats.labels):
+        return None
+    names = sorted(set(labelled))
+    if len(names) < 2:
+        return None
+    code = {name: i for i, name in enumerate(names)}
+    y = np.asarray([code[lbl] for lbl in labelled], dtype=np.int64)
+    nb = stats.neighbours[space]
+    nb_d = stats.neighbour_d[space]
+    radius = c.neighbour_radius
+    if radius is None:
+        radius = _pct(stats.kth[space], c.neighbour_radius_percentile)
+    nn = np.asarray(stats.nn[space])
+    scale = max(float(np.median(nn)), 1e-6)
+    valid = nb_d <= (radius if radius is not None else np.inf)
+    enough = valid.sum(axis=1) >= c.neighbour_min
+
+    n, n_lab = len(y), len(names)
+    rounds = []
+    for r in range(VOTE_ROUNDS):
+        rng = np.random.default_rng(np.random.SeedSequence([2405, r]))
+        flip = rng.random(n) < c.calibration_noise
+        noisy = y.copy()
+        noisy[flip] = (y[flip] + rng.integers(1, n_lab, size=int(flip.sum()))) % n_lab
+        shares = weighted_shares(noisy[nb], nb_d, valid, scale, n_lab)
+        top = np.argmax(shares, axis=1)
+        rounds.append((flip, noisy, shares, top))
+
+    def measure(conf: float | None, rej: float | None) -> tuple[int, int, int, int, int, int, int]:
+        rel = rel_ok = flags = flags_ok = clean_flag = clean_n = noisy_n = 0
+        for flip, noisy, shares, top in rounds:
+            own = shares[np.arange(n), noisy]
+            top_share = shares[np.arange(n), top]
+            relabel = np.zeros(n, dtype=bool)
+            if conf is not None:
+                relabel = enough & (top != noisy) & (top_share >= conf)
+            reject = np.zeros(n, dtype=bool)
+            if rej is not None:
+                reject = enough & ~relabel & (own <= rej)
+            flagged = relabel | reject
+            rel += int(relabel.sum())
+            rel_ok += int((relabel & (top == y)).sum())
+            flags += int(flagged.sum())
+            flags_ok += int((flagged & flip).sum())
+            clean_flag += int((flagged & ~flip).sum())
+            clean_n += int((~flip).sum())
+            noisy_n += int(flip.sum())
+        return rel, rel_ok, flags, flags_ok, clean_flag, clean_n, noisy_n
+
+    def meets(prec_num: int, prec_den: int, clean_flag: int, clean_n: int) -> bool:
+        if prec_den < MIN_CALIBRATION_FLAGS:
+            return False
+        return (
+            prec_num / prec_den >= c.target_precision
+            and clean_flag <= c.max_clean_flagged * clean_n
+        )
+
+    conf = c.neighbour_confidence
+    notes = []
+    if conf is None and c.fixer in ("auto", "neighbours"):
+        for cand in CONFIDENCE_GRID:
+            rel, rel_ok, _, _, clean_flag, clean_n, _ = measure(cand, None)
+            if meets(rel_ok, rel, clean_flag, clean_n):
+                conf = cand
+                break
+        if conf is None:
+            notes.append(
+                f"no vote confidence relabels seed flips with precision >= {c.target_precision:.0%}"
+                f" while touching <= {c.max_clean_flagged:.0%} of clean items: relabelling is off"
+            )
+    rej = c.reject_share
+    if rej is None and c.reject_unfixable_labels:
+        for cand in sorted(REJECT_GRID, reverse=True):
+            _, _, flags, flags_ok, clean_flag, clean_n, _ = measure(conf, cand)
+            if meets(flags_ok, flags, clean_flag, clean_n):
+                rej = cand
+                break
+        if rej is None:
+            notes.append("no reject share meets the targets: label_noise rejection is off")
+    rel, rel_ok, flags, flags_ok, clean_flag, clean_n, noisy_n = measure(conf, rej)
+    return VoteCalibration(
+        confidence=conf,
+        reject_share=rej,
+        radius=radius,
+        scale=round(scale, ROUND),
+        relabel_precision=round(rel_ok / rel, 4) if rel else None,
+        flag_precision=round(flags_ok / flags, 4) if flags else None,
+        clean_flagged=round(clean_flag / clean_n, 4) if clean_n else None,
+        noisy_caught=round(flags_ok / noisy_n, 4) if noisy_n else None,
+        note="; ".join(notes),
+    )
+
+
+def initial_scale(gains: Sequence[float], fraction: float) -> float | None:
+    """The scale at which ``mean(clip(g / scale, 0, 1)) = fraction`` over ``gains``."""
+    g = np.asarray([x for x in gains if x > 0], dtype=np.float64)
+    if len(g) == 0:
+        return None
+    lo, hi = 1e-12, float(g.max()) / max(fraction, 1e-9) * 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if np.minimum(g / mid, 1.0).mean() > fraction:
+            lo = mid
+        else:
+            hi = mid
+    return round((lo + hi) / 2, ROUND)
+
+
+def label_space(settings: Settings, spaces: Sequence[str]) -> str:
+    ls = settings.select.label_space
+    if ls != "auto" and ls in spaces:
+        return ls
+    return "image" if "image" in spaces else spaces[0]
+
+
 def resolve_thresholds(
     settings: Settings, spaces: Sequence[str], stats: SeedStats | None
 ) -> Thresholds:
     """Config values win; the seed calibrates what the config leaves open."""
     sel = settings.select
-    delta = settings.clean.delta
-    if delta is None and stats is not None and stats.alignments and settings.clean.enabled:
-        delta = _pct(stats.alignments, settings.clean.delta_percentile)
+    cl = settings.clean
+    delta = cl.delta
+    if delta is None and stats is not None and stats.alignments and cl.enabled:
+        if cl.delta_percentile is not None or not stats.mismatched:
+            delta = _pct(stats.alignments, cl.delta_percentile or 100 * cl.delta_false_flags)
+        else:
+            delta = calibrate_delta(stats.alignments, stats.mismatched, cl.delta_false_flags)
 
     eps: dict[str, float] = {}
+    seeded = stats is not None and bool(stats.nn)
+    online = sel.epsilon is None and (
+        sel.epsilon_mode == "online" or (sel.epsilon_mode == "auto" and not seeded)
+    )
     for s in SPACES:  # every space, so records do not depend on which ones a run has
         if sel.epsilon is not None:
             eps[s] = sel.epsilon
         elif stats is not None and stats.nn.get(s):
             p = _pct(stats.nn[s], sel.epsilon_percentile)
-            # identical seed items give distances of about -1e-7: a floor is never negative
-            eps[s] = max(0.0, round((p or 0.0) * sel.epsilon_fraction, ROUND))
+            raw = round((p or 0.0) * sel.epsilon_fraction, ROUND)
+            if raw <= 0:
+                log.warning(
+                    "ε for %s calibrated to %s (seed items at distance 0): the floor is off", s, raw
+                )
+            eps[s] = max(0.0, raw)
         else:
             eps[s] = sel.epsilon_default
 
-    g_scale = sel.g_scale
-    if g_scale is None and stats is not None and stats.gains:
-        g_scale = _pct(stats.gains, sel.g_scale_percentile)
-        if g_scale is not None and g_scale <= 0:
-            g_scale = None
-    tau = sel.tau
-    if tau is None and stats is not None and stats.gains and sel.policy == "threshold":
-        tau = _pct(stats.gains, sel.tau_percentile)
-
-    radius = settings.clean.neighbour_radius
-    if radius is None and stats is not None and stats.knn_mean:
-        label_space = "image" if "image" in stats.knn_mean else next(iter(stats.knn_mean))
-        if sel.label_space in stats.knn_mean:
-            label_space = sel.label_space
-        radius = _pct(stats.knn_mean[label_space], settings.clean.neighbour_radius_percentile)
-
     policy = sel.policy
     if policy == "auto":
-        policy = "sample" if g_scale is not None else "all"
-    if policy == "sample" and g_scale is None:
-        raise ValueError(
-            "select.policy=sample needs select.g_scale or a seed set to calibrate it (--seed)"
-        )
+        policy = "sample" if (sel.keep_fraction is not None or sel.g_scale is not None) else "all"
+    g_scale = sel.g_scale
+    if policy == "sample" and g_scale is None and sel.keep_fraction is None:
+        raise ValueError("select.policy=sample needs select.keep_fraction or select.g_scale")
+    if policy == "sample" and g_scale is None and stats is not None and stats.gains:
+        assert sel.keep_fraction is not None
+        g_scale = initial_scale(stats.gains, sel.keep_fraction)
+    tau = sel.tau
+    if tau is None and stats is not None and stats.gains and policy == "threshold":
+        tau = _pct(stats.gains, sel.tau_percentile)
     if policy == "threshold" and tau is None:
         tau = 0.0
+
+    vote: VoteCalibration | None = None
+    if stats is not None and cl.fixer in ("auto", "neighbours", "none"):
+        vote = calibrate_vote(settings, stats, label_space(settings, spaces))
+        stats.vote = vote
+        if vote is not None and vote.note:
+            log.warning("label vote: %s", vote.note)
+    if vote is None:
+        # No seed to check the vote against: only explicitly configured rules run.
+        vote = VoteCalibration(
+            confidence=cl.neighbour_confidence,
+            reject_share=cl.reject_share
+            if cl.reject_share is not None or cl.neighbour_confidence is None
+            else 0.0,
+            radius=cl.neighbour_radius,
+            scale=None,
+        )
     return Thresholds(
         policy=policy,
         k=sel.k,
         epsilon=eps,
-        delta=delta if settings.clean.enabled else None,
+        epsilon_online=online,
+        delta=delta if cl.enabled else None,
         g_scale=g_scale,
+        keep_fraction=sel.keep_fraction if policy == "sample" else None,
         tau=tau,
         seed=sel.seed,
-        radius=radius,
+        radius=vote.radius,
+        vote_k=cl.neighbour_k,
+        confidence=vote.confidence if cl.fixer in ("auto", "neighbours") else None,
+        reject_share=vote.reject_share if cl.reject_unfixable_labels else None,
+        vote_scale=vote.scale,
+        alignment_quartiles=_quartiles(stats.alignments) if stats is not None else None,
     )
+
+
+def _quartiles(values: Sequence[float]) -> tuple[float, float, float] | None:
+    if len(values) < 20:
+        return None
+    q = np.percentile(np.asarray(values, dtype=np.float64), [25, 50, 75])
+    return (round(float(q[0]), ROUND), round(float(q[1]), ROUND), round(float(q[2]), ROUND))
 
 
 __all__ = ["NO_NEIGHBOUR_GAIN", "SeedStats", "resolve_thresholds", "seed_stats"]
@@ -140,38 +438,17 @@ class Calibration:
     cells: dict[str, Any] | None = None
 
     def as_record(self) -> dict[str, Any]:
-        t = self.thresholds
-        return {
-            "v": 1,
-            "spaces": list(self.spaces),
-            "dims": dict(self.dims),
-            "k": t.k,
-            "policy": t.policy,
-            "delta": t.delta,
-            "epsilon": dict(t.epsilon),
-            "g_scale": t.g_scale,
-            "tau": t.tau,
-            "radius": t.radius,
-            "sample_seed": t.seed,
-            "seed_count": self.seed_count,
-            "fingerprint": self.fingerprint,
-            "cells": self.cells,
-        }
+        rec: dict[str, Any] = {"v": 1, "spaces": list(self.spaces), "dims": dict(self.dims)}
+        rec.update(self.thresholds.as_record())
+        rec.update(
+            {"seed_count": self.seed_count, "fingerprint": self.fingerprint, "cells": self.cells}
+        )
+        return rec
 
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> Calibration:
-        t = Thresholds(
-            policy=rec["policy"],
-            k=rec["k"],
-            epsilon=dict(rec.get("epsilon") or {}),
-            delta=rec.get("delta"),
-            g_scale=rec.get("g_scale"),
-            tau=rec.get("tau"),
-            seed=rec.get("sample_seed", 0),
-            radius=rec.get("radius"),
-        )
         return cls(
-            thresholds=t,
+            thresholds=Thresholds.from_record(rec),
             spaces=tuple(rec["spaces"]),
             dims={k: int(v) for k, v in rec["dims"].items()},
             seed_count=int(rec.get("seed_count", 0)),

@@ -145,7 +145,7 @@ def write_config(
         "snapshot.interval_s": 0.5,
         "snapshot.interval_items": 150,
         "serve.port": _free_port(),
-        "select.policy": "sample",
+        "select.keep_fraction": 0.5,  # the budget's online scale is state: restore == replay
         **extra,
     }
     return write_sandbox_config(

@@ -110,11 +110,6 @@ def curate(
 
     settings = _settings(config)
     _setup_logging(settings)
-    sel = settings.select
-    if sel.policy == "sample" and sel.g_scale is None and seed is None:
-        raise click.UsageError(
-            "select.policy=sample needs select.g_scale or --seed to calibrate it"
-        )
     paths = list(inputs)
     total = count_inputs(paths)
     progress = Progress(
@@ -140,6 +135,14 @@ def curate(
         raise click.ClickException(str(exc)) from None
     rep: dict[str, Any] = result.report
     console.print(_summary(f"infogrowth curate → {out}", rep["reasons"], result.inputs))
+    online = rep.get("online") or {}
+    if online.get("keep_rate") is not None:
+        console.print(
+            f"keep policy: kept {online['kept']} of {online['seen']} "
+            f"(realised keep rate {online['keep_rate']:.1%})"
+        )
+    for note in rep.get("calibration", {}).get("notes", []):
+        console.print(f"[yellow]calibration: {note}[/yellow]")
     console.print(
         f"thresholds: {rep['thresholds']}\n"
         f"{result.inputs} samples in {rep['elapsed_s']} s "

@@ -59,27 +59,45 @@ class EncoderConfig(_Section):
 class CleanConfig(_Section):
     """Alignment check and fixers.
 
-    ``delta`` fixed explicitly wins; otherwise the seed set calibrates it as the
-    ``delta_percentile``-th percentile of its alignments; with neither, alignment is not checked.
+    Thresholds left unset are calibrated on the seed set for a stated error rate: ``delta`` so
+    that at most ``delta_false_flags`` of the seed's matched pairs fall below it, the neighbour
+    vote's confidence so that synthetic label flips injected into the seed are relabelled with
+    precision ``target_precision`` while at most ``max_clean_flagged`` of clean seed items are
+    touched. Where no setting meets the target, relabelling (or the vote) is switched off.
     """
 
     enabled: bool = True
     delta: float | None = Field(None, ge=-1.0, le=1.0)
-    delta_percentile: float = Field(5.0, ge=0.0, le=100.0)
+    delta_false_flags: float = Field(0.01, ge=0.0, lt=1.0)
+    """Share of matched seed pairs that the calibrated δ may flag."""
+    delta_percentile: float | None = Field(None, ge=0.0, le=100.0)
+    """Legacy: δ = this percentile of the seed's alignments (overrides the pair calibration)."""
     fixer: Literal["auto", "none", "recaption", "zero-shot", "neighbours"] = "auto"
     recaption_model: str | None = None
     recaption_max_new_tokens: int = Field(30, gt=0)
     classes: list[str] | None = None
     prompt: str = "a photo of a {label}"
     zero_shot_margin: float = Field(0.05, ge=0.0)
-    neighbour_confidence: float = Field(0.75, gt=0.5, le=1.0)
+    neighbour_k: int = Field(10, gt=0, le=256)
+    """Neighbours that vote on a label (separate from ``select.k``, the gain's)."""
+    neighbour_confidence: float | None = Field(None, gt=0.5, le=1.0)
+    """Weighted vote share a new label needs; calibrated on the seed when unset."""
     neighbour_min: int = Field(3, gt=0)
     reject_unfixable_labels: bool = True
+    reject_share: float | None = Field(None, ge=0.0, lt=1.0)
+    """``label_noise`` when the own label's vote share is at most this; calibrated when unset."""
     neighbour_radius: float | None = Field(None, gt=0.0, le=2.0)
     """Only neighbours closer than this vote; calibrated from the seed when unset."""
     neighbour_radius_percentile: float = Field(95.0, gt=0.0, le=100.0)
+    """Radius = this percentile of the seed's ``neighbour_k``-th neighbour distances."""
     neighbour_warmup: int = Field(200, ge=0)
     """Without a radius, no vote until the partition holds this many items."""
+    relabeled_vote: bool = False
+    """Whether relabelled items vote on later ones (off: a wrong relabel cannot spread)."""
+    target_precision: float = Field(0.9, gt=0.5, le=1.0)
+    max_clean_flagged: float = Field(0.02, ge=0.0, le=1.0)
+    calibration_noise: float = Field(0.2, gt=0.0, lt=1.0)
+    """Share of seed labels flipped for the vote calibration."""
 
 
 class IndexConfig(_Section):
@@ -103,12 +121,21 @@ class SelectConfig(_Section):
     policy: Literal["auto", "threshold", "sample", "all"] = "auto"
     tau: float | None = Field(None, ge=0.0)
     tau_percentile: float = Field(50.0, ge=0.0, le=100.0)
+    keep_fraction: float | None = Field(None, gt=0.0, le=1.0)
+    """Budget: the ``sample`` policy keeps about this share of what passes cleaning and the
+    duplicate floor; its scale follows the stream (partition state)."""
     g_scale: float | None = Field(None, gt=0.0)
-    g_scale_percentile: float = Field(99.0, gt=0.0, le=100.0)
+    """A fixed sampling scale (static ``sample`` policy); ``keep_fraction`` is usually better."""
     epsilon: float | None = Field(None, ge=0.0, le=2.0)
     epsilon_fraction: float = Field(0.5, gt=0.0, le=1.0)
     epsilon_percentile: float = Field(1.0, ge=0.0, le=100.0)
     epsilon_default: float = Field(0.02, ge=0.0, le=2.0)
+    """ε before the online estimate has ``epsilon_warmup`` items (no seed, no ``epsilon``)."""
+    epsilon_warmup: int = Field(200, gt=0, le=1000)
+    epsilon_mode: Literal["auto", "seed", "online"] = "auto"
+    """Where ε comes from when ``epsilon`` is unset: ``seed`` (calibrated once on the seed),
+    ``online`` (the stream's own nearest-neighbour distances, partition state); ``auto`` = seed
+    when a seed is given, else online."""
     duplicate_mode: Literal["all", "any"] = "all"
     entropy_weight: float = Field(0.0, ge=0.0)
     label_space: Literal["auto", "image", "text"] = "auto"
@@ -210,8 +237,19 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.index.ef < self.select.k:
             raise ValueError(f"index.ef ({self.index.ef}) must be >= select.k ({self.select.k})")
-        if self.select.policy == "threshold" and self.select.tau is None:
-            pass  # tau calibrated from the seed set, or 0 without one
+        if self.clean.neighbour_min > self.clean.neighbour_k:
+            raise ValueError(
+                f"clean.neighbour_min ({self.clean.neighbour_min}) must be <= "
+                f"clean.neighbour_k ({self.clean.neighbour_k})"
+            )
+        if self.index.ef < self.clean.neighbour_k:
+            raise ValueError(
+                f"index.ef ({self.index.ef}) must be >= clean.neighbour_k "
+                f"({self.clean.neighbour_k})"
+            )
+        sel = self.select
+        if sel.policy == "sample" and sel.keep_fraction is None and sel.g_scale is None:
+            raise ValueError("select.policy=sample needs select.keep_fraction or select.g_scale")
         return self
 
 

@@ -154,6 +154,8 @@ def curate(
         "decisions": dict(sorted(result.decisions.items())),
         "reasons": dict(sorted(result.reasons.items())),
         "thresholds": cur.report_thresholds(),
+        "online": cur.report_online(),
+        "calibration": cur.report_calibration(),
         "encoder": cur.embed.fingerprint if cur.embed.spaces else None,
         "spaces": cur.embed.dims,
         "index_size": cur.state.count if cur.state else 0,

@@ -128,7 +128,6 @@ def _settings(bootstrap: str, state: Path, port: int) -> Settings:
             "encoder.model": "minilm",
             "encoder.kind": "text",
             "serve.port": port,
-            "select.policy": "sample",
         },
     )
     return load_settings(None, **cfg)

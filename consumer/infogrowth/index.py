@@ -19,13 +19,14 @@ import os
 import struct
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hnswlib
 import numpy as np
 
 from infogrowth.config import IndexConfig
+from infogrowth.online import OnlineState
 
 _HEADER = struct.Struct("<QQQQQQiIQQQdQ")
 """hnswlib 0.8 ``saveIndex`` header: offsetLevel0, max_elements, count, size_data_per_element,
@@ -268,6 +269,13 @@ class PartitionState:
     id_pos: dict[str, int]
     changelog_offset: int = -1
     """Highest changelog offset included in this state (-1: none)."""
+    fixed: list[bool] = field(default_factory=list)
+    """Per item: its label was changed by a fixer (such items do not vote by default)."""
+    online: OnlineState = field(default_factory=OnlineState)
+
+    def __post_init__(self) -> None:
+        if len(self.fixed) < len(self.ids):
+            self.fixed.extend([False] * (len(self.ids) - len(self.fixed)))
 
     @classmethod
     def empty(cls, spaces: Sequence[str], dims: dict[str, int], cfg: IndexConfig) -> PartitionState:
@@ -299,6 +307,7 @@ class PartitionState:
         ids: Sequence[str],
         vectors: dict[str, np.ndarray],
         labels: Sequence[str | None],
+        fixed: Sequence[bool] | None = None,
     ) -> None:
         """Append items in order. ``vectors[space]`` is (n, dim) float32, unit rows."""
         n = len(ids)
@@ -319,3 +328,4 @@ class PartitionState:
         self.id_pos.update(zip(ids, range(start, start + n), strict=True))
         self.ids.extend(ids)
         self.labels.extend(labels)
+        self.fixed.extend(fixed if fixed is not None else [False] * n)

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections import Counter as Tally
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -36,6 +36,10 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from infogrowth import __version__
+
+if TYPE_CHECKING:
+    from infogrowth.online import OnlineState
+    from infogrowth.select import Thresholds
 
 __all__ = [
     "ALIGNMENT_BUCKETS",
@@ -157,6 +161,31 @@ class Metrics:
             ["partition"],
             registry=reg,
         )
+        self.keep_rate: Gauge = Gauge(
+            "infogrowth_keep_rate",
+            "Share of the items reaching the keep policy that it kept (realised keep rate).",
+            ["partition"],
+            registry=reg,
+        )
+        self.keep_scale: Gauge = Gauge(
+            "infogrowth_keep_scale",
+            "Scale of the sample policy under select.keep_fraction (follows the stream).",
+            ["partition"],
+            registry=reg,
+        )
+        self.epsilon: Gauge = Gauge(
+            "infogrowth_epsilon",
+            "Duplicate floor ε in use per space (0: the floor is off).",
+            ["partition", "space"],
+            registry=reg,
+        )
+        self.vote_rule: Gauge = Gauge(
+            "infogrowth_vote_rule_enabled",
+            "1 when the calibrated label-vote rule (relabel | reject) is on, 0 when the seed "
+            "calibration switched it off.",
+            ["rule"],
+            registry=reg,
+        )
         self.consumer_lag: Gauge = Gauge(
             "infogrowth_consumer_lag",
             "Messages between the consumer position and the partition's end offset.",
@@ -233,6 +262,23 @@ class Metrics:
             self.samples.labels(stage, decision, reason).inc(n)
         return sum(tally.values())
 
+    def observe_online(self, partition: str, online: OnlineState) -> None:
+        """Keep rate, keep scale and online ε of a select partition."""
+        if online.keep_rate is not None:
+            self.keep_rate.labels(partition=partition).set(online.keep_rate)
+        if online.scale is not None:
+            self.keep_scale.labels(partition=partition).set(online.scale)
+        for space, est in online.eps.items():
+            self.epsilon.labels(partition=partition, space=space).set(est.epsilon)
+
+    def observe_thresholds(self, partition: str, t: Thresholds, spaces: Sequence[str]) -> None:
+        """The static part of a partition's thresholds (ε when not online, vote rules)."""
+        if not t.epsilon_online:
+            for space in spaces:
+                self.epsilon.labels(partition=partition, space=space).set(t.epsilon.get(space, 0))
+        self.vote_rule.labels(rule="relabel").set(int(t.confidence is not None))
+        self.vote_rule.labels(rule="reject").set(int(t.reject_share is not None))
+
     def observe_batch(self, stage: str, seconds: float) -> None:
         """Record one batch's wall time."""
         self.batch_duration.labels(stage).observe(seconds)
@@ -308,6 +354,12 @@ class Metrics:
             if labels["partition"] == p and (stage is None or labels["stage"] == stage):
                 self.consumer_lag.remove(labels["stage"], p)
         if state:
+            for gauge in (self.keep_rate, self.keep_scale):
+                if {"partition": p} in _labelsets(gauge):
+                    gauge.remove(p)
+            for labels in _labelsets(self.epsilon):
+                if labels["partition"] == p:
+                    self.epsilon.remove(p, labels["space"])
             self.index_items.remove(p)
             self.snapshot_bytes.remove(p)
             self._snapshot_age.drop(p)

@@ -31,6 +31,9 @@ from infogrowth.select import Selector, Thresholds
 
 log = logging.getLogger(__name__)
 
+DRIFT_SAMPLE = 500
+"""Stream alignments compared with the seed's before the drift warning."""
+
 
 class EncoderLike(Protocol):
     """The part of :class:`infogrowth.encode.Encoder` the stages use (no torch import here)."""
@@ -100,6 +103,10 @@ class EmbedStage:
         self.router = router
         self.delta: float | None = settings.clean.delta if settings.clean.enabled else None
         """Alignment threshold; the seed calibration may set it later."""
+        self.alignment_reference: tuple[float, float, float] | None = None
+        """Seed alignment quartiles; the stream's early median is checked against them."""
+        self._early_alignments: list[float] = []
+        self.alignment_drift: bool | None = None
         self.times = StageTimes()
         self.threads = cpu_threads()
         self._pool: ThreadPoolExecutor | None = None
@@ -193,6 +200,7 @@ class EmbedStage:
                 emb.alignment = round(float(np.dot(vecs["image"], vecs["text"])), 9)
             out[pos] = emb
         if clean:
+            self._check_drift(out)
             self._clean(out, images)
         if self.router is not None:
             for i, r in enumerate(out):
@@ -317,6 +325,32 @@ class EmbedStage:
 
     # -- cleaning -------------------------------------------------------------------------
 
+    def _check_drift(self, out: Sequence[Embedded | Outcome | None]) -> None:
+        """Once ``DRIFT_SAMPLE`` alignments have arrived: warn when their median falls outside
+        the seed's interquartile range (δ was fitted on a different distribution)."""
+        ref = self.alignment_reference
+        if ref is None or self.alignment_drift is not None:
+            return
+        self._early_alignments.extend(
+            r.alignment for r in out if isinstance(r, Embedded) and r.alignment is not None
+        )
+        if len(self._early_alignments) < DRIFT_SAMPLE:
+            return
+        median = float(np.median(self._early_alignments))
+        self.alignment_drift = not ref[0] <= median <= ref[2]
+        self._early_alignments = []
+        if self.alignment_drift:
+            log.warning(
+                "stream alignments depart from the seed's: median of the first %d is %.4f, "
+                "outside the seed's interquartile range [%.4f, %.4f]; δ = %s was fitted on the "
+                "seed and may flag too many or too few pairs",
+                DRIFT_SAMPLE,
+                median,
+                ref[0],
+                ref[2],
+                self.delta,
+            )
+
     def _clean(self, out: list[Embedded | Outcome | None], images: dict[int, Image.Image]) -> None:
         delta = self.delta
         if delta is not None:
@@ -407,7 +441,9 @@ class Curator:
         if not good:
             raise ValueError("the seed set has no valid sample")
         spaces = self.embed.spaces or ()
-        self.stats = seed_stats(good, spaces, self.settings.select.k)
+        self.stats = seed_stats(
+            good, spaces, self.settings.select.k, self.settings.clean.neighbour_k
+        )
         self._setup(self.stats)
         assert self.state is not None
         seen: set[str] = set()
@@ -432,6 +468,7 @@ class Curator:
         assert spaces is not None and dims is not None
         self.thresholds = resolve_thresholds(self.settings, spaces, stats)
         self.embed.delta = self.thresholds.delta
+        self.embed.alignment_reference = self.thresholds.alignment_quartiles
         self.state = PartitionState.empty(spaces, dims, self.settings.index)
         fixer = self.settings.clean.fixer
         self.selector = Selector(
@@ -461,6 +498,35 @@ class Curator:
 
     def report_thresholds(self) -> dict[str, Any]:
         return self.thresholds.as_record() if self.thresholds else {}
+
+    def report_online(self) -> dict[str, Any]:
+        """Realised keep rate, keep scale and online ε of the run so far."""
+        if self.state is None:
+            return {}
+        o = self.state.online
+        return {
+            "seen": o.seen,
+            "kept": o.kept,
+            "keep_rate": round(o.keep_rate, 4) if o.keep_rate is not None else None,
+            "keep_scale": o.scale,
+            "epsilon": {s: e.epsilon for s, e in sorted(o.eps.items())} or None,
+        }
+
+    def report_calibration(self) -> dict[str, Any]:
+        """What the seed calibration measured, and what it switched off."""
+        stats = self.stats
+        if stats is None:
+            return {"seed": False, "notes": ["no seed: ε follows the stream; no label vote"]}
+        vote = stats.vote.as_record() if stats.vote else None
+        notes = [n for n in (vote or {}).get("note", "").split("; ") if n]
+        return {
+            "seed": True,
+            "items": stats.count,
+            "duplicates_left_out": stats.duplicates,
+            "mismatched_pairs": len(stats.mismatched),
+            "vote": vote,
+            "notes": notes,
+        }
 
 
 def _join(slices: list[Any], pinned: bool) -> dict[str, Any] | None:

@@ -36,6 +36,9 @@ class Outcome:
     gain_by_space: dict[str, float | None] = field(default_factory=dict)
     nn_distance: dict[str, float | None] = field(default_factory=dict)
     keep_probability: float | None = None
+    keep_scale: float | None = None
+    duplicate_of: str | None = None
+    vote: dict[str, float] | None = None
     payload: bytes | None = None
     source: dict[str, str | int] | None = None
 
@@ -64,6 +67,9 @@ class Outcome:
         o.gain_by_space = v.gain_by_space
         o.nn_distance = v.nn_distance
         o.keep_probability = v.keep_probability
+        o.keep_scale = v.keep_scale
+        o.duplicate_of = v.duplicate_of
+        o.vote = v.vote
         return o
 
     @classmethod
@@ -96,6 +102,9 @@ def output_record(o: Outcome, thresholds: Thresholds, *, include_image: bool) ->
         "gain_by_space": o.gain_by_space or None,
         "nn_distance": o.nn_distance or None,
         "keep_probability": o.keep_probability,
+        "keep_scale": o.keep_scale,
+        "duplicate_of": o.duplicate_of,
+        "vote": o.vote,
         "alignment": o.alignment,
         "original_alignment": o.original_alignment,
         "thresholds": thresholds.as_record(),

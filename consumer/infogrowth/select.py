@@ -16,15 +16,15 @@ exactly, pair by pair, like every other decision distance.
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from infogrowth.config import CleanConfig, SelectConfig
 from infogrowth.index import PartitionState
+from infogrowth.online import OnlineState
 from infogrowth.schema import Embedded
 
 Decision = Literal["accepted", "relabeled", "rejected"]
@@ -42,21 +42,65 @@ class Thresholds:
     epsilon: dict[str, float]
     delta: float | None = None
     g_scale: float | None = None
+    """Fixed sampling scale, or the starting scale under ``keep_fraction``."""
     tau: float | None = None
     seed: int = 0
     radius: float | None = None
+    keep_fraction: float | None = None
+    epsilon_online: bool = False
+    """ε per space comes from the partition's online estimate (``epsilon`` is the warm-up value)."""
+    vote_k: int = 10
+    confidence: float | None = None
+    """Vote share a new label needs (None: no relabelling)."""
+    reject_share: float | None = None
+    """``label_noise`` at or below this own-label share (None: no such rejection)."""
+    vote_scale: float | None = None
+    """Voter weight ``1 / (d + vote_scale)``; equal weights when None."""
+    alignment_quartiles: tuple[float, float, float] | None = None
+    """The seed's matched-pair alignment quartiles: the reference for the drift warning."""
 
-    def as_record(self) -> dict[str, object]:
+    def as_record(self) -> dict[str, Any]:
         return {
             "policy": self.policy,
             "k": self.k,
             "delta": self.delta,
             "epsilon": dict(self.epsilon),
+            "epsilon_online": self.epsilon_online,
             "g_scale": self.g_scale,
+            "keep_fraction": self.keep_fraction,
             "tau": self.tau,
             "seed": self.seed,
             "radius": self.radius,
+            "vote_k": self.vote_k,
+            "confidence": self.confidence,
+            "reject_share": self.reject_share,
+            "vote_scale": self.vote_scale,
+            "alignment_quartiles": list(self.alignment_quartiles)
+            if self.alignment_quartiles
+            else None,
         }
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> Thresholds:
+        return cls(
+            policy=rec["policy"],
+            k=int(rec["k"]),
+            epsilon=dict(rec.get("epsilon") or {}),
+            delta=rec.get("delta"),
+            g_scale=rec.get("g_scale"),
+            tau=rec.get("tau"),
+            seed=int(rec.get("seed", rec.get("sample_seed", 0))),
+            radius=rec.get("radius"),
+            keep_fraction=rec.get("keep_fraction"),
+            epsilon_online=bool(rec.get("epsilon_online", False)),
+            vote_k=int(rec.get("vote_k", 10)),
+            confidence=rec.get("confidence"),
+            reject_share=rec.get("reject_share"),
+            vote_scale=rec.get("vote_scale"),
+            alignment_quartiles=tuple(rec["alignment_quartiles"])  # type: ignore[arg-type]
+            if rec.get("alignment_quartiles")
+            else None,
+        )
 
 
 @dataclass
@@ -71,6 +115,12 @@ class Verdict:
     nn_distance: dict[str, float | None] = field(default_factory=dict)
     keep_probability: float | None = None
     detail: str | None = None
+    duplicate_of: str | None = None
+    """The nearest kept item behind a ``duplicate`` or ``redundant``."""
+    vote: dict[str, float] | None = None
+    """Weighted label shares of the voting neighbours (labelled items that were voted on)."""
+    keep_scale: float | None = None
+    """The ``sample`` policy's scale when this item was decided."""
 
 
 def coin(sample_id: str, seed: int) -> float:
@@ -89,8 +139,20 @@ def pair_distances(q: np.ndarray, v: np.ndarray) -> np.ndarray:
     return 1.0 - dots
 
 
-def _vote(labels: Sequence[str | None]) -> Counter[str]:
-    return Counter(lbl for lbl in labels if lbl is not None)
+def vote_shares(
+    labels: Sequence[str | None], d: Sequence[float], scale: float | None
+) -> dict[str, float]:
+    """Weighted shares of the voters' labels (weight ``1 / (d + scale)``; None abstains)."""
+    acc: dict[str, float] = {}
+    for lbl, dist in zip(labels, d, strict=True):
+        if lbl is not None:
+            acc[lbl] = acc.get(lbl, 0.0) + (1.0 / (dist + scale) if scale is not None else 1.0)
+    total = sum(acc.values())
+    return {k: v / total for k, v in acc.items()} if total > 0 else {}
+
+
+Lookup = Callable[[int], tuple[str, str | None, bool]]
+"""Index position -> (id, label, votes)."""
 
 
 class Selector:
@@ -115,15 +177,26 @@ class Selector:
             if cfg.label_space not in state.spaces:
                 raise ValueError(f"select.label_space={cfg.label_space} is not an index space")
             self.label_space = cfg.label_space
+        t = thresholds
+        self.relabels = neighbour_fixer and t.confidence is not None
+        self.votes = self.relabels or t.reject_share is not None or cfg.entropy_weight > 0
+
+    def _width(self, space: str, labelled: bool) -> int:
+        if labelled and self.votes and space == self.label_space:
+            return max(self.t.k, self.t.vote_k)
+        return self.t.k
 
     def decide(self, batch: Sequence[Embedded], *, commit: bool = True) -> list[Verdict]:
-        """Decide each item in order; with ``commit`` the kept items are added to the state."""
+        """Decide each item in order; with ``commit`` the kept items (and the online state) are
+        added to the state."""
         st = self.state
-        k = self.t.k
         spaces = st.spaces
         n = len(batch)
         if n == 0:
             return []
+        online = st.online if commit else st.online.copy()
+        labelled = any(it.label is not None for it in batch)
+        width = {s: self._width(s, labelled) for s in spaces}
         q = {
             s: np.stack([it.vectors[s] for it in batch]).astype(np.float32, copy=False)
             for s in spaces
@@ -148,7 +221,7 @@ class Selector:
         idx_ids: dict[str, np.ndarray] = {}
         idx_d: dict[str, np.ndarray] = {}
         for s in spaces:
-            labels, _ = st.indexes[s].knn(q[s], k)
+            labels, _ = st.indexes[s].knn(q[s], width[s])
             kk = labels.shape[1]
             if kk:
                 stored = st.indexes[s].get(labels.reshape(-1))
@@ -160,7 +233,7 @@ class Selector:
                 d = np.empty((n, 0), dtype=np.float64)
             idx_ids[s], idx_d[s] = labels, d
 
-        # Earlier batch items that could enter an item's k nearest, per space: a float32 screen
+        # Earlier batch items that could enter an item's nearest, per space: a float32 screen
         # with a margin above its rounding error, then exact float64 distances for the pairs.
         cand: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
         flagged = repeat & live
@@ -169,7 +242,8 @@ class Selector:
             for s in spaces:
                 qs = q[s]
                 d_idx = idx_d[s]
-                thr = d_idx[:, k - 1] if d_idx.shape[1] == k else np.full(n, np.inf)
+                w = width[s]
+                thr = d_idx[:, w - 1] if d_idx.shape[1] == w else np.full(n, np.inf)
                 near = _screen(qs, thr) & lower
                 ii, jj = np.nonzero(near)
                 if len(ii):
@@ -178,38 +252,44 @@ class Selector:
                     cand[s] = (ii, jj, exact, starts)
                     flagged |= np.bincount(ii, minlength=n) > 0
 
-        verdicts: list[Verdict | None] = [None] * n
+        # Gains and nearest distances of the items whose neighbours are their index neighbours
+        # whatever the batch keeps, as whole-array operations.
+        k = self.t.k
+        bulk_gain: dict[str, list[float] | None] = {}
+        bulk_nn: dict[str, list[float] | None] = {}
+        for s in spaces:
+            d = idx_d[s]
+            if d.shape[1]:
+                means = _row_means(d, k)
+                bulk_gain[s] = [round(x, ROUND) for x in means.tolist()]
+                bulk_nn[s] = [round(x, ROUND) for x in d[:, 0].tolist()]
+            else:
+                bulk_gain[s] = bulk_nn[s] = None
+
+        verdicts: list[Verdict] = []
         kept = np.zeros(n, dtype=bool)
-        for i in np.flatnonzero(~live).tolist():
-            verdicts[i] = _duplicate_id(batch[i])
-
-        # Items whose neighbours are their index neighbours whatever the batch keeps.
-        bulk = np.flatnonzero(live & ~flagged)
-        if len(bulk):
-            no_intra: Callable[[int], str | None] = self._index_label
-            rows = self._judge_rows(
-                [batch[i] for i in bulk.tolist()],
-                {s: idx_ids[s][bulk] for s in spaces},
-                {s: idx_d[s][bulk] for s in spaces},
-                no_intra,
-                base,
-            )
-            for i, v in zip(bulk.tolist(), rows, strict=True):
-                verdicts[i] = v
-                kept[i] = v.decision != "rejected"
-
-        # The rest in order: merge the index neighbours with the candidates kept so far.
-        for i in np.flatnonzero(flagged).tolist():
+        for i in range(n):
             item = batch[i]
-            if repeat[i] and any(kept[j] and ids[j] == item.id for j in range(i)):
-                verdicts[i] = _duplicate_id(item)
+            if not live[i] or (repeat[i] and any(kept[j] and ids[j] == item.id for j in range(i))):
+                verdicts.append(_duplicate_id(item))
                 continue
             rank = np.cumsum(kept[:i])
+            kept_rows = np.flatnonzero(kept[:i])
+
+            def lookup(j: int, kept_rows: np.ndarray = kept_rows) -> tuple[str, str | None, bool]:
+                if j < base:
+                    return st.ids[j], st.labels[j], self.clean.relabeled_vote or not st.fixed[j]
+                it = batch[int(kept_rows[j - base])]
+                return it.id, it.label, self.clean.relabeled_vote or it.fix is None
+
             nb_ids: dict[str, np.ndarray] = {}
             nb_d: dict[str, np.ndarray] = {}
+            gains: dict[str, float | None] = {}
+            nn: dict[str, float | None] = {}
             for s in spaces:
                 ids_s, d_s = idx_ids[s][i], idx_d[s][i]
-                if s in cand:
+                merged = False
+                if flagged[i] and s in cand:
                     ii, jj, exact, starts = cand[s]
                     lo, hi = int(starts[i]), int(starts[i + 1])
                     js = jj[lo:hi]
@@ -218,66 +298,37 @@ class Selector:
                         js = js[ok]
                         ids_s = np.concatenate([ids_s, base + rank[js] - 1])
                         d_s = np.concatenate([d_s, exact[lo:hi][ok]])
-                        order = np.lexsort((ids_s, d_s))[:k]
+                        order = np.lexsort((ids_s, d_s))[: width[s]]
                         ids_s, d_s = ids_s[order], d_s[order]
-                nb_ids[s], nb_d[s] = ids_s[None, :], d_s[None, :]
-            kept_rows = np.flatnonzero(kept[:i])
-
-            def label_of(j: int, kept_rows: np.ndarray = kept_rows) -> str | None:
-                if j < base:
-                    return self.state.labels[j]
-                return batch[int(kept_rows[j - base])].label
-
-            v = self._judge_rows([item], nb_ids, nb_d, label_of, base)[0]
-            verdicts[i] = v
+                        merged = True
+                nb_ids[s], nb_d[s] = ids_s, d_s
+                if not merged and bulk_gain[s] is not None:
+                    gains[s] = bulk_gain[s][i]  # type: ignore[index]
+                    nn[s] = bulk_nn[s][i]  # type: ignore[index]
+                elif len(d_s):
+                    gains[s] = round(float(_row_means(d_s[None, :], k)[0]), ROUND)
+                    nn[s] = round(float(d_s[0]), ROUND)
+                else:
+                    gains[s], nn[s] = NO_NEIGHBOUR_GAIN, None
+            v = self._judge(item, gains, nn, nb_ids, nb_d, lookup, base, online)
+            verdicts.append(v)
             kept[i] = v.decision != "rejected"
 
-        out = [v for v in verdicts if v is not None]
-        assert len(out) == n
         if commit and kept.any():
             rows_kept = np.flatnonzero(kept)
             st.add(
                 [ids[i] for i in rows_kept.tolist()],
                 {s: q[s][rows_kept] for s in spaces},
                 [batch[i].label for i in rows_kept.tolist()],
+                [batch[i].fix is not None for i in rows_kept.tolist()],
             )
-        return out
+        return verdicts
 
-    def _index_label(self, j: int) -> str | None:
-        return self.state.labels[j]
-
-    def _judge_rows(
-        self,
-        items: Sequence[Embedded],
-        nb_ids: dict[str, np.ndarray],
-        nb_d: dict[str, np.ndarray],
-        label_of: Callable[[int], str | None],
-        base: int,
-    ) -> list[Verdict]:
-        """Verdicts for ``items`` from their sorted neighbour ids and distances, (m, c) per space.
-
-        The numbers come from whole-array operations; what is left per item is the rounding to
-        Python floats and the policy's comparisons.
-        """
-        gains: dict[str, list[float]] = {}
-        nearest: dict[str, list[float] | None] = {}
-        for s, d in nb_d.items():
-            if d.shape[1]:
-                gains[s] = [round(x, ROUND) for x in d.mean(axis=1).tolist()]
-                nearest[s] = [round(x, ROUND) for x in d[:, 0].tolist()]
-            else:
-                gains[s] = [NO_NEIGHBOUR_GAIN] * len(items)
-                nearest[s] = None
-        spaces = list(nb_d)
-        out = []
-        for r, item in enumerate(items):
-            g_s: dict[str, float | None] = {s: gains[s][r] for s in spaces}
-            nn_s: dict[str, float | None] = {}
-            for s in spaces:
-                col = nearest[s]
-                nn_s[s] = None if col is None else col[r]
-            out.append(self._judge(item, g_s, nn_s, nb_ids, nb_d, r, label_of, base))
-        return out
+    def _epsilon(self, space: str, online: OnlineState) -> float:
+        t = self.t
+        if t.epsilon_online:
+            return online.epsilon(space, self.cfg.epsilon_default, self.cfg.epsilon_warmup)
+        return t.epsilon.get(space, 0.0)
 
     def _judge(
         self,
@@ -286,9 +337,9 @@ class Selector:
         nn: dict[str, float | None],
         nb_ids: dict[str, np.ndarray],
         nb_d: dict[str, np.ndarray],
-        row: int,
-        label_of: Callable[[int], str | None],
+        lookup: Lookup,
         base: int,
+        online: OnlineState,
     ) -> Verdict:
         t = self.t
         vals = [g for g in gains.values() if g is not None]
@@ -301,39 +352,58 @@ class Selector:
         gain = round(mean, ROUND)
         verdict = Verdict(item, "accepted", None, gain=gain, gain_by_space=gains, nn_distance=nn)
 
-        # Duplicate floor: the nearest accepted item is closer than epsilon.
-        close = [nn[s] is not None and nn[s] < t.epsilon.get(s, 0.0) for s in nn]  # type: ignore[operator]
+        # Duplicate floor: the nearest accepted item is closer than epsilon (decided with the
+        # floor as it stood before this item; the online estimate then sees its distance).
+        eps = {s: self._epsilon(s, online) for s in nn}
+        if t.epsilon_online:
+            for s, d in nn.items():
+                if d is not None:
+                    online.observe_nn(s, d, self.cfg.epsilon_warmup)
+        close = [nn[s] is not None and nn[s] < eps[s] for s in nn]  # type: ignore[operator]
         is_dup = all(close) if self.cfg.duplicate_mode == "all" else any(close)
         if is_dup and close:
             verdict.decision, verdict.reason = "rejected", "duplicate"
-            verdict.detail = "nearest accepted item is closer than epsilon"
+            verdict.duplicate_of = self._nearest_id(nb_ids, lookup)
+            near = ", ".join(f"{s} {nn[s]:.3g} < {eps[s]:.3g}" for s in nn if nn[s] is not None)
+            verdict.detail = f"nearest accepted item is closer than epsilon ({near})"
             return verdict
 
-        # Label vote of the k nearest accepted neighbours (labelled data).
+        # Weighted label vote of the nearest accepted neighbours within the radius.
         warm = t.radius is not None or base >= self.clean.neighbour_warmup
-        if item.label is not None and warm:
+        if item.label is not None and self.votes and warm:
             ls = self.label_space
-            near = nb_ids[ls][row]
+            near_ids = nb_ids[ls][: t.vote_k]
+            near_d = nb_d[ls][: t.vote_k]
             if t.radius is not None:
-                near = near[nb_d[ls][row] <= t.radius]
-            votes = _vote([label_of(j) for j in near.tolist()])
-            total = sum(votes.values())
-            if total:
-                own_share = votes.get(item.label, 0) / total
+                inside = near_d <= t.radius
+                near_ids, near_d = near_ids[inside], near_d[inside]
+            voters = [lookup(j) for j in near_ids.tolist()]
+            labels = [lbl if votes else None for _, lbl, votes in voters]
+            shares = vote_shares(labels, near_d.tolist(), t.vote_scale)
+            n_votes = sum(lbl is not None for lbl in labels)
+            if shares:
+                verdict.vote = {lbl: round(x, 4) for lbl, x in sorted(shares.items())}
+                own_share = shares.get(item.label, 0.0)
                 if self.cfg.entropy_weight:
                     verdict.gain = round(gain + self.cfg.entropy_weight * (1.0 - own_share), ROUND)
-                if self.neighbour_fixer and total >= self.clean.neighbour_min:
-                    top_label, top_n = sorted(votes.items(), key=lambda kv: (-kv[1], kv[0]))[0]
-                    if top_label != item.label and top_n / total >= self.clean.neighbour_confidence:
+                if n_votes >= self.clean.neighbour_min:
+                    top_label, top_share = sorted(shares.items(), key=lambda kv: (-kv[1], kv[0]))[0]
+                    conf = t.confidence
+                    if (
+                        self.relabels
+                        and conf is not None
+                        and top_label != item.label
+                        and top_share >= conf
+                    ):
                         if item.original_label is None:
                             item.original_label = item.label
                         item.label = top_label
                         item.fix = item.fix or "neighbour_relabel"
-                    elif own_share == 0.0 and self.clean.reject_unfixable_labels:
+                    elif t.reject_share is not None and own_share <= t.reject_share:
                         verdict.decision, verdict.reason = "rejected", "label_noise"
                         verdict.detail = (
-                            f"no neighbour shares label {item.label!r} and no label wins "
-                            f"{self.clean.neighbour_confidence:.0%} of the vote"
+                            f"label {item.label!r} holds {own_share:.0%} of the vote "
+                            f"(<= {t.reject_share:.0%}) and no label reaches the confidence"
                         )
                         return verdict
 
@@ -342,19 +412,36 @@ class Selector:
             tau = t.tau or 0.0
             if g < tau:
                 verdict.decision, verdict.reason = "rejected", "redundant"
+                verdict.duplicate_of = self._nearest_id(nb_ids, lookup)
                 verdict.detail = f"gain {g:.4f} < tau {tau:.4f}"
+                online.keep_step(False, None)
                 return verdict
+            online.keep_step(True, None)
         elif t.policy == "sample":
-            assert t.g_scale is not None
-            p = min(max(g / t.g_scale, 0.0), 1.0)
+            scale = online.scale if t.keep_fraction is not None else t.g_scale
+            if scale is None:  # keep fraction without a seed: the first item sets the scale
+                scale = max(g, 1e-6) / (t.keep_fraction or 1.0)
+                online.scale = scale
+            p = min(max(g / scale, 0.0), 1.0)
             verdict.keep_probability = round(p, ROUND)
-            if coin(item.id, t.seed) >= p:
+            verdict.keep_scale = round(scale, ROUND)
+            keep = coin(item.id, t.seed) < p
+            online.keep_step(keep, t.keep_fraction)
+            if not keep:
                 verdict.decision, verdict.reason = "rejected", "sampled_out"
-                verdict.detail = f"keep probability {p:.4f}"
+                verdict.detail = f"keep probability {p:.4f} = gain {g:.4f} / scale {scale:.4f}"
                 return verdict
+        else:
+            online.keep_step(True, None)
         if item.fix is not None:
             verdict.decision, verdict.reason = "relabeled", item.fix
         return verdict
+
+    def _nearest_id(self, nb_ids: dict[str, np.ndarray], lookup: Lookup) -> str | None:
+        row = nb_ids.get(self.label_space)
+        if row is None or not len(row):
+            return None
+        return lookup(int(row[0]))[0]
 
 
 _BLAS_SINGLE = 262_144
@@ -382,6 +469,12 @@ def _screen(qs: np.ndarray, thr: np.ndarray) -> np.ndarray:
             j1 = min(n, j0 + step)
             np.greater_equal(qs[i0:i1] @ qs[j0:j1].T, floor[i0:i1], out=near[i0:i1, j0:j1])
     return near
+
+
+def _row_means(d: np.ndarray, k: int) -> np.ndarray:
+    """Mean of the first ``k`` columns, one summation order for every path (bulk or merged)."""
+    means: np.ndarray = np.ascontiguousarray(d[:, :k]).mean(axis=1)
+    return means
 
 
 def _duplicate_id(item: Embedded) -> Verdict:

@@ -26,6 +26,7 @@ import msgpack
 
 from infogrowth.config import IndexConfig
 from infogrowth.index import PartitionState, SpaceIndex
+from infogrowth.online import OnlineState
 
 log = logging.getLogger(__name__)
 FORMAT = 1
@@ -83,7 +84,17 @@ def save(state: PartitionState, directory: Path, fingerprint: str, keep: int = 2
         state.indexes[s].save(str(tmp / fname))
         files[fname] = ""
     items = tmp / "items.msgpack"
-    items.write_bytes(msgpack.packb({"ids": state.ids, "labels": state.labels}, use_bin_type=True))
+    items.write_bytes(
+        msgpack.packb(
+            {
+                "ids": state.ids,
+                "labels": state.labels,
+                "fixed": state.fixed,
+                "online": state.online.as_record(),
+            },
+            use_bin_type=True,
+        )
+    )
     files["items.msgpack"] = ""
     total = 0
     for fname in files:
@@ -172,10 +183,12 @@ def load(
         items = msgpack.unpackb((snap / "items.msgpack").read_bytes(), raw=False)
         ids: list[str] = list(items["ids"])
         labels: list[str | None] = list(items["labels"])
+        fixed: list[bool] = [bool(x) for x in items.get("fixed", [False] * len(ids))]
+        online = OnlineState.from_record(items.get("online"))
     except Exception as exc:
         raise SnapshotError(f"{snap}: bad items file: {exc}") from None
     count = int(manifest["count"])
-    if len(ids) != count or len(labels) != count:
+    if len(ids) != count or len(labels) != count or len(fixed) != count:
         raise SnapshotError(f"{snap}: item count {len(ids)} != manifest count {count}")
     indexes = {}
     for s in spaces:
@@ -195,4 +208,6 @@ def load(
         labels=labels,
         id_pos={sid: i for i, sid in enumerate(ids)},
         changelog_offset=int(manifest["changelog_offset"]),
+        fixed=fixed,
+        online=online,
     )

@@ -163,6 +163,11 @@ def test_vectorised_select_matches_one_at_a_time(
         g_scale=0.4,
         tau=0.15,
         radius=0.6,
+        keep_fraction=0.5 if policy == "sample" else None,
+        vote_k=6,
+        confidence=0.6,
+        reject_share=0.1,
+        vote_scale=0.05,
     )
 
     def run(batch: int) -> list[tuple[object, ...]]:

@@ -50,7 +50,9 @@ def test_curate_exactly_one_record_per_input_and_deterministic(tmp_path: Path) -
     report = json.loads((out / "report.json").read_text())
     assert report["samples"] == len(rows) + 1
     assert sum(report["decisions"].values()) == len(rows) + 1
-    assert report["thresholds"]["policy"] == "sample" and report["thresholds"]["g_scale"] > 0
+    assert report["thresholds"]["policy"] == "all"
+    assert report["calibration"]["seed"] is True and report["calibration"]["vote"] is not None
+    assert report["online"]["seen"] == report["online"]["kept"] > 0
     assert set(report["stage_samples_per_s"]) >= {"embed", "select"}
 
     code, output, out_b = _curate(tmp_path, "b", "--input", str(inp), "--seed", str(seed))

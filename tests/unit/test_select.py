@@ -42,16 +42,16 @@ def test_one_outcome_per_input_in_order() -> None:
 def test_batched_equals_sequential(batch: int) -> None:
     data = clustered(400, dup_rate=0.15, flip_rate=0.1, seed=2)
     seed = clustered(60, seed=3, prefix="seed").samples
-    reference = [key(o) for o in run(data.samples, 1, seed, **{"select.policy": "sample"})]
-    got = [key(o) for o in run(data.samples, batch, seed, **{"select.policy": "sample"})]
+    reference = [key(o) for o in run(data.samples, 1, seed, **{"select.keep_fraction": 0.5})]
+    got = [key(o) for o in run(data.samples, batch, seed, **{"select.keep_fraction": 0.5})]
     assert got == reference
 
 
 def test_deterministic_across_runs() -> None:
     data = clustered(250, dup_rate=0.2, seed=4)
     seed = clustered(50, seed=5, prefix="seed").samples
-    a = run(data.samples, 40, seed, **{"select.policy": "sample"})
-    b = run(data.samples, 40, seed, **{"select.policy": "sample"})
+    a = run(data.samples, 40, seed, **{"select.keep_fraction": 0.5})
+    b = run(data.samples, 40, seed, **{"select.keep_fraction": 0.5})
     assert [key(o) for o in a] == [key(o) for o in b]
     assert {o.decision for o in a} >= {"accepted", "rejected"}
 
@@ -125,7 +125,7 @@ def test_threshold_policy_rejects_redundant() -> None:
 def test_sample_policy_keeps_with_probability() -> None:
     seed = clustered(100, seed=14, prefix="seed").samples
     data = clustered(1500, seed=15)
-    out = run(data.samples, 100, seed, **{"select.policy": "sample", "clean.fixer": "none"})
+    out = run(data.samples, 100, seed, **{"select.keep_fraction": 0.5, "clean.fixer": "none"})
     kept = [o for o in out if o.decision != "rejected"]
     considered = [o for o in out if o.keep_probability is not None]
     expected = sum(o.keep_probability or 0 for o in considered)

@@ -13,7 +13,7 @@ from infogrowth.select import Selector
 from tests.fixtures.data import clustered
 from tests.fixtures.helpers import make_settings, to_samples
 
-CFG: dict[str, Any] = {"select.policy": "sample", "select.batch_size": 25}
+CFG: dict[str, Any] = {"select.keep_fraction": 0.5, "select.batch_size": 25}
 
 
 def _curator(exact_below: int = 20_000) -> Curator:

@@ -44,12 +44,19 @@ from infogrowth.schema import Malformed, Sample
 
 log = logging.getLogger(__name__)
 
-EVAL_SETTINGS: dict[str, Any] = {
-    "clean.neighbour_confidence": 1.0,
+EVAL_SETTINGS: dict[str, Any] = {}
+"""Settings the eval runs with unless ``--config`` sets them: none, so every headline figure is
+the package defaults' (the seed calibrates what they leave open)."""
+
+KEEP_FRACTION = 0.3
+"""The budget the keep-rate row runs (``select.keep_fraction``)."""
+PREVIOUS_VOTE: dict[str, Any] = {
+    "clean.neighbour_k": 4,
+    "clean.neighbour_confidence": 0.75,
+    "clean.reject_share": 0.0,
+    "clean.relabeled_vote": True,
 }
-"""Settings the eval runs with unless ``--config`` sets them: a relabel needs every voting
-neighbour to agree (the package default, 0.75 of the vote, relabels too many clean samples of
-overlapping classes; the noise table shows both)."""
+"""The vote as it was before the seed calibration: the gain's 4 neighbours, 75% of the vote."""
 
 CAPTION_TEMPLATES = (
     "a photo of a {label}",
@@ -409,6 +416,8 @@ class Run:
     text: list[str | None]
     thresholds: dict[str, Any]
     seconds: float
+    online: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
 
     @property
     def kept(self) -> np.ndarray:
@@ -478,7 +487,9 @@ class Experiment:
         stream = samples if samples is not None else self._samples
         t0 = time.perf_counter()
         cur = Curator(settings, encoder, captioner)
-        cur.seed(seed if seed is not None else self._seed)
+        seed_items = seed if seed is not None else self._seed
+        if seed_items:
+            cur.seed(seed_items)
         outs = []
         bs = settings.select.batch_size
         for lo in range(0, len(stream), bs):
@@ -505,6 +516,8 @@ class Experiment:
             text=[o.text for o in outs],
             thresholds=cur.report_thresholds(),
             seconds=round(seconds, 2),
+            online=cur.report_online(),
+            calibration=cur.report_calibration(),
         )
         log.info("pipeline pass %s: %.1fs %s", overrides, seconds, run.counts())
         self._memo[key] = run
@@ -529,33 +542,34 @@ class Experiment:
     def sampled(
         self, overrides: dict[str, Any], size: int, coins: int | None = None
     ) -> tuple[list[Run], float]:
-        """Phase 1 (policy all) fixes g_scale for ``size``; phase 2 samples, one run per sampling
-        seed (``coins``, default: every eval seed)."""
+        """A budget pass per sampling seed (``coins``, default: every eval seed): the online
+        ``sample`` policy with ``select.keep_fraction`` = ``size`` / what the policy-all pass
+        keeps, so the stream itself keeps about the budget."""
         phase1 = self.run({**overrides, "select.policy": "all"})
-        g = phase1.gain[phase1.kept]
-        g = g[np.isfinite(g)]
-        scale = _fit_scale(g, size)
-        probe = self.run(
-            {**overrides, "select.policy": "sample", "select.g_scale": scale, "select.seed": 0}
-        )
-        n = len(probe.kept)
-        if not 0.85 * size <= n <= 1.3 * size:
-            # the sample pass keeps fewer items, so its gains (and its count) run higher than
-            # phase 1 predicts: correct the scale once from the probe's count
-            scale = round(scale * max(n, 1) / size, 9)
+        fraction = round(min(1.0, size / max(1, len(phase1.kept))), 6)
         n_runs = self.opts.seeds if coins is None else coins
         runs = [
-            self.run(
-                {
-                    **overrides,
-                    "select.policy": "sample",
-                    "select.g_scale": scale,
-                    "select.seed": s,
-                }
-            )
+            self.run({**overrides, "select.keep_fraction": fraction, "select.seed": s})
             for s in range(n_runs)
         ]
-        return [runs[s % n_runs] for s in range(self.opts.seeds)], scale
+        return [runs[s % n_runs] for s in range(self.opts.seeds)], fraction
+
+    @staticmethod
+    def authors_subset(run: Run, size: int, seed: int) -> np.ndarray:
+        """The authors' setup at training time: from a policy-``all`` pass, keep each kept item
+        with ``q = clip(g / the kept set's own 99th percentile of gains, 0, 1)`` (one static
+        sampling step), then thin or fill (highest q first) to ``size``."""
+        kept = run.kept
+        g = np.nan_to_num(run.gain[kept], nan=0.0)
+        scale = float(np.percentile(g, 99)) if len(g) else 1.0
+        q = np.clip(g / max(scale, 1e-12), 0.0, 1.0)
+        rng = np.random.default_rng(seed + SEED_OFFSET_TRIM + 7)
+        take = rng.random(len(kept)) < q
+        chosen = kept[take]
+        if len(chosen) >= size:
+            return np.sort(rng.choice(chosen, size=size, replace=False))
+        rest = kept[~take][np.argsort(-q[~take], kind="stable")]
+        return np.sort(np.concatenate([chosen, rest[: size - len(chosen)]]))
 
     # -- downstream -------------------------------------------------------------------------
 
@@ -593,20 +607,6 @@ class Experiment:
             if len(idx)
             else None,
         }
-
-
-def _fit_scale(gains: np.ndarray, size: int) -> float:
-    """g_scale at which sum(min(g / scale, 1)) == size (bisection, monotone in the scale)."""
-    if len(gains) <= size:
-        return float(max(gains.max(initial=0.0), 1e-9) / 1e6)
-    lo, hi = 1e-9, float(max(gains.max(), 1e-9)) * len(gains) / max(size, 1)
-    for _ in range(80):
-        mid = (lo + hi) / 2
-        if np.minimum(gains / mid, 1.0).sum() > size:
-            lo = mid
-        else:
-            hi = mid
-    return round(hi, 9)
 
 
 def _arm(
@@ -664,7 +664,28 @@ def _gain_hist(run: Run, stream: D.Stream) -> dict[str, Any]:
     return out
 
 
-def _redundancy(exp: Experiment, main: Run, configured: Run, thr: Run) -> dict[str, Any]:
+def _copies_beside(st: D.Stream, run: Run) -> dict[str, Any]:
+    """Per copy kind: share of injected copies kept while their original (or an earlier copy of
+    it) is kept: what the duplicate floor is for."""
+    kept = run.decision != "rejected"
+    seen: set[int] = set()
+    beside: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    for i, (kind, origin) in enumerate(zip(st.kind, st.origin.tolist(), strict=True)):
+        if kind != "original":
+            total[kind] += 1
+            beside[kind] += int(kept[i] and origin in seen)
+        if kept[i]:
+            seen.add(origin)
+    return {k: round(beside[k] / total[k], 4) for k in sorted(total)}
+
+
+def _originals_duplicate(st: D.Stream, run: Run) -> float:
+    orig = np.asarray([k == "original" for k in st.kind])
+    return round(float((run.reason[orig] == "duplicate").mean()), 4)
+
+
+def _redundancy(exp: Experiment, main: Run, budget: Run, thr: Run) -> dict[str, Any]:
     st = exp.prep.stream
     dup = st.is_dup
     kinds = np.asarray(st.kind)
@@ -688,9 +709,8 @@ def _redundancy(exp: Experiment, main: Run, configured: Run, thr: Run) -> dict[s
         ("duplicate floor ε (any policy)", main, ("duplicate",)),
         (f"threshold policy, τ = {thr.thresholds.get('tau')}", thr, ("duplicate", "redundant")),
         (
-            f"configured policy: {configured.thresholds.get('policy')}, g_scale = "
-            f"{configured.thresholds.get('g_scale')}",
-            configured,
+            f"budget: sample policy, keep_fraction = {budget.thresholds.get('keep_fraction')}",
+            budget,
             ("duplicate", "redundant", "sampled_out"),
         ),
     ]
@@ -742,11 +762,14 @@ def _noise(exp: Experiment, run: Run, name: str) -> dict[str, Any]:
     }
 
 
-CAPTION_DELTA_PERCENTILES = (5.0, 25.0)
+CAPTION_DELTAS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("default: seed pairs vs shuffled pairs, ≤ 1% matched flagged", {}),
+    ("previous default: 5th pct of seed alignments", {"clean.delta_percentile": 5.0}),
+)
 
 
 def _captions(exp: Experiment) -> dict[str, Any] | None:
-    """The image–text path at the default δ percentile and a laxer one."""
+    """The image–text path at the default δ and the previous one."""
     cap = exp.prep.captions
     if cap is None:
         return None
@@ -758,20 +781,20 @@ def _captions(exp: Experiment) -> dict[str, Any] | None:
         "alignment_auc": roc_auc(-cap.alignment[noisy], -cap.alignment[~noisy]),
         "runs": [],
     }
-    for pct in CAPTION_DELTA_PERCENTILES:
+    for name, overrides in CAPTION_DELTAS:
         run = exp.run(
-            {"select.policy": "all", "select.epsilon": 0.0, "clean.delta_percentile": pct},
+            {"select.epsilon": 0.0, **overrides},
             samples=cap.samples,
             seed=cap.seed_samples,
             encoder=cap.encoder,
             captioner=cap.captioner,
             tag="captions",
         )
-        out["runs"].append(_caption_scores(exp, cap, run, pct))
+        out["runs"].append(_caption_scores(exp, cap, run, name))
     return out
 
 
-def _caption_scores(exp: Experiment, cap: CaptionData, run: Run, pct: float) -> dict[str, Any]:
+def _caption_scores(exp: Experiment, cap: CaptionData, run: Run, name: str) -> dict[str, Any]:
     classes = exp.prep.classes
     noisy = cap.caption_class != cap.true_class
     recap = run.reason == "recaptioned"
@@ -786,7 +809,7 @@ def _caption_scores(exp: Experiment, cap: CaptionData, run: Run, pct: float) -> 
     )
     kept = run.kept
     return {
-        "delta_percentile": pct,
+        "setting": name,
         "delta": run.thresholds.get("delta"),
         "counts": run.counts(),
         "detected": int(detected.sum()),
@@ -813,10 +836,10 @@ def evaluate(prep: Prepared, opts: Options) -> dict[str, Any]:
     seeds = range(opts.seeds)
 
     say(f"{prep.name}: pipeline passes (cleaning, duplicate floor, policies) ...")
-    main = exp.run({"select.policy": "all"})
-    configured = exp.run({})
+    main = exp.run({})
+    budget = exp.run({"select.keep_fraction": KEEP_FRACTION})
     thr = exp.run({"select.policy": "threshold"})
-    defaults = exp.run({"select.policy": "all"}, defaults=True)
+    unseeded = exp.run({}, seed=[], tag="unseeded")
     result: dict[str, Any] = {
         "dataset": prep.name,
         "info": prep.info,
@@ -836,13 +859,30 @@ def evaluate(prep: Prepared, opts: Options) -> dict[str, Any]:
             "noisy_labels": int(st.noisy.sum()),
         },
         "thresholds": main.thresholds,
-        "counts": {"main": main.counts(), "configured": configured.counts()},
+        "calibration": main.calibration,
+        "counts": {"main": main.counts(), "budget": budget.counts()},
+        "keep_rate": {
+            "keep_fraction": KEEP_FRACTION,
+            "realised": budget.online.get("keep_rate"),
+            "seen": budget.online.get("seen"),
+            "kept": budget.online.get("kept"),
+            "of_stream": round(len(budget.kept) / len(st), 4),
+        },
+        "copies_beside": {
+            "seeded": _copies_beside(st, main),
+            "unseeded": _copies_beside(st, unseeded),
+            "unseeded_epsilon": unseeded.online.get("epsilon"),
+            "originals_rejected_seeded": _originals_duplicate(st, main),
+            "originals_rejected_unseeded": _originals_duplicate(st, unseeded),
+        },
     }
-    result["redundancy"] = _redundancy(exp, main, configured, thr)
+    result["redundancy"] = _redundancy(exp, main, budget, thr)
     result["gain_hist"] = _gain_hist(main, st)
     result["noise"] = [
-        _noise(exp, main, "eval settings (neighbour_confidence 1.0)"),
-        _noise(exp, defaults, "package defaults (neighbour_confidence 0.75)"),
+        _noise(exp, main, "package defaults"),
+        _noise(exp, exp.run({"clean.target_precision": 0.95}), "clean.target_precision 0.95"),
+        _noise(exp, exp.run({"clean.relabeled_vote": True}), "relabelled items vote too"),
+        _noise(exp, exp.run(PREVIOUS_VOTE), "previous defaults (4 voters, confidence 0.75)"),
     ]
 
     say(f"{prep.name}: downstream training ...")
@@ -858,6 +898,8 @@ def evaluate(prep: Prepared, opts: Options) -> dict[str, Any]:
         down.append(_arm(exp, "random", b, [(i, st.labels[i]) for i in rnd]))
         cur = [exp.subset(main, size, s) for s in seeds]
         down.append(_arm(exp, "curated", b, [(i, main.label[i]) for i in cur]))
+        auth = [exp.authors_subset(main, size, s) for s in seeds]
+        down.append(_arm(exp, "curated+authors' sampling", b, [(i, main.label[i]) for i in auth]))
         runs, scale = exp.sampled({}, size)
         sampled_scale[str(b)] = scale
         sub = [exp.subset(r, size, s) for s, r in enumerate(runs)]
@@ -870,7 +912,7 @@ def evaluate(prep: Prepared, opts: Options) -> dict[str, Any]:
             )
         )
     result["downstream"] = down
-    result["sampling_g_scale"] = sampled_scale
+    result["sampling_keep_fraction"] = sampled_scale
 
     if opts.ablation:
         say(f"{prep.name}: ablations ...")
@@ -881,7 +923,7 @@ def evaluate(prep: Prepared, opts: Options) -> dict[str, Any]:
             np.sort(np.random.default_rng(s).choice(len(st), size, replace=False)) for s in seeds
         ]
         rows.append(_arm(exp, "neither (random)", b, [(i, st.labels[i]) for i in rnd]))
-        clean_only = exp.run({"select.policy": "all", "select.epsilon": 0.0})
+        clean_only = exp.run({"select.epsilon": 0.0})
         rows.append(
             _arm(
                 exp,
@@ -920,6 +962,7 @@ def evaluate(prep: Prepared, opts: Options) -> dict[str, Any]:
             )
             phase1 = exp.run({**ov, "select.policy": "all"})
             row["k"] = k
+            row["vote_k"] = exp.settings(ov).clean.neighbour_k
             row["auc_gain"] = roc_auc(
                 -phase1.gain[st.is_dup & np.isfinite(phase1.gain)],
                 -phase1.gain[~st.is_dup & np.isfinite(phase1.gain)],

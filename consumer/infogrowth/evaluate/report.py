@@ -11,7 +11,7 @@ from typing import Any
 
 from infogrowth.evaluate.plots import Series, line_chart, step_histogram
 
-ARMS = ("random", "curated", "curated+sampling")
+ARMS = ("random", "curated", "curated+authors' sampling", "curated+sampling")
 CLF_NAMES = {
     "lr": "logistic regression (frozen embeddings)",
     "mlp": "MLP",
@@ -175,7 +175,15 @@ def claims(res: dict[str, Any]) -> list[tuple[str, str, str]]:
             (f"{b:g}", _row(res, "curated+sampling", b), _row(res, "curated", b)) for b in budgets
         ]
         w, t, lo, ev = _compare(pairs, clf)
-        out.append((f"gain sampling adds to curation — {n}", _status(w, t, lo), ev))
+        out.append((f"online gain sampling adds to curation — {n}", _status(w, t, lo), ev))
+        pairs = [
+            (f"{b:g}", _row(res, "curated+authors' sampling", b), _row(res, "curated", b))
+            for b in budgets
+        ]
+        w, t, lo, ev = _compare(pairs, clf)
+        out.append(
+            (f"the authors' training-time sampling adds to curation — {n}", _status(w, t, lo), ev)
+        )
         best = None
         for b in budgets:
             cands = [r for r in (_row(res, a, b) for a in ARMS[1:]) if r and clf in r]
@@ -269,25 +277,32 @@ def weaknesses(res: dict[str, Any]) -> list[str]:
     if noise["relabel_accuracy"] is not None and noise["relabel_accuracy"] < 0.9:
         bad.append(
             f"Neighbour relabels are right only {_pct(noise['relabel_accuracy'])} of the time "
-            f"({noise['clean_relabeled_wrongly']} clean samples relabeled); cleaning leaves "
-            f"{_pct(noise['kept_noise_rate'])} wrong labels in the kept set (stream: "
-            f"{_pct(noise['stream_noise_rate'])})."
+            f"({noise['clean_relabeled_wrongly']} clean samples relabeled)."
         )
-    dflt = res["noise"][1]
-    if dflt["kept_noise_rate"] > noise["kept_noise_rate"]:
+    if noise["relabeled"] == 0:
         bad.append(
-            f"With the package default `clean.neighbour_confidence` (0.75) relabel accuracy "
-            f"drops to {_pct(dflt['relabel_accuracy'])} and {_pct(dflt['kept_noise_rate'])} of "
-            "kept labels are wrong."
+            "The seed calibration switched relabelling off (no vote confidence meets the "
+            f"precision target on the seed): {_pct(noise['kept_noise_rate'])} of kept labels stay "
+            f"wrong (stream: {_pct(noise['stream_noise_rate'])})."
         )
-    cfg = res["counts"]["configured"]
-    kept_cfg = sum(v for k, v in cfg.items() if k == "accepted" or k.startswith("relabeled"))
-    share = kept_cfg / res["stream"]["items"]
-    if share < 0.5:
+    if (noise["recall"] or 0) < 0.8 or (noise["precision"] or 0) < 0.9:
         bad.append(
-            f"The configured `sample` policy (g_scale = 99th percentile of the seed's "
-            f"leave-one-out gains) keeps only {_pct(share)} of the stream: stream gains, "
-            "measured against a growing index, run far below the seed's."
+            f"Label noise caught: {_pct(noise['recall'])} at {_pct(noise['precision'])} precision "
+            "(target 80% at 90%)."
+        )
+    beside = res.get("copies_beside", {})
+    for mode in ("seeded", "unseeded"):
+        for kind, share in (beside.get(mode) or {}).items():
+            if share > 0.02:
+                bad.append(
+                    f"{mode.capitalize()}: {_pct(share)} of {_kind(kind)} are kept beside their "
+                    "original (target 2%)."
+                )
+    kr = res.get("keep_rate") or {}
+    if kr.get("realised") is not None and abs(kr["realised"] - kr["keep_fraction"]) > 0.02:
+        bad.append(
+            f"The budget policy keeps {_pct(kr['realised'])} for keep_fraction "
+            f"{kr['keep_fraction']:g} (target ± 2 points)."
         )
     cap = res.get("captions")
     if cap and cap["runs"]:
@@ -323,10 +338,17 @@ def dataset_section(res: dict[str, Any], figs: list[str]) -> str:
     )
     t = res["thresholds"]
     space = "text" if name == "rotten-tomatoes" else "image"
+    vote = (res.get("calibration") or {}).get("vote") or {}
     parts.append(
-        f"- Calibrated on the seed: ε = {_num(t['epsilon'].get(space), 6)}, "
-        f"vote radius = {_num(t['radius'], 4)}, g_scale = {_num(t['g_scale'], 4)}, k = {t['k']}."
+        f"- Calibrated on the seed (package defaults): ε = {_num(t['epsilon'].get(space), 6)}, "
+        f"vote radius = {_num(t['radius'], 4)}, vote confidence = {_num(t.get('confidence'))}, "
+        f"reject share = {_num(t.get('reject_share'))}, gain k = {t['k']}, vote k = "
+        f"{t.get('vote_k')}. On the seed with synthetic flips the chosen vote measured relabel "
+        f"precision {_pct(vote.get('relabel_precision'))}, clean items flagged "
+        f"{_pct(vote.get('clean_flagged'))}, flips caught {_pct(vote.get('noisy_caught'))}."
     )
+    for note in (res.get("calibration") or {}).get("notes", []):
+        parts.append(f"- Calibration note: {note}.")
     parts += ["", "### The paper's claims, here", ""]
     parts.append(
         _table(
@@ -386,6 +408,44 @@ def dataset_section(res: dict[str, Any], figs: list[str]) -> str:
     )
     parts += ["", f"![gain distributions]({figs[1]})", ""]
 
+    beside = res.get("copies_beside")
+    if beside:
+        kinds_b = sorted(beside["seeded"])
+        parts += ["#### Copies kept beside their original", ""]
+        parts.append(
+            _table(
+                ["run", *(_kind(k) for k in kinds_b), "originals rejected `duplicate`", "ε"],
+                [
+                    [
+                        "seeded (ε from the seed)",
+                        *(_pct(beside["seeded"][k]) for k in kinds_b),
+                        _pct(beside["originals_rejected_seeded"]),
+                        _num(t["epsilon"].get(space), 6),
+                    ],
+                    [
+                        "no seed (ε online from the stream)",
+                        *(_pct(beside["unseeded"].get(k)) for k in kinds_b),
+                        _pct(beside["originals_rejected_unseeded"]),
+                        _num((beside.get("unseeded_epsilon") or {}).get(space), 6) + " (final)",
+                    ],
+                ],
+            )
+        )
+        parts += [
+            "",
+            "A copy counts when it is kept while its original (or an earlier copy of it) is "
+            "kept too.",
+            "",
+        ]
+    kr = res.get("keep_rate")
+    if kr:
+        parts.append(
+            f"**Budget.** With `select.keep_fraction: {kr['keep_fraction']:g}` the `sample` "
+            f"policy kept {kr['kept']} of the {kr['seen']} items that reached it: a realised keep "
+            f"rate of **{_pct(kr['realised'])}** ({_pct(kr['of_stream'])} of the whole stream)."
+        )
+        parts.append("")
+
     parts += ["### 2. Noise", ""]
     rows = []
     for n in res["noise"]:
@@ -440,7 +500,7 @@ def dataset_section(res: dict[str, Any], figs: list[str]) -> str:
         for c in cap["runs"]:
             rows.append(
                 [
-                    f"{c['delta_percentile']:g}th pct: {_num(c['delta'], 4)}",
+                    f"{c['setting']}: {_num(c['delta'], 4)}",
                     str(c["detected"]),
                     _pct(c["precision"]),
                     _pct(c["recall"]),
@@ -454,7 +514,7 @@ def dataset_section(res: dict[str, Any], figs: list[str]) -> str:
         parts.append(
             _table(
                 [
-                    "δ (seed alignment percentile)",
+                    "δ",
                     "flagged",
                     "precision",
                     "recall",
@@ -507,9 +567,9 @@ def dataset_section(res: dict[str, Any], figs: list[str]) -> str:
         parts += [f"### 4. Ablation (budget {o['ablation_budget']:g})", ""]
         parts.append(
             "Cleaning = neighbour vote (relabel / `label_noise`); duplicate floor = ε (off: "
-            "`select.epsilon: 0`); gain sampling = policy `sample` at the budget's g_scale (off: "
-            "policy `all`, uniform thinning). *Sampling only* uses one sampling pass, the other "
-            "rows reuse the downstream table's runs."
+            "`select.epsilon: 0`); gain sampling = policy `sample` at the budget's keep "
+            "fraction (off: policy `all`, uniform thinning). *Sampling only* uses one sampling "
+            "pass, the other rows reuse the downstream table's runs."
         )
         parts.append("")
         comp = {
@@ -650,20 +710,20 @@ scale on real data with real (small) models, with ground truth for every injecte
   are inserted after their source: exact copies and near copies (images: contrast ±10% and pixel
   noise, or additionally a one-pixel shift; texts: one word dropped or swapped, or punctuation
   changed). Copies keep their source's label.
-- **Pipeline.** The real `infogrowth.pipeline.Curator`, seeded with a clean seed slice (which
-  calibrates ε, the vote radius, g_scale, τ and δ and fills the index), then `process` on batches
-  of `select.batch_size`, as `infogrowth curate` runs it. Embeddings are computed once and passed
-  as precomputed vectors (`embedding.image` / `embedding.text`). Eval settings:
-  `clean.neighbour_confidence: 1.0` (the noise tables also show the package defaults); `--config`
-  overrides.
+- **Pipeline.** The real `infogrowth.pipeline.Curator` at **package defaults**, seeded with a
+  clean seed slice (which calibrates ε, δ, the vote's radius, confidence and reject share, and
+  fills the index), then `process` on batches of `select.batch_size`, as `infogrowth curate` runs
+  it. Embeddings are computed once and passed as precomputed vectors (`embedding.image` /
+  `embedding.text`). No eval-specific settings; `--config` overrides.
 - **Budget subsets** (size = budget × stream size, identical for every arm): *random* draws
   uniformly from the corrupted stream; *curated* takes the kept items (accepted + relabeled, with
-  their new labels) of a pass with cleaning and the duplicate floor under policy `all`, thinned
-  uniformly to the budget; *curated+sampling* is two-phase: the curated pass's gains fix the
-  `select.g_scale` at which the `sample` policy keeps about the budget (corrected once by a probe
-  pass), then a `sample` pass decides and its kept set is thinned uniformly to the budget (or
-  filled with the `sampled_out` items of highest keep probability). The seed slice trains no
-  model in any arm.
+  their new labels) of the default pass (policy `all`), thinned uniformly to the budget;
+  *curated+authors' sampling* is the authors' setup: the default pass, then one static sampling
+  step at training time with `q = clip(g / the kept set's 99th percentile of gains, 0, 1)`,
+  thinned or filled (highest q first) to the budget; *curated+sampling* samples online: a pass
+  with `select.keep_fraction` = budget / what the default pass keeps, its kept set thinned
+  uniformly to the budget (or filled with the `sampled_out` items of highest keep probability).
+  The seed slice trains no model in any arm.
 - **Classifiers.** Multinomial logistic regression on the frozen embeddings (L-BFGS; the L2
   weight is picked from 1e-4…1e-1 on a held-out fifth of the training subset, scored with that
   subset's own labels, as a practitioner without clean labels would) and a one-hidden-layer MLP

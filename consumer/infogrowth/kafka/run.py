@@ -110,6 +110,7 @@ def build(settings: Settings, role: str, rt: Runtime | None = None) -> Runtime:
                 f"calibration's {cal.fingerprint!r}: re-seed or configure the same model"
             )
         stage.delta = thresholds.delta
+        stage.alignment_reference = thresholds.alignment_quartiles
         n_cells = k.cells or k.topics.embedded_partitions
         cells = Cells.from_record(cal.cells, n_cells) if cal and cal.cells else None
         proc = EmbedProcessor(

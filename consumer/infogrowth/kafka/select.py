@@ -24,6 +24,7 @@ from infogrowth.index import PartitionState
 from infogrowth.kafka.clients import position, source_of
 from infogrowth.kafka.control import read_partition_to_end
 from infogrowth.kafka.loop import Output, StaleBatch
+from infogrowth.online import OnlineState
 from infogrowth.records import Outcome, output_record
 from infogrowth.schema import Embedded, Malformed, pack, unpack, vector_from_bytes
 from infogrowth.schema import vector_to_bytes as v2b
@@ -59,6 +60,10 @@ def embedded_from_record(rec: dict[str, Any], dims: dict[str, int] | None) -> Em
     )
 
 
+STATE_KEY = b"\x00state"
+"""Changelog key of a partition's online state records (compaction keeps the latest)."""
+
+
 def changelog_record(e: Embedded, seed: bool = False) -> dict[str, Any]:
     rec: dict[str, Any] = {
         "v": 1,
@@ -66,9 +71,15 @@ def changelog_record(e: Embedded, seed: bool = False) -> dict[str, Any]:
         "label": e.label,
         "vectors": {s: v2b(v) for s, v in e.vectors.items()},
     }
+    if e.fix is not None:
+        rec["fixed"] = True
     if seed:
         rec["seed"] = True
     return rec
+
+
+def state_record(state: PartitionState) -> dict[str, Any]:
+    return {"v": 1, "state": state.online.as_record()}
 
 
 class SelectProcessor:
@@ -114,6 +125,8 @@ class SelectProcessor:
         )
         if self.metrics is not None:
             self.metrics.index_items.labels(partition=str(p)).set(state.count)
+            self.metrics.observe_thresholds(str(p), self.t, state.spaces)
+            self.metrics.observe_online(str(p), state.online)
 
     def restore(self, p: int) -> PartitionState | None:
         """Snapshot (verified) + changelog replay; a bad snapshot falls back to a full replay."""
@@ -137,9 +150,17 @@ class SelectProcessor:
             start = state.changelog_offset + 1 if state is not None else -2
             replayed = 0
             buf: list[tuple[Embedded, int]] = []
+            online: dict[str, Any] | None = None
             for m in read_partition_to_end(self.settings, self.topics.changelog, p, start):
                 rec = unpack("changelog", m.value(), max_bytes=1 << 30)
+                if "state" in rec:  # items never change the online state: the last one wins
+                    online = rec["state"]
+                    if state is not None:
+                        state.changelog_offset = max(state.changelog_offset, m.offset())
+                    continue
                 e = embedded_from_record(rec, self.dims)
+                if rec.get("fixed"):
+                    e.fix = "replayed"
                 buf.append((e, m.offset()))
                 if len(buf) >= 4096:
                     state = self._apply(state, buf)
@@ -148,6 +169,8 @@ class SelectProcessor:
             if buf:
                 state = self._apply(state, buf)
                 replayed += len(buf)
+            if online is not None and state is not None:
+                state.online = OnlineState.from_record(online)
             elapsed = time.perf_counter() - t0
             self.restore_seconds.append(elapsed)
             if self.metrics is not None:
@@ -174,12 +197,18 @@ class SelectProcessor:
                 self.dims = {s: int(first.vectors[s].shape[0]) for s in self.spaces}
             assert self.dims is not None
             state = PartitionState.empty(self.spaces, self.dims, self.settings.index)
-        fresh = [(e, o) for e, o in buf if e.id not in state]
+        fresh: list[tuple[Embedded, int]] = []
+        seen: set[str] = set()
+        for e, o in buf:  # an id already applied, here or in an earlier chunk, is skipped
+            if e.id not in state and e.id not in seen:
+                seen.add(e.id)
+                fresh.append((e, o))
         if fresh:
             state.add(
                 [e.id for e, _ in fresh],
                 {s: np.stack([e.vectors[s] for e, _ in fresh]) for s in state.spaces},
                 [e.label for e, _ in fresh],
+                [e.fix is not None for e, _ in fresh],
             )
         state.changelog_offset = max(state.changelog_offset, buf[-1][1])
         return state
@@ -308,7 +337,18 @@ class SelectProcessor:
             topic = getattr(self.topics, o.decision)
             rec = output_record(o, self.t, include_image=self.settings.outputs_include_image)
             out.produce(topic, pack("output", rec, check=False), key=o.id.encode())
+        if batch:
+            state = self.states[p]
+            out.produce(
+                self.topics.changelog,
+                pack("changelog", state_record(state), check=False),
+                key=STATE_KEY,
+                partition=p,
+            )
+            self.dirty[p] += 1
         if self.metrics is not None:
             self.metrics.observe_outcomes(
                 "select", [(o.decision, o.reason, o.gain, o.alignment) for o in outcomes]
             )
+            if batch:
+                self.metrics.observe_online(str(p), self.states[p].online)

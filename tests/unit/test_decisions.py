@@ -1,0 +1,271 @@
+"""Decisions at package defaults: the keep budget, the online ε, the seed-checked label vote,
+δ from shuffled pairs, and the explanations every non-accept carries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from infogrowth import snapshot
+from infogrowth.calibrate import calibrate_delta, resolve_thresholds, seed_stats
+from infogrowth.config import ConfigError
+from infogrowth.online import EPS_BINS, OnlineState, valley_epsilon
+from infogrowth.pipeline import Curator
+from infogrowth.records import Outcome
+from infogrowth.schema import Embedded
+from tests.fixtures.data import clustered
+from tests.fixtures.helpers import make_settings, to_samples
+
+
+def run(
+    rows: list[dict[str, Any]], batch: int, seed_rows: Any = None, **cfg: Any
+) -> tuple[list[Outcome], Curator]:
+    settings = make_settings(**{"select.batch_size": batch, **cfg})
+    cur = Curator(settings, None)
+    if seed_rows:
+        cur.seed(to_samples(seed_rows, settings))
+    items = to_samples(rows, settings)
+    out: list[Outcome] = []
+    for lo in range(0, len(items), batch):
+        out.extend(cur.process(items[lo : lo + batch]))
+    return out, cur
+
+
+def key(o: Outcome) -> tuple[Any, ...]:
+    return (
+        o.id,
+        o.decision,
+        o.reason,
+        o.gain,
+        o.label,
+        o.keep_probability,
+        o.keep_scale,
+        o.duplicate_of,
+        tuple(sorted((o.vote or {}).items())),
+    )
+
+
+def near_copies(n: int, seed: int, distance: float = 0.002) -> list[dict[str, Any]]:
+    """Originals with a near-copy each (cosine distance about ``distance``), interleaved."""
+    rng = np.random.default_rng(seed)
+    rows: list[dict[str, Any]] = []
+    for i in range(n):
+        v = rng.normal(size=48)
+        v /= np.linalg.norm(v)
+        rows.append({"id": f"o{i}", "embedding": {"text": v.tolist()}})
+        if i % 4 == 3:
+            w = rng.normal(size=48)
+            w -= (w @ v) * v
+            w /= np.linalg.norm(w)
+            ang = np.arccos(1 - distance)
+            c = np.cos(ang) * v + np.sin(ang) * w
+            rows.append({"id": f"c{i}", "embedding": {"text": c.tolist()}})
+    return rows
+
+
+# -- defaults -----------------------------------------------------------------------------------
+
+
+def test_default_policy_keeps_everything_that_passes() -> None:
+    seed = clustered(100, seed=14, prefix="seed").samples
+    data = clustered(600, seed=15)
+    out, cur = run(data.samples, 64, seed)
+    assert cur.thresholds is not None and cur.thresholds.policy == "all"
+    assert not any(o.reason in ("sampled_out", "redundant") for o in out)
+
+
+def test_config_rejects_vote_min_above_vote_k() -> None:
+    with pytest.raises(ConfigError, match=r"clean\.neighbour_min"):
+        make_settings(**{"clean.neighbour_min": 12, "clean.neighbour_k": 10})
+    with pytest.raises(ConfigError, match=r"select\.keep_fraction"):
+        make_settings(**{"select.policy": "sample"})
+
+
+# -- keep budget ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seeded", [True, False])
+def test_keep_fraction_is_met(seeded: bool) -> None:
+    seed = clustered(150, seed=20, prefix="seed").samples if seeded else None
+    data = clustered(3000, seed=21)
+    out, cur = run(data.samples, 128, seed, **{"select.keep_fraction": 0.3, "clean.fixer": "none"})
+    reached = [o for o in out if o.keep_probability is not None]
+    kept = [o for o in reached if o.decision != "rejected"]
+    assert abs(len(kept) / len(reached) - 0.3) <= 0.02
+    online = cur.report_online()
+    assert online["seen"] == len(reached) and online["kept"] == len(kept)
+    dropped = [o for o in out if o.reason == "sampled_out"]
+    assert dropped and all(o.keep_scale and "scale" in (o.detail or "") for o in dropped)
+
+
+@pytest.mark.parametrize("batch", [1, 7, 256])
+def test_keep_fraction_batched_equals_sequential(batch: int) -> None:
+    data = clustered(500, dup_rate=0.1, seed=22)
+    seed = clustered(60, seed=23, prefix="seed").samples
+    cfg = {"select.keep_fraction": 0.4}
+    reference = [key(o) for o in run(data.samples, 1, seed, **cfg)[0]]
+    assert [key(o) for o in run(data.samples, batch, seed, **cfg)[0]] == reference
+
+
+# -- online ε -----------------------------------------------------------------------------
+
+
+def test_valley_sits_between_copies_and_originals() -> None:
+    rng = np.random.default_rng(0)
+    est = OnlineState()
+    originals = 10 ** rng.normal(-1.0, 0.15, size=2000)
+    copies = 10 ** rng.normal(-3.0, 0.3, size=400)
+    for d in rng.permutation(np.concatenate([originals, copies])):
+        est.observe_nn("text", float(d), warmup=100)
+    eps = est.epsilon("text", 0.02, 100)
+    assert np.mean(copies < eps) > 0.98
+    assert np.mean(originals < eps) < 0.01
+    # no copies at all: the floor stays below the originals
+    only = np.zeros(EPS_BINS)
+    for d in originals:
+        only[int((np.log10(d) + 6) / (np.log10(2) + 6) * EPS_BINS)] += 1
+    assert valley_epsilon(only) < originals.min()
+
+
+def test_unseeded_stream_catches_near_copies() -> None:
+    rows = near_copies(1600, seed=1)
+    out, cur = run(rows, 64)
+    assert cur.thresholds is not None and cur.thresholds.epsilon_online
+    copies = [o for o in out if o.id.startswith("c")]
+    late = copies[len(copies) // 4 :]  # after the warm-up
+    assert sum(o.reason == "duplicate" for o in late) >= 0.98 * len(late)
+    originals = [o for o in out if o.id.startswith("o")]
+    assert sum(o.reason == "duplicate" for o in originals) <= 0.01 * len(originals)
+    dup = next(o for o in late if o.reason == "duplicate")
+    assert dup.duplicate_of == "o" + dup.id[1:]
+    assert cur.report_online()["epsilon"]["text"] > 0
+
+
+@pytest.mark.parametrize("batch", [1, 13, 200])
+def test_online_epsilon_batched_equals_sequential(batch: int) -> None:
+    rows = near_copies(500, seed=2)
+    reference = [key(o) for o in run(rows, 1)[0]]
+    assert [key(o) for o in run(rows, batch)[0]] == reference
+
+
+def test_online_state_restore_equals_replay(tmp_path: Path) -> None:
+    """Snapshot mid-stream, restore, continue == the uninterrupted run (keep scale and ε)."""
+    rows = near_copies(900, seed=3)
+    cfg = {"select.keep_fraction": 0.5}
+    full, _ = run(rows, 50, **cfg)
+    settings = make_settings(**{"select.batch_size": 50, **cfg})
+    items = to_samples(rows, settings)
+    first = Curator(settings, None)
+    head: list[Outcome] = []
+    for lo in range(0, 600, 50):
+        head.extend(first.process(items[lo : lo + 50]))
+    assert first.state is not None
+    first.state.wait()
+    snapshot.save(first.state, tmp_path, "fp")
+    second = Curator(settings, None)
+    second.process(items[:0])
+    second.embed.spaces, second.embed.dims = first.embed.spaces, first.embed.dims
+    second._setup(None)
+    assert second.selector is not None and second.embed.spaces and second.embed.dims
+    restored = snapshot.load(
+        tmp_path,
+        settings.index,
+        fingerprint="fp",
+        spaces=second.embed.spaces,
+        dims=second.embed.dims,
+    )
+    assert restored.online.as_record() == first.state.online.as_record()
+    second.state = restored
+    second.selector.state = restored
+    tail: list[Outcome] = []
+    for lo in range(600, len(items), 50):
+        tail.extend(second.process(items[lo : lo + 50]))
+    assert [key(o) for o in head + tail] == [key(o) for o in full]
+
+
+# -- seed calibration ---------------------------------------------------------------------------
+
+
+def _embedded(rows: list[dict[str, Any]]) -> list[Embedded]:
+    settings = make_settings()
+    cur = Curator(settings, None)
+    return [e for e in cur.embed.process(to_samples(rows, settings)) if isinstance(e, Embedded)]
+
+
+def test_vote_calibrated_on_separable_classes() -> None:
+    seed = clustered(400, clusters=4, seed=30, spread=0.2, prefix="seed").samples
+    settings = make_settings()
+    stats = seed_stats(_embedded(seed), ("image", "text"), 4, settings.clean.neighbour_k)
+    t = resolve_thresholds(settings, ("image", "text"), stats)
+    assert t.confidence is not None and t.reject_share is not None
+    assert stats.vote is not None
+    assert (stats.vote.relabel_precision or 0) >= 0.95
+    assert (stats.vote.clean_flagged or 1) <= 0.02
+
+
+def test_vote_switched_off_when_labels_do_not_follow_the_embedding() -> None:
+    rows = clustered(400, clusters=4, seed=31, spread=0.2, prefix="seed").samples
+    rng = np.random.default_rng(0)
+    for r in rows:  # labels unrelated to position: no vote can be trusted
+        r["label"] = f"c{int(rng.integers(4))}"
+    settings = make_settings()
+    stats = seed_stats(_embedded(rows), ("image", "text"), 4, settings.clean.neighbour_k)
+    t = resolve_thresholds(settings, ("image", "text"), stats)
+    assert t.confidence is None
+    assert stats.vote is not None and "relabelling is off" in stats.vote.note
+
+
+def test_label_flips_relabelled_with_precision_at_defaults() -> None:
+    seed = clustered(300, clusters=4, seed=10, spread=0.2, prefix="seed").samples
+    data = clustered(600, clusters=4, flip_rate=0.2, seed=11, spread=0.2)
+    out, _ = run(data.samples, 32, seed)
+    by_id = {o.id: o for o in out}
+    relabeled = [o for o in out if o.decision == "relabeled"]
+    right = [o for o in relabeled if o.id in data.flipped and o.label == data.flipped[o.id]]
+    assert len(right) >= 0.95 * len(relabeled)
+    assert len(right) >= 0.8 * len(data.flipped)
+    assert all(o.vote and o.vote.get(o.label or "", 0) >= 0.5 for o in relabeled)
+    clean = [o for o in out if o.id not in data.flipped]
+    flagged = [o for o in clean if o.decision == "relabeled" or o.reason == "label_noise"]
+    assert len(flagged) <= 0.02 * len(clean)
+    assert by_id[relabeled[0].id].original_label is not None
+
+
+def test_delta_from_shuffled_pairs() -> None:
+    rng = np.random.default_rng(0)
+    matched = rng.normal(0.3, 0.03, size=1000)
+    shuffled = rng.normal(0.05, 0.03, size=3000)
+    delta = calibrate_delta(matched.tolist(), shuffled.tolist(), 0.01)
+    assert np.mean(matched < delta) <= 0.01
+    assert np.mean(shuffled < delta) >= 0.99
+    # overlapping distributions: the false-flag bound still holds
+    delta = calibrate_delta(matched.tolist(), rng.normal(0.25, 0.03, 3000).tolist(), 0.01)
+    assert np.mean(matched < delta) <= 0.01
+
+
+def test_seed_duplicates_do_not_zero_epsilon() -> None:
+    seed = clustered(200, seed=40, prefix="seed").samples
+    seed += [{**r, "id": r["id"] + "-dup"} for r in seed[:30]]
+    settings = make_settings()
+    stats = seed_stats(_embedded(seed), ("image", "text"), 4)
+    assert stats.duplicates == 30
+    t = resolve_thresholds(settings, ("image", "text"), stats)
+    assert t.epsilon["image"] > 0 and t.epsilon["text"] > 0
+
+
+def test_alignment_drift_is_reported(caplog: pytest.LogCaptureFixture) -> None:
+    settings = make_settings()
+    cur = Curator(settings, None)
+    cur.embed.alignment_reference = (0.5, 0.6, 0.7)  # a seed whose pairs aligned well
+    rows = clustered(600, seed=50).samples  # independent towers: alignments near 0
+    with caplog.at_level("WARNING"):
+        cur.embed.process(to_samples(rows, settings))
+    assert cur.embed.alignment_drift is True
+    assert "depart from the seed" in caplog.text
+    same = Curator(settings, None)
+    same.embed.alignment_reference = (-0.2, 0.0, 0.2)
+    same.embed.process(to_samples(rows, settings))
+    assert same.embed.alignment_drift is False
