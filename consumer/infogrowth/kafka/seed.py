@@ -41,9 +41,10 @@ def seed(settings: Settings, path: Path) -> SeedResult:
     spaces = cur.embed.spaces
     partitions = settings.kafka.topics.embedded_partitions
     n_cells = settings.kafka.cells or partitions
-    route_space = "image" if "image" in spaces else spaces[0]
     seeds = cur.seed_items
-    cells: Cells = kmeans(route_space, np.stack([e.vectors[route_space] for e in seeds]), n_cells)
+    cells: Cells = kmeans(
+        spaces, {s: np.stack([e.vectors[s] for e in seeds]) for s in spaces}, n_cells
+    )
     cal = Calibration(
         thresholds=cur.thresholds,
         spaces=tuple(spaces),
@@ -68,7 +69,7 @@ def seed(settings: Settings, path: Path) -> SeedResult:
 
     per_part: dict[int, int] = {}
     for e in seeds:
-        p = cells.route(e.vectors[route_space]) % partitions
+        p = cells.route(e.vectors) % partitions
         per_part[p] = per_part.get(p, 0) + 1
         producer.produce(
             settings.kafka.topics.changelog,
