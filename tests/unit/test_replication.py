@@ -10,6 +10,7 @@ import numpy as np
 from infogrowth.cells import Cells
 from infogrowth.kafka.embed import embedded_record
 from infogrowth.kafka.select import SelectProcessor
+from infogrowth.metrics import Metrics
 from infogrowth.schema import Embedded, pack, unpack
 from infogrowth.select import Thresholds
 from tests.fixtures.helpers import make_settings
@@ -90,12 +91,17 @@ COPY = Embedded(id="copy", vectors={"image": _unit(0.98, 1.0, 0.0, 0.1)}, cell=1
 
 def test_a_kept_border_item_is_replicated_to_the_neighbouring_partition() -> None:
     proc, out = _proc(), Out()
+    proc.metrics = Metrics()
     proc.process([_msg(BORDER, 0, 0), _msg(INNER, 0, 1)], out)  # type: ignore[arg-type]
     assert sorted(r["id"] for _, r in out.on("accepted")) == ["border", "inner"]
     assert sorted((p, r["id"]) for p, r in out.on("changelog")) == [(0, "border"), (0, "inner")]
     replicas = out.on("embedded")
     assert [(p, r["id"], r["cell"], r["replica"]) for p, r in replicas] == [(1, "border", 1, True)]
     assert proc.replicas_sent == 1
+    sent = proc.metrics.registry.get_sample_value(
+        "infogrowth_cell_replicas_total", {"direction": "sent"}
+    )
+    assert sent == 1.0
 
 
 def test_margin_zero_replicates_nothing() -> None:

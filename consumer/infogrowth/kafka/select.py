@@ -387,6 +387,8 @@ class SelectProcessor:
             )
         self.dirty[p] += len(fresh)
         self.replicas_applied += len(fresh)
+        if self.metrics is not None:
+            self.metrics.cell_replicas.labels(direction="applied").inc(len(fresh))
 
     def _decide(self, p: int, results: list[Embedded | Outcome], out: Output) -> None:
         batch = [r for r in results if isinstance(r, Embedded)]
@@ -418,6 +420,7 @@ class SelectProcessor:
         if kept:
             cells = self._cells(kept[0])
             targets = replica_partitions(cells, kept, p, self.partitions, self.margin)
+            sent = 0
             for e, tq in zip(kept, targets, strict=True):
                 for c, q in tq:
                     out.produce(
@@ -426,7 +429,10 @@ class SelectProcessor:
                         key=str(c).encode(),
                         partition=q,
                     )
-                    self.replicas_sent += 1
+                    sent += 1
+            self.replicas_sent += sent
+            if sent and self.metrics is not None:
+                self.metrics.cell_replicas.labels(direction="sent").inc(sent)
         if self.metrics is not None:
             self.metrics.observe_outcomes(
                 "select", [(o.decision, o.reason, o.gain, o.alignment) for o in outcomes]
