@@ -186,7 +186,7 @@ def _knn_differs(ref: PartitionState, vec: synth.Vectors, run: Run) -> float:
 
 
 def bench(
-    n: int = 20_000,
+    n: int = 10_000,
     n_seed: int = 2_000,
     dim: int = 256,
     partitions: tuple[int, ...] = PARTITIONS,
