@@ -189,6 +189,9 @@ class KafkaConfig(_Section):
     """SIGTERM: finish, commit and snapshot within this many seconds, then exit."""
     cells: int | None = Field(None, gt=0)
     """Number of cells (default: embedded partitions)."""
+    cells_replication_margin: float = Field(0.05, ge=0)
+    """Boundary replication: a kept item is also indexed in every other cell whose centroid
+    distance is within this relative margin of its nearest (0: off)."""
 
 
 class ServeConfig(_Section):

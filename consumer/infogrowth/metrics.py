@@ -223,6 +223,13 @@ class Metrics:
             "Changelog items replayed into indexes during restores.",
             registry=reg,
         )
+        self.cell_replicas: Counter = Counter(
+            "infogrowth_cell_replicas",
+            "Boundary replicas: kept items sent to a neighbouring cell's partition (sent), and "
+            "replicas indexed by the partition that owns that cell (applied).",
+            ["direction"],
+            registry=reg,
+        )
         self.ready: Gauge = Gauge(
             "infogrowth_ready", "1 when the process is ready to serve, else 0.", registry=reg
         )

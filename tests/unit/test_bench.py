@@ -81,11 +81,29 @@ def test_cli_writes_json(tmp_path: Path) -> None:
     assert data["tables"][0]["rows"]
 
 
-def test_scale_counts_leaked_duplicates() -> None:
-    res = scale.bench(n=600, n_seed=200, dim=8, partitions=(1, 2), repeats=1, batch=64)
-    one, two = res["partitions"]
+def test_scale_counts_splits_leaks_and_replication() -> None:
+    res = scale.bench(
+        n=600,
+        n_seed=200,
+        dim=8,
+        partitions=(1, 2),
+        distances=(0.05,),
+        repeats=1,
+        batch=64,
+        margin=0.2,
+        sweep=(0.0, 0.2),
+    )
+    assert res["copies"][0]["max_abs_error"] < 1e-6
+    one, two, two_rep = res["rows"]
     assert one["partitions"] == 1 and "leak_share" in two
+    assert (two["margin"], two_rep["margin"]) == (0.0, 0.2)
     assert 0 <= two["duplicates_leaked"] <= two["duplicates_rejected_by_one"]
+    # replication only adds index items and only removes splits
+    assert two["index_growth"] == 0.0 < two_rep["index_growth"]
+    assert two_rep["split_share"] <= two["split_share"]
+    assert two_rep["knn_differs_share"] <= two["knn_differs_share"]
+    assert two["gain_inflation"] > 0 and len(res["sweep"]) == 2
+    assert [t.markdown() for t in scale.tables(res)]
 
 
 def test_restore_bench(tmp_path: Path) -> None:

@@ -200,7 +200,7 @@ def _run(stage: str, **kw: Any) -> tuple[dict[str, Any], list[Any]]:
         from infogrowth.bench import scale
 
         res = scale.bench(
-            n=kw["stream"] or 20_000,
+            n=kw["stream"] or 10_000,
             dim=kw["dim"],
             repeats=kw["repeats"],
             batch=kw["batch"],

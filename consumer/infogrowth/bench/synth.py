@@ -37,6 +37,22 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float32)
 
 
+def at_distance(x: np.ndarray, direction: np.ndarray, distance: float) -> np.ndarray:
+    """Rows at cosine distance ``distance`` from the unit rows ``x``: ``cos t * x + sin t * u``.
+
+    ``u`` is ``direction`` made orthogonal to ``x`` and unit, and ``1 - cos t = distance``.
+    """
+    x64 = np.asarray(x, dtype=np.float64)
+    x64 = x64 / np.linalg.norm(x64, axis=1, keepdims=True)
+    u = np.asarray(direction, dtype=np.float64)
+    u = u - np.einsum("ij,ij->i", u, x64)[:, None] * x64
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    cos = 1.0 - distance
+    sin = np.sqrt(max(0.0, 1.0 - cos * cos))
+    out: np.ndarray = (cos * x64 + sin * u).astype(np.float32)
+    return out
+
+
 def make(
     n_prefill: int,
     n_stream: int,
@@ -47,11 +63,14 @@ def make(
     spread: float = 1.0,
     dup_rate: float = 0.1,
     dup_noise: float = 0.01,
+    dup_distance: float | None = None,
     seed: int = 0,
 ) -> Vectors:
     """Vectors around ``clusters`` centres; ``spread`` is the noise norm relative to a centre's.
 
-    A duplicate adds noise of norm ``dup_noise`` (cosine distance about ``dup_noise**2 / 2``).
+    A duplicate adds noise of norm ``dup_noise`` (cosine distance about ``dup_noise**2 / 2``),
+    or, with ``dup_distance``, sits at exactly that cosine distance from its original in every
+    space (see :func:`at_distance`).
     """
     total = n_prefill + n_stream
     crng = np.random.default_rng(1234)
@@ -87,7 +106,10 @@ def make(
         cluster[g] = cluster[src]
         for s in spaces:
             noise = rng.normal(scale=dup_noise / np.sqrt(dim), size=(len(rows), dim))
-            out[s][g] = _unit(out[s][src].astype(np.float64) + noise)
+            if dup_distance is None:
+                out[s][g] = _unit(out[s][src].astype(np.float64) + noise)
+            else:
+                out[s][g] = at_distance(out[s][src], noise, dup_distance)
     return Vectors(
         prefill={s: out[s][:n_prefill] for s in spaces},
         stream={s: out[s][n_prefill:] for s in spaces},

@@ -5,10 +5,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import numpy as np
 from confluent_kafka import Message, TopicPartition
 
-from infogrowth.cells import Cells, hyperplanes
+from infogrowth.cells import Cells, random_centroids
 from infogrowth.config import Settings
 from infogrowth.kafka.clients import source_of
 from infogrowth.kafka.loop import Output
@@ -71,13 +70,11 @@ class EmbedProcessor:
         if self.partitions <= 1:
             return 0
         if self.cells is None:
-            space = next(iter(e.vectors))
-            dim = int(e.vectors[space].shape[0])
-            self.cells = hyperplanes(space, dim, self.partitions)
-        v = e.vectors.get(self.cells.space)
-        if v is None:
-            v = next(iter(e.vectors.values()))
-        return self.cells.route(np.asarray(v)) % self.partitions
+            spaces: tuple[str, ...] = tuple(s for s in ("image", "text") if s in e.vectors)
+            dims: dict[str, int] = {s: int(e.vectors[s].shape[0]) for s in spaces}
+            n_cells = self.settings.kafka.cells or self.partitions
+            self.cells = random_centroids(spaces, dims, n_cells)
+        return self.cells.route(e.vectors) % self.partitions
 
     def on_assign(self, partitions: list[TopicPartition]) -> None:
         pass

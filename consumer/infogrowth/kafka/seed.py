@@ -16,7 +16,7 @@ from infogrowth.curate import build_models
 from infogrowth.files import read_inputs
 from infogrowth.kafka.clients import instance_id, producer_config
 from infogrowth.kafka.control import CALIBRATION_KEY
-from infogrowth.kafka.select import changelog_record
+from infogrowth.kafka.select import changelog_record, replica_partitions
 from infogrowth.pipeline import Curator
 from infogrowth.schema import Sample, pack
 
@@ -41,9 +41,10 @@ def seed(settings: Settings, path: Path) -> SeedResult:
     spaces = cur.embed.spaces
     partitions = settings.kafka.topics.embedded_partitions
     n_cells = settings.kafka.cells or partitions
-    route_space = "image" if "image" in spaces else spaces[0]
     seeds = cur.seed_items
-    cells: Cells = kmeans(route_space, np.stack([e.vectors[route_space] for e in seeds]), n_cells)
+    cells: Cells = kmeans(
+        spaces, {s: np.stack([e.vectors[s] for e in seeds]) for s in spaces}, n_cells
+    )
     cal = Calibration(
         thresholds=cur.thresholds,
         spaces=tuple(spaces),
@@ -67,17 +68,25 @@ def seed(settings: Settings, path: Path) -> SeedResult:
             errors.append(str(err))
 
     per_part: dict[int, int] = {}
-    for e in seeds:
-        p = cells.route(e.vectors[route_space]) % partitions
-        per_part[p] = per_part.get(p, 0) + 1
-        producer.produce(
-            settings.kafka.topics.changelog,
-            value=pack("changelog", changelog_record(e, seed=True)),
-            key=e.id.encode(),
-            partition=p,
-            on_delivery=on_delivery,
-        )
-        producer.poll(0)
+    margin = settings.kafka.cells_replication_margin
+    homes = [cells.route(e.vectors) % partitions for e in seeds]
+    replicas: list[list[tuple[int, int]]] = [[] for _ in seeds]
+    for p in sorted(set(homes)):  # boundary replicas, as the select stage sends them
+        mine = [i for i, h in enumerate(homes) if h == p]
+        got = replica_partitions(cells, [seeds[i] for i in mine], p, partitions, margin)
+        for i, targets in zip(mine, got, strict=True):
+            replicas[i] = targets
+    for e, home, targets in zip(seeds, homes, replicas, strict=True):
+        for p in [home, *(q for _, q in targets)]:
+            per_part[p] = per_part.get(p, 0) + 1
+            producer.produce(
+                settings.kafka.topics.changelog,
+                value=pack("changelog", changelog_record(e, seed=True)),
+                key=e.id.encode(),
+                partition=p,
+                on_delivery=on_delivery,
+            )
+            producer.poll(0)
     producer.produce(
         settings.kafka.topics.control,
         value=pack("calibration", cal.as_record()),

@@ -4,6 +4,13 @@ Partition ``p`` of the embedded topic owns partition ``p`` of the changelog. Its
 materialised view of that changelog partition: restore = load the local snapshot (if it verifies)
 and replay the changelog from the offset the snapshot includes. Kept items go to the changelog
 in the same transaction as the outputs and the input offsets.
+
+Boundary replication: a kept item whose other cells lie within ``kafka.cells_replication_margin``
+of its nearest one is also sent, in the same transaction, as a *replica* record to those cells'
+partitions of the embedded topic. The owner of such a partition adds the replica to its index
+and to its own changelog partition, in input order, and writes no output record for it. So every
+changelog partition still has a single writer, and a near-copy that lands across the border
+still meets its original.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from confluent_kafka import Message, TopicPartition
 
 from infogrowth import snapshot
 from infogrowth.calibrate import Calibration
+from infogrowth.cells import Cells, random_centroids
 from infogrowth.config import Settings
 from infogrowth.index import PartitionState
 from infogrowth.kafka.clients import position, source_of
@@ -62,6 +70,38 @@ def embedded_from_record(rec: dict[str, Any], dims: dict[str, int] | None) -> Em
 
 STATE_KEY = b"\x00state"
 """Changelog key of a partition's online state records (compaction keeps the latest)."""
+
+
+def replica_record(e: Embedded, cell: int) -> dict[str, Any]:
+    """What the neighbouring cell's partition needs to index a kept item: id, label, vectors."""
+    return {
+        "v": 1,
+        "id": e.id,
+        "label": e.label,
+        "vectors": {s: v2b(v) for s, v in e.vectors.items()},
+        "cell": cell,
+        "replica": True,
+        "fix": e.fix,
+    }
+
+
+def replica_partitions(
+    cells: Cells | None, items: list[Embedded], home: int, partitions: int, margin: float
+) -> list[list[tuple[int, int]]]:
+    """For each kept item, the (cell, partition) pairs it is replicated to (not ``home``)."""
+    if cells is None or partitions <= 1 or margin <= 0 or not items:
+        return [[] for _ in items]
+    spaces = [s for s in cells.spaces if s in items[0].vectors]
+    vecs = {s: np.stack([e.vectors[s] for e in items]) for s in spaces}
+    out = []
+    for targets in cells.replicas(vecs, margin):
+        seen: dict[int, int] = {}
+        for c in targets:
+            q = c % partitions
+            if q != home and q not in seen:
+                seen[q] = c
+        out.append([(c, q) for q, c in seen.items()])
+    return out
 
 
 def changelog_record(e: Embedded, seed: bool = False) -> dict[str, Any]:
@@ -112,6 +152,15 @@ class SelectProcessor:
         self.pending = 0
         self.committed_outputs = 0
         self.owned: set[int] = set()
+        k = settings.kafka
+        self.partitions = k.topics.embedded_partitions
+        self.n_cells = k.cells or self.partitions
+        self.margin = k.cells_replication_margin
+        self.cells: Cells | None = None
+        if calibration is not None and calibration.cells:
+            self.cells = Cells.from_record(calibration.cells, self.n_cells)
+        self.replicas_sent = 0
+        self.replicas_applied = 0
 
     # -- state lifecycle ----------------------------------------------------------------
 
@@ -299,25 +348,86 @@ class SelectProcessor:
         for p, msgs in sorted(by_part.items()):
             self._process_partition(p, msgs, out)
 
+    def _cells(self, e: Embedded) -> Cells | None:
+        """The calibration's cells; without one, the random centroids the embed stage uses."""
+        if self.cells is None and self.partitions > 1 and self.margin > 0:
+            spaces: tuple[str, ...] = tuple(s for s in ("image", "text") if s in e.vectors)
+            dims = {s: int(e.vectors[s].shape[0]) for s in spaces}
+            self.cells = random_centroids(spaces, dims, self.n_cells)
+        return self.cells
+
+    def _ensure_selector(self, p: int, first: Embedded) -> None:
+        if p in self.selectors:
+            return
+        if self.spaces is None:
+            self.spaces = tuple(s for s in ("image", "text") if s in first.vectors)
+            self.dims = {s: int(first.vectors[s].shape[0]) for s in self.spaces}
+        assert self.dims is not None
+        self._selector(p, PartitionState.empty(self.spaces, self.dims, self.settings.index))
+
     def _process_partition(self, p: int, msgs: list[Message], out: Output) -> None:
+        """Decide the partition's records in input order; replica records only grow the state."""
         results: list[Embedded | Outcome] = []
-        for m in msgs:
+        replica = [False] * len(msgs)
+        for n, m in enumerate(msgs):
             try:
                 rec = unpack("embedded", m.value() or b"", max_bytes=1 << 30)
                 results.append(embedded_from_record(rec, self.dims))
+                replica[n] = bool(rec.get("replica"))
             except ValueError as exc:
                 src = source_of(m)
                 results.append(Outcome.malformed(Malformed(None, str(exc), m.value() or b"", src)))
+        # Runs of ordinary records are decided as one batch; a replica between two runs enters
+        # the state after the first run and before the second, as the input orders them.
+        lo = 0
+        while lo < len(results):
+            hi = lo
+            while hi < len(results) and replica[hi] == replica[lo]:
+                hi += 1
+            if replica[lo]:
+                self._apply_replicas(p, [r for r in results[lo:hi] if isinstance(r, Embedded)], out)
+            else:
+                self._decide(p, results[lo:hi], out)
+            lo = hi
+
+    def _apply_replicas(self, p: int, items: list[Embedded], out: Output) -> None:
+        if not items:
+            return
+        self._ensure_selector(p, items[0])
+        state = self.states[p]
+        fresh: list[Embedded] = []
+        seen: set[str] = set()
+        for e in items:
+            if e.id not in state and e.id not in seen:
+                fresh.append(e)
+                seen.add(e.id)
+        if not fresh:
+            return
+        state.add(
+            [e.id for e in fresh],
+            {s: np.stack([e.vectors[s] for e in fresh]) for s in state.spaces},
+            [e.label for e in fresh],
+            [e.fix is not None for e in fresh],
+        )
+        for e in fresh:
+            out.produce(
+                self.topics.changelog,
+                pack("changelog", changelog_record(e), check=False),
+                key=e.id.encode(),
+                partition=p,
+            )
+        self.dirty[p] += len(fresh)
+        self.replicas_applied += len(fresh)
+        if self.metrics is not None:
+            self.metrics.cell_replicas.labels(direction="applied").inc(len(fresh))
+
+    def _decide(self, p: int, results: list[Embedded | Outcome], out: Output) -> None:
         batch = [r for r in results if isinstance(r, Embedded)]
-        if batch and p not in self.selectors:
-            first = batch[0]
-            if self.spaces is None:
-                self.spaces = tuple(s for s in ("image", "text") if s in first.vectors)
-                self.dims = {s: int(first.vectors[s].shape[0]) for s in self.spaces}
-            assert self.dims is not None
-            self._selector(p, PartitionState.empty(self.spaces, self.dims, self.settings.index))
+        if batch:
+            self._ensure_selector(p, batch[0])
         verdicts = iter(self.selectors[p].decide(batch)) if batch else iter(())
         outcomes: list[Outcome] = []
+        kept: list[Embedded] = []
         for r in results:
             if isinstance(r, Embedded):
                 v = next(verdicts)
@@ -330,6 +440,7 @@ class SelectProcessor:
                         partition=p,
                     )
                     self.dirty[p] += 1
+                    kept.append(v.item)
             else:
                 o = r
             outcomes.append(o)
@@ -346,6 +457,22 @@ class SelectProcessor:
                 partition=p,
             )
             self.dirty[p] += 1
+        if kept:
+            cells = self._cells(kept[0])
+            targets = replica_partitions(cells, kept, p, self.partitions, self.margin)
+            sent = 0
+            for e, tq in zip(kept, targets, strict=True):
+                for c, q in tq:
+                    out.produce(
+                        self.topics.embedded,
+                        pack("embedded", replica_record(e, c), check=False),
+                        key=str(c).encode(),
+                        partition=q,
+                    )
+                    sent += 1
+            self.replicas_sent += sent
+            if sent and self.metrics is not None:
+                self.metrics.cell_replicas.labels(direction="sent").inc(sent)
         if self.metrics is not None:
             self.metrics.observe_outcomes(
                 "select", [(o.decision, o.reason, o.gain, o.alignment) for o in outcomes]
