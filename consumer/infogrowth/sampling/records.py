@@ -26,9 +26,9 @@ class CuratedSample:
     """One curated sample: the payload a model trains on plus the curator's scores.
 
     ``gain`` is the InfoGrowth gain (mean cosine distance to the nearest accepted items, in
-    ``[0, 2]``); ``g_scale`` is the scale the curator recorded with it (its
-    ``thresholds.g_scale``; ``None`` without one) and ``policy`` its ``thresholds.policy``:
-    ``"sample"`` means the stream already kept this sample by a gain coin
+    ``[0, 2]``); ``g_scale`` is the scale the curator recorded with it (its ``keep_scale``
+    under a keep budget, else ``thresholds.g_scale``; ``None`` without one) and ``policy`` its
+    ``thresholds.policy``: ``"sample"`` means the stream already kept this sample by a gain coin
     (:attr:`sampled_online`), so a trainer must not sample it by gain again. For relabeled
     samples ``text`` /
     ``label`` are the repaired values and ``original_text`` / ``original_label`` the input's.
@@ -51,6 +51,8 @@ class CuratedSample:
     source: dict[str, str | int] | None = None
     position: tuple[str, int, int] | None = None
     policy: str | None = None
+    vote: dict[str, float] | None = None
+    """Label shares of the voting neighbours (why a sample was relabelled)."""
 
     @property
     def relabeled(self) -> bool:
@@ -97,10 +99,12 @@ class CuratedSample:
             original_label=rec.get("original_label"),
             image=image,
             meta=rec.get("meta"),
-            g_scale=thresholds.get("g_scale"),
+            # under a keep budget the scale follows the stream: the record's own scale applies
+            g_scale=rec.get("keep_scale") or thresholds.get("g_scale"),
             source=rec.get("source"),
             position=position,
             policy=None if policy is None else str(policy),
+            vote=rec.get("vote"),
         )
 
 
