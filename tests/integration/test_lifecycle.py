@@ -24,6 +24,8 @@ from tests.integration.test_pipeline import curate_decisions, kafka_decisions
 
 pytestmark = pytest.mark.integration
 N = 1500
+ONLINE: dict[str, Any] = {"select.keep_fraction": 0.5, "select.epsilon_mode": "online"}
+"""Decisions that depend on online partition state (keep scale, ε): restore == replay for it."""
 
 
 def _free_port() -> int:
@@ -97,7 +99,7 @@ def _check(settings: Any, inp: Path, seed_file: Path, tmp: Path) -> None:
 
 
 def test_sigterm_mid_stream_then_restart(kafka_bootstrap: str, tmp_path: Path) -> None:
-    conf, settings, inp, seed_file = _prepare(tmp_path, kafka_bootstrap)
+    conf, settings, inp, seed_file = _prepare(tmp_path, kafka_bootstrap, **ONLINE)
     port = settings.serve.port
     log = tmp_path / "run.log"
     proc = _start(conf, log=log)
@@ -119,7 +121,7 @@ def test_sigterm_mid_stream_then_restart(kafka_bootstrap: str, tmp_path: Path) -
 def test_restore_with_and_without_snapshot(
     kafka_bootstrap: str, tmp_path: Path, damage: str
 ) -> None:
-    conf, settings, inp, seed_file = _prepare(tmp_path, kafka_bootstrap)
+    conf, settings, inp, seed_file = _prepare(tmp_path, kafka_bootstrap, **ONLINE)
     log = tmp_path / "run.log"
     proc = _start(conf, log=log)
     _wait_outputs(settings.serve.port, 300, proc, 120)

@@ -200,12 +200,11 @@ class SelectProcessor:
             replayed = 0
             buf: list[tuple[Embedded, int]] = []
             online: dict[str, Any] | None = None
+            online_offset = -1
             for m in read_partition_to_end(self.settings, self.topics.changelog, p, start):
                 rec = unpack("changelog", m.value(), max_bytes=1 << 30)
                 if "state" in rec:  # items never change the online state: the last one wins
-                    online = rec["state"]
-                    if state is not None:
-                        state.changelog_offset = max(state.changelog_offset, m.offset())
+                    online, online_offset = rec["state"], m.offset()
                     continue
                 e = embedded_from_record(rec, self.dims)
                 if rec.get("fixed"):
@@ -218,8 +217,13 @@ class SelectProcessor:
             if buf:
                 state = self._apply(state, buf)
                 replayed += len(buf)
-            if online is not None and state is not None:
-                state.online = OnlineState.from_record(online)
+            if online is not None:
+                if state is None and self.spaces is not None and self.dims is not None:
+                    # decisions happened but nothing was kept yet: the state is only online
+                    state = PartitionState.empty(self.spaces, self.dims, self.settings.index)
+                if state is not None:
+                    state.online = OnlineState.from_record(online)
+                    state.changelog_offset = max(state.changelog_offset, online_offset)
             elapsed = time.perf_counter() - t0
             self.restore_seconds.append(elapsed)
             if self.metrics is not None:
