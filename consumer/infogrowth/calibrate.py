@@ -77,6 +77,8 @@ class SeedStats:
     neighbour_d: dict[str, np.ndarray] = field(default_factory=dict)
     labels: list[str | None] = field(default_factory=list)
     vote: VoteCalibration | None = None
+    copy_distances: list[float] = field(default_factory=list)
+    """Image-space distances of augmented copies of seed images to their originals."""
 
 
 def _dedupe(items: list[Embedded], spaces: Sequence[str]) -> tuple[list[Embedded], int]:
@@ -354,6 +356,8 @@ def resolve_thresholds(
     for s in SPACES:  # every space, so records do not depend on which ones a run has
         if sel.epsilon is not None:
             eps[s] = sel.epsilon
+        elif s == "image" and stats is not None and stats.copy_distances and stats.nn.get(s):
+            eps[s] = _epsilon_from_copies(stats.copy_distances, stats.nn[s], sel.epsilon_percentile)
         elif stats is not None and stats.nn.get(s):
             p = _pct(stats.nn[s], sel.epsilon_percentile)
             raw = round((p or 0.0) * sel.epsilon_fraction, ROUND)
@@ -413,6 +417,29 @@ def resolve_thresholds(
         vote_scale=vote.scale,
         alignment_quartiles=_quartiles(stats.alignments) if stats is not None else None,
     )
+
+
+def _epsilon_from_copies(copies: Sequence[float], nn: Sequence[float], pct: float) -> float:
+    """ε between known copies and originals: above the 99th percentile of augmented-copy
+    distances (copies caught) and below the ``pct`` percentile of the seed's nearest-neighbour
+    distances (originals spared), at the geometric middle of that gap. When the two overlap the
+    originals win (ε at their percentile) and the conflict is logged."""
+    hi = float(np.percentile(np.asarray(copies, dtype=np.float64), 99))
+    lo = float(np.percentile(np.asarray(nn, dtype=np.float64), pct))
+    if lo <= 0:
+        return max(0.0, round(hi, ROUND))
+    if hi >= lo:
+        log.warning(
+            "image ε: augmented copies reach %.4g, beyond the seed originals' %.3g-th percentile "
+            "nearest-neighbour distance %.4g; ε = %.4g spares the originals and lets some copies "
+            "through",
+            hi,
+            pct,
+            lo,
+            lo,
+        )
+        return round(lo, ROUND)
+    return round(float(np.sqrt(max(hi, 1e-12) * lo)), ROUND)
 
 
 def _quartiles(values: Sequence[float]) -> tuple[float, float, float] | None:

@@ -444,6 +444,7 @@ class Curator:
         self.stats = seed_stats(
             good, spaces, self.settings.select.k, self.settings.clean.neighbour_k
         )
+        self.stats.copy_distances = self._augmented_distances(samples, good)
         self._setup(self.stats)
         assert self.state is not None
         seen: set[str] = set()
@@ -461,6 +462,33 @@ class Curator:
                 [g.label for g in chunk],
             )
         return self.stats
+
+    def _augmented_distances(
+        self, samples: Sequence[Sample | Malformed], good: Sequence[Embedded]
+    ) -> list[float]:
+        """Image-space distances from seed images to their augmented copies (re-encoded,
+        resized, cropped, colour-shifted): what ε must catch. Empty without an image tower."""
+        from infogrowth.augment import AUGMENT_ITEMS, augmented_copies
+
+        spaces = self.embed.spaces or ()
+        if self.embed.encoder is None or "image" not in spaces:
+            return []
+        vec = {e.id: e.vectors["image"] for e in good}
+        jobs = [(i, s) for i, s in enumerate(samples) if isinstance(s, Sample) and s.image]
+        jobs = [(i, s) for i, s in jobs if s.id in vec][:AUGMENT_ITEMS]
+        images, origin = [], []
+        for (_, s), img in zip(jobs, self.embed._map(self.embed._decode, jobs), strict=True):
+            if isinstance(img, Image.Image):
+                copies = augmented_copies(img)
+                images.extend(copies)
+                origin.extend([s.id] * len(copies))
+        if not images:
+            return []
+        emb = self.embed._encode_images(images)
+        emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        ref = np.stack([vec[sid] for sid in origin]).astype(np.float64)
+        d = 1.0 - np.einsum("ij,ij->i", ref, emb.astype(np.float64))
+        return [round(float(x), 9) for x in d]
 
     def _setup(self, stats: SeedStats | None) -> None:
         spaces = self.embed.spaces

@@ -587,3 +587,23 @@ def test_zero_shot_relabels_from_the_encoders_own_scores(clip_dir: Path, clip: E
     noise = out["zebra"]
     assert (noise.decision, noise.reason) == ("rejected", "label_noise")
     assert noise.detail is not None and "zebra" in noise.detail
+
+
+def test_image_epsilon_is_fitted_to_augmented_copies_of_seed_images(
+    clip_dir: Path, clip: Encoder
+) -> None:
+    """With images in the seed, the image-space ε comes from re-encoded / resized / cropped /
+    colour-shifted copies of seed images: it lies between those copies and the originals."""
+    from infogrowth.augment import AUGMENTATIONS
+
+    settings = _clip_settings(clip_dir)
+    seed = _image_samples(24, seed=4100, prefix="seed")
+    cur = Curator(settings, clip)
+    stats = cur.seed(seed)
+    assert len(stats.copy_distances) == 24 * len(AUGMENTATIONS)
+    assert cur.thresholds is not None
+    eps = cur.thresholds.epsilon["image"]
+    nn_low = float(np.percentile(stats.nn["image"], settings.select.epsilon_percentile))
+    assert 0 < eps <= nn_low
+    if np.percentile(stats.copy_distances, 99) < nn_low:
+        assert eps > np.percentile(stats.copy_distances, 99)
