@@ -208,16 +208,21 @@ def weighted_shares(
     return shares
 
 
-def calibrate_vote(settings: Settings, stats: SeedStats, space: str) -> VoteCalibration | None:
-    """Pick the vote's confidence and reject share on the seed with synthetic label flips.
+@dataclass
+class FlipTrial:
+    """The seed with synthetic label flips, voted on leave-one-out: ``rounds`` holds per round
+    (flipped mask, noisy labels, vote shares (n, classes), top class)."""
 
-    Every round flips ``clean.calibration_noise`` of the seed labels to another class (voters
-    carry flipped labels too: the pessimistic case), votes leave-one-out with the stream's rule,
-    and counts right and wrong relabels and flags. The confidence is the least strict one whose
-    relabels are right at least ``target_precision`` of the time while at most
-    ``max_clean_flagged`` of clean items are touched; then the largest reject share that keeps
-    both targets for all flags together. Explicit settings win over the calibration.
-    """
+    truth: np.ndarray
+    radius: float | None
+    scale: float
+    enough: np.ndarray
+    rounds: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+
+
+def flip_trial(settings: Settings, stats: SeedStats, space: str) -> FlipTrial | None:
+    """``VOTE_ROUNDS`` rounds of ``clean.calibration_noise`` flips on the seed, each voted with
+    the stream's rule (radius, weights, ``neighbour_min``); None without labelled classes."""
     c = settings.clean
     labelled = [lbl for lbl in stats.labels if lbl is not None]
     if space not in stats.neighbours or len(labelled) < 2 or len(labelled) < len(stats.labels):
@@ -232,11 +237,9 @@ def calibrate_vote(settings: Settings, stats: SeedStats, space: str) -> VoteCali
     radius = c.neighbour_radius
     if radius is None:
         radius = _pct(stats.kth[space], c.neighbour_radius_percentile)
-    nn = np.asarray(stats.nn[space])
-    scale = max(float(np.median(nn)), 1e-6)
+    scale = max(float(np.median(np.asarray(stats.nn[space]))), 1e-6)
     valid = nb_d <= (radius if radius is not None else np.inf)
     enough = valid.sum(axis=1) >= c.neighbour_min
-
     n, n_lab = len(y), len(names)
     rounds = []
     for r in range(VOTE_ROUNDS):
@@ -245,8 +248,26 @@ def calibrate_vote(settings: Settings, stats: SeedStats, space: str) -> VoteCali
         noisy = y.copy()
         noisy[flip] = (y[flip] + rng.integers(1, n_lab, size=int(flip.sum()))) % n_lab
         shares = weighted_shares(noisy[nb], nb_d, valid, scale, n_lab)
-        top = np.argmax(shares, axis=1)
-        rounds.append((flip, noisy, shares, top))
+        rounds.append((flip, noisy, shares, np.argmax(shares, axis=1)))
+    return FlipTrial(y, radius, scale, enough, rounds)
+
+
+def calibrate_vote(settings: Settings, stats: SeedStats, space: str) -> VoteCalibration | None:
+    """Pick the vote's confidence and reject share on the seed with synthetic label flips.
+
+    Every round flips ``clean.calibration_noise`` of the seed labels to another class (voters
+    carry flipped labels too: the pessimistic case), votes leave-one-out with the stream's rule,
+    and counts right and wrong relabels and flags. The confidence is the least strict one whose
+    relabels are right at least ``target_precision`` of the time while at most
+    ``max_clean_flagged`` of clean items are touched; then the largest reject share that keeps
+    both targets for all flags together. Explicit settings win over the calibration.
+    """
+    c = settings.clean
+    trial = flip_trial(settings, stats, space)
+    if trial is None:
+        return None
+    y, enough, rounds = trial.truth, trial.enough, trial.rounds
+    n = len(y)
 
     def measure(conf: float | None, rej: float | None) -> tuple[int, int, int, int, int, int, int]:
         rel = rel_ok = flags = flags_ok = clean_flag = clean_n = noisy_n = 0
@@ -303,8 +324,8 @@ def calibrate_vote(settings: Settings, stats: SeedStats, space: str) -> VoteCali
     return VoteCalibration(
         confidence=conf,
         reject_share=rej,
-        radius=radius,
-        scale=round(scale, ROUND),
+        radius=trial.radius,
+        scale=round(trial.scale, ROUND),
         relabel_precision=round(rel_ok / rel, 4) if rel else None,
         flag_precision=round(flags_ok / flags, 4) if flags else None,
         clean_flagged=round(clean_flag / clean_n, 4) if clean_n else None,
@@ -449,7 +470,14 @@ def _quartiles(values: Sequence[float]) -> tuple[float, float, float] | None:
     return (round(float(q[0]), ROUND), round(float(q[1]), ROUND), round(float(q[2]), ROUND))
 
 
-__all__ = ["NO_NEIGHBOUR_GAIN", "SeedStats", "resolve_thresholds", "seed_stats"]
+__all__ = [
+    "NO_NEIGHBOUR_GAIN",
+    "FlipTrial",
+    "SeedStats",
+    "flip_trial",
+    "resolve_thresholds",
+    "seed_stats",
+]
 
 
 @dataclass

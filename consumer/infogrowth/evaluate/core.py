@@ -35,12 +35,13 @@ from typing import Any
 import numpy as np
 import yaml
 
+from infogrowth.calibrate import calibrate_vote, flip_trial, label_space, seed_stats
 from infogrowth.config import Settings, load_settings
 from infogrowth.evaluate import data as D
 from infogrowth.evaluate import models as M
 from infogrowth.evaluate.metrics import mean_std, precision_recall, roc_auc
 from infogrowth.pipeline import CaptionerLike, Curator, EncoderLike
-from infogrowth.schema import Malformed, Sample
+from infogrowth.schema import Embedded, Malformed, Sample
 
 log = logging.getLogger(__name__)
 
@@ -664,6 +665,64 @@ def _gain_hist(run: Run, stream: D.Stream) -> dict[str, Any]:
     return out
 
 
+def _cleaners(exp: Experiment) -> list[dict[str, Any]]:
+    """The seed-calibrated vote against confident learning on the same flip trial (the seed
+    with ``clean.calibration_noise`` synthetic flips, leave-one-out, same neighbours)."""
+    settings = exp.settings({})
+    cur = Curator(settings, None)
+    good = [e for e in cur.embed.process(exp._seed, clean=False) if isinstance(e, Embedded)]
+    spaces = cur.embed.spaces or ()
+    stats = seed_stats(good, spaces, settings.select.k, settings.clean.neighbour_k)
+    space = label_space(settings, spaces)
+    trial = flip_trial(settings, stats, space)
+    vote = calibrate_vote(settings, stats, space)
+    if trial is None or vote is None:
+        return []
+    n = len(trial.truth)
+    rows = {"seed-calibrated vote": [0] * 6, "confident learning": [0] * 6}
+    for flip, noisy, shares, top in trial.rounds:
+        own = shares[np.arange(n), noisy]
+        relabel = np.zeros(n, dtype=bool)
+        if vote.confidence is not None:
+            relabel = trial.enough & (top != noisy) & (shares[np.arange(n), top] >= vote.confidence)
+        reject = np.zeros(n, dtype=bool)
+        if vote.reject_share is not None:
+            reject = trial.enough & ~relabel & (own <= vote.reject_share)
+        # confident learning: per-class thresholds = mean self-share of items given that label
+        t = np.asarray(
+            [
+                shares[noisy == j, j].mean() if np.any(noisy == j) else 1.0
+                for j in range(shares.shape[1])
+            ]
+        )
+        above = shares >= t[None, :]
+        above[np.arange(n), noisy] = False
+        cl_flag = trial.enough & (own < t[noisy]) & above.any(axis=1)
+        cl_new = np.argmax(np.where(above, shares, -1.0), axis=1)
+        for name, flagged, rel, new in (
+            ("seed-calibrated vote", relabel | reject, relabel, top),
+            ("confident learning", cl_flag, cl_flag, cl_new),
+        ):
+            acc = rows[name]
+            acc[0] += int(rel.sum())
+            acc[1] += int((rel & (new == trial.truth)).sum())
+            acc[2] += int(flagged.sum())
+            acc[3] += int((flagged & flip).sum())
+            acc[4] += int((flagged & ~flip).sum())
+            acc[5] += int(flip.sum())
+    clean_n = sum(int((~r[0]).sum()) for r in trial.rounds)
+    return [
+        {
+            "cleaner": name,
+            "relabel_precision": round(a[1] / a[0], 4) if a[0] else None,
+            "flag_precision": round(a[3] / a[2], 4) if a[2] else None,
+            "noisy_caught": round(a[3] / a[5], 4) if a[5] else None,
+            "clean_flagged": round(a[4] / clean_n, 4) if clean_n else None,
+        }
+        for name, a in rows.items()
+    ]
+
+
 def _copies_beside(st: D.Stream, run: Run) -> dict[str, Any]:
     """Per copy kind: share of injected copies kept while their original (or an earlier copy of
     it) is kept: what the duplicate floor is for."""
@@ -876,6 +935,7 @@ def evaluate(prep: Prepared, opts: Options) -> dict[str, Any]:
             "originals_rejected_unseeded": _originals_duplicate(st, unseeded),
         },
     }
+    result["cleaners"] = _cleaners(exp)
     result["redundancy"] = _redundancy(exp, main, budget, thr)
     result["gain_hist"] = _gain_hist(main, st)
     result["noise"] = [

@@ -447,6 +447,30 @@ def dataset_section(res: dict[str, Any], figs: list[str]) -> str:
         parts.append("")
 
     parts += ["### 2. Noise", ""]
+    if res.get("cleaners"):
+        parts.append(
+            "Label cleaners on the seed's flip trial (the calibration's own measurement: "
+            "synthetic flips, leave-one-out, the same neighbours): the seed-calibrated vote at "
+            "its chosen settings against confident learning (per-class thresholds on the same "
+            "out-of-sample neighbour probabilities). The package keeps the vote."
+        )
+        parts.append("")
+        parts.append(
+            _table(
+                ["cleaner", "relabel precision", "flag precision", "flips caught", "clean flagged"],
+                [
+                    [
+                        c["cleaner"],
+                        _pct(c["relabel_precision"]),
+                        _pct(c["flag_precision"]),
+                        _pct(c["noisy_caught"]),
+                        _pct(c["clean_flagged"]),
+                    ]
+                    for c in res["cleaners"]
+                ],
+            )
+        )
+        parts.append("")
     rows = []
     for n in res["noise"]:
         rows.append(
