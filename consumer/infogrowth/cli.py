@@ -95,6 +95,12 @@ def main() -> None:
     help="Known-clean samples: bootstrap the index and calibrate thresholds.",
 )
 @click.option("--include-images", is_flag=True, help="Copy image bytes into the outputs.")
+@click.option(
+    "--image-root",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Image paths in JSONL lines must stay under this folder (default: each file's folder).",
+)
 @click.option("--no-progress", is_flag=True)
 def curate(
     inputs: tuple[Path, ...],
@@ -102,6 +108,7 @@ def curate(
     config: Path | None,
     seed: Path | None,
     include_images: bool,
+    image_root: Path | None,
     no_progress: bool,
 ) -> None:
     """Curate files into accepted / relabeled / rejected JSONL plus report.json."""
@@ -130,6 +137,7 @@ def curate(
                 seed=seed,
                 include_images=include_images,
                 progress=lambda n: progress.advance(task, n),
+                image_root=image_root,
             )
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -227,7 +235,15 @@ def topics_create(config: Path | None, check_only: bool) -> None:
 )
 @click.option("--topic", default=None, help="Default: the configured ingest topic.")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-def produce(inputs: tuple[Path, ...], topic: str | None, config: Path | None) -> None:
+@click.option(
+    "--image-root",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Image paths in JSONL lines must stay under this folder (default: each file's folder).",
+)
+def produce(
+    inputs: tuple[Path, ...], topic: str | None, config: Path | None, image_root: Path | None
+) -> None:
     """Load JSONL / WebDataset shards into the ingest topic."""
     from infogrowth.files import count_inputs
     from infogrowth.kafka.tools import produce as run_produce
@@ -238,7 +254,13 @@ def produce(inputs: tuple[Path, ...], topic: str | None, config: Path | None) ->
         TextColumn("producing"), BarColumn(), MofNCompleteColumn(), console=console
     ) as progress:
         task = progress.add_task("produce", total=count_inputs(list(inputs)))
-        n = run_produce(settings, list(inputs), topic, lambda k: progress.advance(task, k))
+        n = run_produce(
+            settings,
+            list(inputs),
+            topic,
+            lambda k: progress.advance(task, k),
+            image_root=image_root,
+        )
     console.print(f"produced {n} messages to {topic or settings.kafka.topics.ingest}")
 
 
