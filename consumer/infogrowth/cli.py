@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any, ClassVar
@@ -15,6 +16,7 @@ from rich.table import Table
 from infogrowth.config import ConfigError, Settings, load_settings
 
 console = Console(stderr=True)
+log = logging.getLogger("infogrowth.cli")
 
 
 def _settings(config: Path | None) -> Settings:
@@ -25,9 +27,17 @@ def _settings(config: Path | None) -> Settings:
 
 
 def _setup_logging(settings: Settings) -> None:
+    from infogrowth.config import secret_values
     from infogrowth.logs import configure
 
-    configure(settings.log_level, settings.log_json)
+    configure(settings.log_level, settings.log_json, secret_values(settings))
+
+
+def _failure(exc: BaseException, settings: Settings) -> click.ClickException:
+    """A CLI error whose message cannot quote a configured secret."""
+    from infogrowth.config import scrub, secret_values
+
+    return click.ClickException(scrub(str(exc), secret_values(settings)))
 
 
 def _summary(title: str, reasons: dict[str, int], total: int) -> Table:
@@ -140,7 +150,7 @@ def curate(
                 image_root=image_root,
             )
     except (ValueError, FileNotFoundError) as exc:
-        raise click.ClickException(str(exc)) from None
+        raise _failure(exc, settings) from None
     rep: dict[str, Any] = result.report
     console.print(_summary(f"infogrowth curate → {out}", rep["reasons"], result.inputs))
     online = rep.get("online") or {}
@@ -176,10 +186,17 @@ def run(role: str, config: Path | None, exit_when_idle: float | None) -> None:
 
     settings = _settings(config)
     _setup_logging(settings)
+    from infogrowth.config import redacted_settings
+
+    log.info(
+        "infogrowth run --role %s; settings: %s",
+        role,
+        json.dumps(redacted_settings(settings), sort_keys=True),
+    )
     try:
         code = run_main(settings, role, idle_exit_s=exit_when_idle)
     except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise _failure(exc, settings) from None
     sys.exit(code)
 
 
@@ -195,7 +212,7 @@ def seed(input_: Path, config: Path | None) -> None:
     try:
         res = run_seed(settings, input_)
     except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise _failure(exc, settings) from None
     rec = res.calibration.as_record()
     rec.pop("cells", None)
     console.print(f"seeded {res.items} items ({res.malformed} malformed) into {res.per_partition}")

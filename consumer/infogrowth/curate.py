@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from infogrowth.config import EncoderConfig, Settings
+from infogrowth.config import EncoderConfig, Settings, redacted_settings
 from infogrowth.files import OutputWriter, read_inputs, write_json_atomic
 from infogrowth.pipeline import CaptionerLike, Curator, EncoderLike
 from infogrowth.records import output_record
@@ -30,11 +30,7 @@ class CurateResult:
 
 def redacted_config(settings: Settings) -> dict[str, Any]:
     """The settings as JSON with librdkafka secrets (passwords, keys, tokens) masked."""
-    from infogrowth.kafka.clients import redact
-
-    cfg = settings.model_dump(mode="json")
-    cfg["kafka"]["client"] = redact(cfg["kafka"]["client"])
-    return cfg
+    return redacted_settings(settings)
 
 
 def _first_valid(items: Iterable[Sample | Malformed]) -> Sample | None:

@@ -3,6 +3,7 @@ are printed, /healthz without exception text, a bounded metrics HTTP server."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -183,3 +184,137 @@ def test_produce_cli_has_image_root() -> None:
     assert "--image-root" in res.output
     res = CliRunner().invoke(main, ["curate", "--help"])
     assert "--image-root" in res.output
+
+
+# ---- secrets in settings -------------------------------------------------------------------
+
+SECRET = "s3cr3t-Pa55-do-not-leak"
+SECRET_CLIENT = {
+    "sasl.password": SECRET + "-pw",
+    "SASL.PASSWORD": SECRET + "-upper",
+    "sasl.oauthbearer.config": f"principal=svc scope=write clientSecret={SECRET}-oauth",
+    "sasl.oauthbearer.client.secret": SECRET + "-client-secret",
+    "sasl.oauthbearer.extensions": f"logicalCluster=lkc-1,identityPoolId={SECRET}-ext",
+    "sasl.oauthbearer.assertion.private.key.passphrase": SECRET + "-pass",
+    "sasl.oauthbearer.assertion.private.key.pem": SECRET + "-assert-pem",
+    "ssl.key.pem": f"-----BEGIN PRIVATE KEY-----{SECRET}-pem",
+    "ssl.key.password": SECRET + "-keypw",
+    "ssl.keystore.password": SECRET + "-kspw",
+    "ssl_key": SECRET + "-underscore",
+    "sasl.jaas.config": SECRET + "-jaas",
+}
+PUBLIC_CLIENT = {
+    "security.protocol": "SASL_SSL",
+    "sasl.mechanism": "OAUTHBEARER",
+    "sasl.username": "svc-infogrowth",
+    "ssl.ca.location": "/etc/ssl/ca.pem",
+}
+
+
+@pytest.fixture
+def secret_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    client = SECRET_CLIENT | PUBLIC_CLIENT
+    monkeypatch.setenv("INFOGROWTH_KAFKA__CLIENT", json.dumps(client))
+    return client
+
+
+def test_every_secret_bearing_librdkafka_key_is_redacted() -> None:
+    from infogrowth.config import redact_client
+    from infogrowth.kafka.clients import redact
+
+    for fn in (redact_client, redact):
+        out = fn(SECRET_CLIENT | PUBLIC_CLIENT)
+        for key in SECRET_CLIENT:
+            assert out[key] == "***", key
+        for key, value in PUBLIC_CLIENT.items():
+            assert out[key] == value, key
+        assert SECRET not in json.dumps(out)
+
+
+def test_settings_repr_and_report_config_hide_secrets(secret_env: dict[str, Any]) -> None:
+    from infogrowth.config import load_settings
+    from infogrowth.curate import redacted_config
+
+    settings = load_settings()
+    assert settings.kafka.client["sasl.oauthbearer.config"].endswith("-oauth")  # really loaded
+    for text in (repr(settings), str(settings), repr(settings.kafka), str(settings.kafka)):
+        assert SECRET not in text
+    cfg = json.dumps(redacted_config(settings))
+    assert SECRET not in cfg and "OAUTHBEARER" in cfg and "sasl.oauthbearer.config" in cfg
+
+
+def test_curate_report_never_holds_oauthbearer_config(
+    tmp_path: Path, secret_env: dict[str, Any]
+) -> None:
+    inp = write_jsonl(
+        tmp_path / "in.jsonl", [{"id": "a", "text": "t", "embedding": {"text": [1.0, 0.0]}}]
+    )
+    res = CliRunner().invoke(
+        main, ["curate", "--input", str(inp), "--out", str(tmp_path / "o"), "--no-progress"]
+    )
+    assert res.exit_code == 0, res.output
+    report = (tmp_path / "o" / "report.json").read_text()
+    assert SECRET not in report and SECRET not in res.output
+    assert "sasl.oauthbearer.config" in report
+
+
+def test_yaml_error_does_not_quote_the_secret_line(tmp_path: Path) -> None:
+    from infogrowth.config import ConfigError, load_settings
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f'kafka:\n  client:\n    sasl.password: "{SECRET}\n  bad: [\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg)
+    assert SECRET not in str(err.value) and "line" in str(err.value)
+
+
+@pytest.fixture
+def root_logging() -> Any:
+    """The CLI replaces the root handlers; put them back afterwards."""
+    import logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    yield root
+    root.handlers[:], level = saved
+    root.setLevel(level)
+
+
+def test_run_startup_log_and_errors_are_redacted(
+    secret_env: dict[str, Any], monkeypatch: pytest.MonkeyPatch, root_logging: Any
+) -> None:
+    import infogrowth.kafka.run as run_mod
+
+    def fake_main(settings: Any, role: str, idle_exit_s: float | None = None) -> int:
+        conf = settings.kafka.client["sasl.oauthbearer.config"]
+        raise ValueError(f"Invalid value for sasl.oauthbearer.config: {conf!r}")
+
+    monkeypatch.setattr(run_mod, "main", fake_main)
+    res = CliRunner().invoke(main, ["run", "--role", "embed"])
+    assert res.exit_code != 0
+    assert "Invalid value" in res.output and SECRET not in res.output
+    startup = [line for line in res.output.splitlines() if "infogrowth run --role" in line]
+    assert startup, f"no startup log line in {res.output!r}"
+    assert "sasl.oauthbearer.config" in startup[0] and "OAUTHBEARER" in startup[0]
+
+
+def test_log_filter_scrubs_secret_values_from_messages_and_tracebacks(
+    secret_env: dict[str, Any], capsys: pytest.CaptureFixture[str], root_logging: Any
+) -> None:
+    import logging
+
+    from infogrowth.config import load_settings, secret_values
+    from infogrowth.logs import configure
+
+    settings = load_settings()
+    for as_json in (False, True):
+        configure("INFO", as_json, secret_values(settings))
+        log = logging.getLogger("infogrowth.test")
+        log.error("librdkafka said %s", settings.kafka.client["sasl.password"])
+        try:
+            raise RuntimeError(settings.kafka.client["sasl.oauthbearer.config"])
+        except RuntimeError:
+            log.exception("client failed")
+        err = capsys.readouterr().err
+        assert "librdkafka said ***" in err and "client failed" in err
+        assert "RuntimeError" in err and SECRET not in err
