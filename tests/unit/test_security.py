@@ -318,3 +318,108 @@ def test_log_filter_scrubs_secret_values_from_messages_and_tracebacks(
         err = capsys.readouterr().err
         assert "librdkafka said ***" in err and "client failed" in err
         assert "RuntimeError" in err and SECRET not in err
+
+
+# ---- metrics HTTP server -------------------------------------------------------------------
+
+
+def _get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode()
+    finally:
+        conn.close()
+
+
+def test_healthz_never_answers_exception_text(caplog: pytest.LogCaptureFixture) -> None:
+    """Runtime.healthy reports ``stage failed: <exception>``: the body must not carry it."""
+    from infogrowth.kafka.run import Runtime
+    from infogrowth.metrics import Metrics, MetricsServer
+    from tests.fixtures.helpers import make_settings
+
+    rt = Runtime(make_settings(), "all")
+    rt.errors.append(RuntimeError(f"broker said: SASL authentication failed for {SECRET}"))
+    caplog.set_level("WARNING", logger="infogrowth.metrics")
+    with MetricsServer(Metrics(runtime=False), "127.0.0.1", 0, health=rt.healthy) as srv:
+        status, body = _get(srv.port, "/healthz")
+        assert status == 503 and body == "unhealthy\n"
+        assert _get(srv.port, "/healthz") == (503, "unhealthy\n")
+    assert SECRET in caplog.text  # the detail goes to the log instead, once per change
+    assert caplog.text.count("health probe failing") == 1
+
+
+def _threads_now() -> int:
+    import threading
+
+    return threading.active_count()
+
+
+def test_metrics_server_bounds_its_threads() -> None:
+    """Idle connections beyond ``max_connections`` get 503 "busy", not a thread each; once the
+    idle ones time out the server answers again."""
+    import socket
+    import time
+
+    from infogrowth.metrics import Metrics, MetricsServer
+
+    with MetricsServer(
+        Metrics(runtime=False), "127.0.0.1", 0, max_connections=3, request_timeout_s=4.0
+    ) as srv:
+        base = _threads_now()
+        idle = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(20)]
+        try:
+            time.sleep(0.5)
+            assert _threads_now() - base <= 3
+            status, body = _get(srv.port, "/healthz")
+            assert (status, body) == (503, "busy\n")
+        finally:
+            for s in idle:
+                s.close()
+        deadline = time.monotonic() + 10
+        while _get(srv.port, "/healthz")[0] != 200:
+            assert time.monotonic() < deadline, "server never recovered"
+            time.sleep(0.2)
+
+
+def test_metrics_server_bounds_request_size() -> None:
+    from infogrowth.metrics import Metrics, MetricsServer
+
+    with MetricsServer(Metrics(runtime=False), "127.0.0.1", 0, max_request_bytes=4096) as srv:
+        assert _get(srv.port, "/healthz", {"User-Agent": "kube-probe/1.31"})[0] == 200
+        assert _get(srv.port, "/healthz?" + "x" * 20_000)[0] == 414
+        many = {f"X-Pad-{i}": "y" * 900 for i in range(20)}  # 18 KB of headers
+        assert _get(srv.port, "/healthz", many)[0] == 431
+        assert _get(srv.port, "/healthz")[0] == 200
+
+
+def test_metrics_server_drops_a_slow_drip() -> None:
+    """A client dripping a byte at a time cannot hold a worker past the request deadline."""
+    import socket
+    import time
+
+    from infogrowth.metrics import Metrics, MetricsServer
+
+    with MetricsServer(Metrics(runtime=False), "127.0.0.1", 0, request_timeout_s=1.0) as srv:
+        sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        start = time.monotonic()
+        closed = False
+        try:
+            for b in b"GET /healthz HTTP/1.0\r\nX-Slow: " + b"z" * 200:
+                sock.sendall(bytes([b]))
+                time.sleep(0.1)
+                if time.monotonic() - start > 6:
+                    break
+        except OSError:
+            closed = True
+        if not closed:
+            sock.settimeout(2)
+            try:
+                closed = sock.recv(1024) == b""
+            except OSError:
+                closed = True
+        sock.close()
+        assert closed and time.monotonic() - start < 6
