@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any, ClassVar
@@ -15,6 +16,7 @@ from rich.table import Table
 from infogrowth.config import ConfigError, Settings, load_settings
 
 console = Console(stderr=True)
+log = logging.getLogger("infogrowth.cli")
 
 
 def _settings(config: Path | None) -> Settings:
@@ -25,9 +27,17 @@ def _settings(config: Path | None) -> Settings:
 
 
 def _setup_logging(settings: Settings) -> None:
+    from infogrowth.config import secret_values
     from infogrowth.logs import configure
 
-    configure(settings.log_level, settings.log_json)
+    configure(settings.log_level, settings.log_json, secret_values(settings))
+
+
+def _failure(exc: BaseException, settings: Settings) -> click.ClickException:
+    """A CLI error whose message cannot quote a configured secret."""
+    from infogrowth.config import scrub, secret_values
+
+    return click.ClickException(scrub(str(exc), secret_values(settings)))
 
 
 def _summary(title: str, reasons: dict[str, int], total: int) -> Table:
@@ -95,6 +105,12 @@ def main() -> None:
     help="Known-clean samples: bootstrap the index and calibrate thresholds.",
 )
 @click.option("--include-images", is_flag=True, help="Copy image bytes into the outputs.")
+@click.option(
+    "--image-root",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Image paths in JSONL lines must stay under this folder (default: each file's folder).",
+)
 @click.option("--no-progress", is_flag=True)
 def curate(
     inputs: tuple[Path, ...],
@@ -102,6 +118,7 @@ def curate(
     config: Path | None,
     seed: Path | None,
     include_images: bool,
+    image_root: Path | None,
     no_progress: bool,
 ) -> None:
     """Curate files into accepted / relabeled / rejected JSONL plus report.json."""
@@ -130,9 +147,10 @@ def curate(
                 seed=seed,
                 include_images=include_images,
                 progress=lambda n: progress.advance(task, n),
+                image_root=image_root,
             )
     except (ValueError, FileNotFoundError) as exc:
-        raise click.ClickException(str(exc)) from None
+        raise _failure(exc, settings) from None
     rep: dict[str, Any] = result.report
     console.print(_summary(f"infogrowth curate → {out}", rep["reasons"], result.inputs))
     online = rep.get("online") or {}
@@ -168,10 +186,17 @@ def run(role: str, config: Path | None, exit_when_idle: float | None) -> None:
 
     settings = _settings(config)
     _setup_logging(settings)
+    from infogrowth.config import redacted_settings
+
+    log.info(
+        "infogrowth run --role %s; settings: %s",
+        role,
+        json.dumps(redacted_settings(settings), sort_keys=True),
+    )
     try:
         code = run_main(settings, role, idle_exit_s=exit_when_idle)
     except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise _failure(exc, settings) from None
     sys.exit(code)
 
 
@@ -187,7 +212,7 @@ def seed(input_: Path, config: Path | None) -> None:
     try:
         res = run_seed(settings, input_)
     except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise _failure(exc, settings) from None
     rec = res.calibration.as_record()
     rec.pop("cells", None)
     console.print(f"seeded {res.items} items ({res.malformed} malformed) into {res.per_partition}")
@@ -227,7 +252,15 @@ def topics_create(config: Path | None, check_only: bool) -> None:
 )
 @click.option("--topic", default=None, help="Default: the configured ingest topic.")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-def produce(inputs: tuple[Path, ...], topic: str | None, config: Path | None) -> None:
+@click.option(
+    "--image-root",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Image paths in JSONL lines must stay under this folder (default: each file's folder).",
+)
+def produce(
+    inputs: tuple[Path, ...], topic: str | None, config: Path | None, image_root: Path | None
+) -> None:
     """Load JSONL / WebDataset shards into the ingest topic."""
     from infogrowth.files import count_inputs
     from infogrowth.kafka.tools import produce as run_produce
@@ -238,7 +271,13 @@ def produce(inputs: tuple[Path, ...], topic: str | None, config: Path | None) ->
         TextColumn("producing"), BarColumn(), MofNCompleteColumn(), console=console
     ) as progress:
         task = progress.add_task("produce", total=count_inputs(list(inputs)))
-        n = run_produce(settings, list(inputs), topic, lambda k: progress.advance(task, k))
+        n = run_produce(
+            settings,
+            list(inputs),
+            topic,
+            lambda k: progress.advance(task, k),
+            image_root=image_root,
+        )
     console.print(f"produced {n} messages to {topic or settings.kafka.topics.ingest}")
 
 

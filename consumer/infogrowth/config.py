@@ -8,6 +8,7 @@ and bad values fail at start with :class:`ConfigError`, whose message names the 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +23,69 @@ NON_SETTINGS_ENV = frozenset({"INFOGROWTH_CACHE_DIR", "INFOGROWTH_CHAOS_SAMPLES"
 
 class ConfigError(ValueError):
     """A setting is missing, unknown or invalid; the message names the key."""
+
+
+# ---------------------------------------------------------------------- redaction
+
+REDACTED = "***"
+SECRET_KEY_HINTS = (
+    "password",
+    "passwd",
+    "passphrase",
+    "secret",
+    "key",  # ssl.key.pem, ssl.key.location, ssl_key, *.private.key.*, keystore, keytab
+    "token",
+    "credential",
+    "jaas",
+    "private",
+    "oauthbearer.config",  # "principal=... clientSecret=..." for the unsecured JWT builder
+    "oauthbearer.extensions",  # SASL extensions carry tenant tokens
+    "oauth.cb",
+)
+"""Substrings of librdkafka property names (lower case, ``_``/``-`` read as ``.``) whose values
+never leave the process: not in logs, report.json, error messages nor ``repr(settings)``."""
+_MIN_SCRUB_CHARS = 4
+
+
+def is_secret_key(key: str) -> bool:
+    """True for librdkafka properties whose value is (or holds) a credential."""
+    norm = key.lower().replace("_", ".").replace("-", ".")
+    return any(h in norm for h in SECRET_KEY_HINTS)
+
+
+def redact_client(conf: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a librdkafka configuration safe to print: secret-bearing values masked."""
+    return {key: (REDACTED if is_secret_key(key) else value) for key, value in conf.items()}
+
+
+def secret_values(settings: Settings) -> list[str]:
+    """The secret strings of ``settings`` (and their ``name=value`` parts), longest first, for
+    :func:`scrub` and the log filter."""
+    out: set[str] = set()
+    for key, value in settings.kafka.client.items():
+        if not is_secret_key(key) or isinstance(value, bool):
+            continue
+        text = str(value)
+        out.add(text)
+        for part in re.split(r"[\s,;]+", text):
+            _, eq, rhs = part.partition("=")
+            out.add(rhs.strip("\"'") if eq else part)
+    return sorted((v for v in out if len(v) >= _MIN_SCRUB_CHARS), key=len, reverse=True)
+
+
+def scrub(text: str, secrets: list[str]) -> str:
+    """``text`` with every secret value replaced by ``***``."""
+    for value in secrets:
+        if value in text:
+            text = text.replace(value, REDACTED)
+    return text
+
+
+def redacted_settings(settings: Settings) -> dict[str, Any]:
+    """The settings as JSON-ready data, librdkafka secrets masked (report.json, startup log)."""
+    cfg = settings.model_dump(mode="json")
+    cfg["kafka"]["client"] = redact_client(cfg["kafka"]["client"])
+    return cfg
 
 
 class _Section(BaseModel):
@@ -172,6 +236,8 @@ class KafkaConfig(_Section):
 
     bootstrap_servers: str = "127.0.0.1:9092"
     client: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    """librdkafka properties; secret-bearing ones (see :func:`is_secret_key`) are masked in
+    ``repr``/``str`` and everywhere settings are printed."""
     topics: TopicsConfig = TopicsConfig()
     embed_group: str = "infogrowth-embed"
     select_group: str = "infogrowth-select"
@@ -192,6 +258,10 @@ class KafkaConfig(_Section):
     cells_replication_margin: float = Field(0.05, ge=0)
     """Boundary replication: a kept item is also indexed in every other cell whose centroid
     distance is within this relative margin of its nearest (0: off)."""
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            yield name, (redact_client(value) if name == "client" else value)
 
 
 class ServeConfig(_Section):
@@ -287,7 +357,11 @@ def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
         try:
             loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+            # Position only: PyYAML's message quotes the offending line, which may hold a secret.
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            problem = getattr(exc, "problem", None) or "syntax error"
+            raise ConfigError(f"config file {p} is not valid YAML{where}: {problem}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

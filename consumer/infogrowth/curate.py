@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from infogrowth.config import EncoderConfig, Settings
+from infogrowth.config import EncoderConfig, Settings, redacted_settings
 from infogrowth.files import OutputWriter, read_inputs, write_json_atomic
 from infogrowth.pipeline import CaptionerLike, Curator, EncoderLike
 from infogrowth.records import output_record
@@ -30,11 +30,7 @@ class CurateResult:
 
 def redacted_config(settings: Settings) -> dict[str, Any]:
     """The settings as JSON with librdkafka secrets (passwords, keys, tokens) masked."""
-    from infogrowth.kafka.clients import redact
-
-    cfg = settings.model_dump(mode="json")
-    cfg["kafka"]["client"] = redact(cfg["kafka"]["client"])
-    return cfg
+    return redacted_settings(settings)
 
 
 def _first_valid(items: Iterable[Sample | Malformed]) -> Sample | None:
@@ -112,11 +108,15 @@ def curate(
     include_images: bool = False,
     progress: Callable[[int], None] | None = None,
     models: tuple[EncoderLike | None, CaptionerLike | None] | None = None,
+    image_root: Path | None = None,
 ) -> CurateResult:
-    """Curate ``inputs`` into ``out_dir``; returns counts and the report also written there."""
+    """Curate ``inputs`` into ``out_dir``; returns counts and the report also written there.
+
+    ``image_root`` confines image paths in JSONL lines (default: each file's own folder)."""
     start = time.time()
-    seed_items = list(read_inputs([seed], settings.limits)) if seed else []
-    probe = _first_valid(seed_items) or _first_valid(read_inputs(inputs, settings.limits))
+    limits = settings.limits
+    seed_items = list(read_inputs([seed], limits, image_root)) if seed else []
+    probe = _first_valid(seed_items) or _first_valid(read_inputs(inputs, limits, image_root))
     encoder, captioner = models if models is not None else build_models(settings, probe)
     cur = Curator(settings, encoder, captioner)
     seed_info: dict[str, Any] | None = None
@@ -132,7 +132,8 @@ def curate(
 
     result = CurateResult()
     with OutputWriter(out_dir) as writer:
-        for batch in _batches(read_inputs(inputs, settings.limits), settings.select.batch_size):
+        items = read_inputs(inputs, limits, image_root)
+        for batch in _batches(items, settings.select.batch_size):
             outcomes = cur.process(batch)
             assert cur.thresholds is not None or all(o.decision == "rejected" for o in outcomes)
             thresholds = cur.thresholds

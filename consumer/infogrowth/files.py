@@ -22,19 +22,27 @@ LABEL_EXTS = (".cls", ".label")
 OUTPUTS = ("accepted", "relabeled", "rejected")
 
 
-def _image_loader(base_dir: Path) -> Any:
+def _image_loader(base_dir: Path, root: Path, max_bytes: int) -> Any:
     def load(value: str) -> bytes:
         try:
-            return load_image_field(value, base_dir)
+            return load_image_field(value, base_dir, max_bytes=max_bytes, root=root)
         except ImageError as exc:
             raise ValueError(f"image: {exc}") from None
 
     return load
 
 
-def read_jsonl(path: Path, limits: LimitsConfig) -> Iterator[Sample | Malformed]:
-    """One item per non-blank line; lines are read as bytes so bad UTF-8 is rejected, not lost."""
-    loader = _image_loader(path.parent)
+def read_jsonl(
+    path: Path, limits: LimitsConfig, image_root: Path | None = None
+) -> Iterator[Sample | Malformed]:
+    """One item per non-blank line; lines are read as bytes so bad UTF-8 is rejected, not lost.
+
+    An ``image`` that names a file is read only if it is a regular file under ``image_root``
+    (default: the file's own folder; relative paths start at that folder) of at most
+    ``limits.max_image_bytes``; anything else (``/proc/self/environ``, ``../../etc/passwd``, a
+    symlink out of the root, a FIFO) makes the line malformed, never the run fail.
+    """
+    loader = _image_loader(path.parent, image_root or path.parent, limits.max_image_bytes)
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             line = raw.rstrip(b"\r\n")
@@ -126,7 +134,10 @@ def _has_end_marker(path: Path, offset: int) -> bool:
     return len(tail) == 1024 and not tail.strip(b"\0")
 
 
-def read_inputs(paths: list[Path], limits: LimitsConfig) -> Iterator[Sample | Malformed]:
+def read_inputs(
+    paths: list[Path], limits: LimitsConfig, image_root: Path | None = None
+) -> Iterator[Sample | Malformed]:
+    """Samples of JSONL files and tar shards in order; see :func:`read_jsonl` for ``image_root``."""
     for p in paths:
         if not p.exists():
             raise FileNotFoundError(f"input not found: {p}")
@@ -134,7 +145,7 @@ def read_inputs(paths: list[Path], limits: LimitsConfig) -> Iterator[Sample | Ma
         if name.endswith((".tar", ".tar.gz", ".tgz")):
             yield from read_tar(p, limits)
         else:
-            yield from read_jsonl(p, limits)
+            yield from read_jsonl(p, limits, image_root)
 
 
 def count_inputs(paths: list[Path]) -> int | None:

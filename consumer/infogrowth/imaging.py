@@ -9,7 +9,9 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import os
 import re
+import stat
 import warnings
 from pathlib import Path
 from urllib.parse import unquote_to_bytes
@@ -84,13 +86,24 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image_field(value: str, base_dir: Path | None, *, max_bytes: int | None = None) -> bytes:
+def load_image_field(
+    value: str,
+    base_dir: Path | None,
+    *,
+    max_bytes: int | None = None,
+    root: Path | None = None,
+) -> bytes:
     """Return the raw bytes an image field of a JSONL record refers to.
 
     ``value`` is tried, in order, as a ``data:`` URI, a path to an existing file (relative paths are
     resolved against ``base_dir``, or the working directory when it is ``None``), and raw base64
     (standard or URL-safe alphabet, padding optional). ``max_bytes``, when given, rejects oversized
     payloads before they are read or decoded.
+
+    ``root``, when given, confines paths: a path that exists but resolves (symlinks followed)
+    outside ``root``, a ``~`` path, or anything but a regular file is an :class:`ImageError`, and
+    the file is opened without following a final symlink, so untrusted records cannot read
+    ``/proc/self/environ``, ``../../etc/passwd``, a FIFO or a device. Input readers always pass it.
     """
     if not isinstance(value, str):
         raise ImageError(f"image field must be a string, not {type(value).__name__}")
@@ -99,9 +112,14 @@ def load_image_field(value: str, base_dir: Path | None, *, max_bytes: int | None
         raise ImageError("image field is empty")
     if text[:5].lower() == "data:":
         return _from_data_uri(text, max_bytes)
-    path = _existing_file(text, base_dir)
-    if path is not None:
-        return _read_file(path, max_bytes)
+    if root is not None:
+        path = _confined_file(text, base_dir if base_dir is not None else root, root)
+        if path is not None:
+            return _read_file(path, max_bytes, confined=True)
+    else:
+        path = _existing_file(text, base_dir)
+        if path is not None:
+            return _read_file(path, max_bytes)
     if _BASE64_RE.fullmatch("".join(text.split())) is not None:
         return _from_base64(text, max_bytes)
     where = f" under {base_dir}" if base_dir is not None else ""
@@ -161,10 +179,46 @@ def _existing_file(text: str, base_dir: Path | None) -> Path | None:
         return None
 
 
-def _read_file(path: Path, max_bytes: int | None) -> bytes:
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= 80 else text[:77] + "...")
+
+
+def _confined_file(text: str, base_dir: Path, root: Path) -> Path | None:
+    """The resolved path ``text`` names under ``root``; None when nothing exists there (the value
+    may still be base64); :class:`ImageError` when it exists but is out of bounds."""
+    if len(text) > _MAX_PATH_CHARS or "\x00" in text:
+        return None
+    if text.startswith("~"):
+        raise ImageError(f"image path {_shown(text)}: '~' paths are outside the image root")
+    path = Path(text)
+    if not path.is_absolute():
+        path = base_dir / path
+    if not os.path.lexists(path):
+        return None  # also a JPEG's base64 ("/9j/..."), which looks like an absolute path
     try:
-        _check_size(path.stat().st_size, max_bytes)
-        with path.open("rb") as fh:
+        resolved = path.resolve(strict=True)
+        real_root = root.resolve(strict=True)
+        st = resolved.stat()
+    except (OSError, RuntimeError):  # a dangling or looping symlink, a parent we may not read
+        raise ImageError(f"image path {_shown(text)} cannot be resolved") from None
+    if not resolved.is_relative_to(real_root):
+        raise ImageError(f"image path {_shown(text)} is outside the image root {root}")
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError(f"image path {_shown(text)} is not a regular file")
+    return resolved
+
+
+def _read_file(path: Path, max_bytes: int | None, *, confined: bool = False) -> bytes:
+    # Confined: the path is already resolved, so a final symlink can only be a swap since then;
+    # O_NONBLOCK keeps a FIFO swapped in from blocking; fstat checks what was actually opened.
+    flags = os.O_RDONLY | (os.O_NOFOLLOW | os.O_NONBLOCK if confined else 0)
+    try:
+        fd = os.open(path, flags)
+        with os.fdopen(fd, "rb") as fh:
+            st = os.fstat(fd)
+            if confined and not stat.S_ISREG(st.st_mode):
+                raise ImageError(f"image file {path} is not a regular file")
+            _check_size(st.st_size, max_bytes)
             # Read one byte past the limit so a file that grew after stat() is still caught.
             raw = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
     except OSError as exc:

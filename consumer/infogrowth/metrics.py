@@ -10,6 +10,7 @@ configuration value.
 
 from __future__ import annotations
 
+import http.client
 import logging
 import math
 import socket
@@ -379,17 +380,110 @@ class Metrics:
 # ---------------------------------------------------------------------- HTTP
 
 
+MAX_CONNECTIONS: Final = 16
+"""Requests served at once; more connections get an immediate 503 instead of a thread each."""
+MAX_REQUEST_BYTES: Final = 8192
+"""Request line plus headers; a scrape or a probe sends a few hundred bytes."""
+REQUEST_TIMEOUT_S: Final = 5.0
+"""Wall-clock budget to receive a whole request (a slow drip cannot hold a worker), and the
+socket timeout for sending the response."""
+_BUSY_RESPONSE: Final = (
+    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: 5\r\nRetry-After: 1\r\nConnection: close\r\n\r\nbusy\n"
+)
+
+
 def _always_ok() -> tuple[bool, str]:
     return True, "ok"
 
 
+class _RequestTooLarge(http.client.LineTooLong):
+    """The request line and headers exceeded the byte budget (431, or 414 on the request line)."""
+
+
+class _BoundedReader:
+    """``rfile`` for the handler: reads the raw socket byte by byte under a byte budget and a
+    wall-clock deadline for the whole request, whatever pace the client sends at."""
+
+    def __init__(self, raw: Any, sock: socket.socket, max_bytes: int, timeout_s: float) -> None:
+        self._raw = raw
+        self._sock = sock
+        self._left = max_bytes
+        self._deadline = time.monotonic() + timeout_s
+
+    def readline(self, size: int = -1) -> bytes:
+        out = bytearray()
+        cap = size if size >= 0 else self._left + 1
+        while len(out) < cap:
+            if self._left <= 0:
+                raise _RequestTooLarge("request line and headers over the size limit")
+            remaining = self._deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("request not received in time")
+            self._sock.settimeout(remaining)
+            b = self._raw.read(1)
+            if not b:
+                break
+            out += b
+            self._left -= 1
+            if b == b"\n":
+                break
+        return bytes(out)
+
+    def read(self, size: int = -1) -> bytes:  # GET carries no body; nothing calls this
+        return b""
+
+    def close(self) -> None:
+        self._raw.close()
+
+
 class _Handler(BaseHTTPRequestHandler):
-    """GET-only handler; the server instance carries the metrics and probes."""
+    """GET-only handler; the server instance carries the metrics, probes and bounds.
+
+    One request per connection (HTTP/1.0). The request line and headers must arrive within
+    ``request_timeout_s`` and ``max_request_bytes`` (414 / 431 / closed otherwise).
+    """
 
     server: _Server
-    timeout = 10  # seconds a client may idle on a connection
+    rbufsize = 0  # unbuffered: _BoundedReader counts every byte and watches the clock itself
+    timeout = REQUEST_TIMEOUT_S
     server_version = "infogrowth"
     sys_version = ""
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(self.server.request_timeout_s)
+        self.rfile = _BoundedReader(  # type: ignore[assignment]
+            self.rfile,
+            self.connection,
+            self.server.max_request_bytes,
+            self.server.request_timeout_s,
+        )
+
+    def handle(self) -> None:
+        self.close_connection = True
+        self.handle_one_request()
+
+    def handle_one_request(self) -> None:
+        try:
+            try:
+                self.raw_requestline = self.rfile.readline(self.server.max_request_bytes + 1)
+            except _RequestTooLarge:
+                self.requestline, self.request_version, self.command = "", "HTTP/1.0", ""
+                self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
+                self._linger()
+                return
+            if not self.raw_requestline.endswith(b"\n"):
+                return  # the client hung up mid-line
+            if not self.parse_request():  # 431 from parse_request on _RequestTooLarge
+                self._linger()
+                return
+            self.connection.settimeout(self.server.request_timeout_s)
+            getattr(self, "do_" + self.command)()
+            self.wfile.flush()
+        except TimeoutError as exc:
+            log.debug("metrics request from %s: %s", self.client_address, exc)
+            self.close_connection = True
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
@@ -402,9 +496,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             self._send(HTTPStatus.OK, body, CONTENT_TYPE_LATEST)
         elif path == "/healthz":
-            self._probe(self.server.health, "health")
+            self._probe(self.server.health, "health", echo=False)
         elif path == "/readyz":
-            self._probe(self.server.ready, "readiness")
+            self._probe(self.server.ready, "readiness", echo=True)
         else:
             self._send(HTTPStatus.NOT_FOUND, b"not found\n")
 
@@ -416,20 +510,46 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._not_allowed
             raise AttributeError(name)
 
+    def _linger(self, max_bytes: int = 65536, timeout_s: float = 1.0) -> None:
+        """After an error answer to a request not read to its end: half-close and discard a
+        bounded amount of what the client still sends, so closing does not reset the connection
+        (a reset can destroy the answer before the client reads it)."""
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + timeout_s
+            while max_bytes > 0 and (left := deadline - time.monotonic()) > 0:
+                self.connection.settimeout(left)
+                chunk = self.connection.recv(min(max_bytes, 16384))
+                if not chunk:
+                    break
+                max_bytes -= len(chunk)
+        except OSError:
+            pass
+
     def _not_allowed(self) -> None:
         self._send(HTTPStatus.METHOD_NOT_ALLOWED, b"method not allowed\n", allow="GET")
 
-    def _probe(self, check: Check, what: str) -> None:
+    def _probe(self, check: Check, what: str, *, echo: bool) -> None:
+        """200 "ok", else 503. With ``echo`` the reason is the body (readiness: fixed strings
+        such as "restoring state"); without it the body is "unhealthy" and the reason, which
+        may quote an exception, goes to the log (once per change) and never to the client."""
         try:
             ok, reason = check()
         except Exception:
             log.exception("%s probe raised", what)
             ok, reason = False, f"{what} probe failed"
         if ok:
+            self.server.last_unhealthy = None
             self._send(HTTPStatus.OK, b"ok\n")
-        else:
-            text = (reason or "not ok").replace("\r", " ").replace("\n", " ")
+        elif echo:
+            text = (reason or "not ok").replace("\r", " ").replace("\n", " ")[:200]
             self._send(HTTPStatus.SERVICE_UNAVAILABLE, f"{text}\n".encode())
+        else:
+            if reason != self.server.last_unhealthy:
+                self.server.last_unhealthy = reason
+                log.warning("%s probe failing: %s", what, reason)
+            self._send(HTTPStatus.SERVICE_UNAVAILABLE, b"unhealthy\n")
 
     def _send(
         self,
@@ -453,15 +573,52 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _Server(ThreadingHTTPServer):
+    """A thread per request, at most ``max_connections`` at once: a connection over the bound
+    gets an immediate 503 "busy" from the accept loop and is closed, no thread started."""
+
     daemon_threads = True
 
     def __init__(
-        self, address: tuple[str, int], metrics: Metrics, health: Check, ready: Check
+        self,
+        address: tuple[str, int],
+        metrics: Metrics,
+        health: Check,
+        ready: Check,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
     ) -> None:
         self.metrics = metrics
         self.health = health
         self.ready = ready
+        self.max_request_bytes = max_request_bytes
+        self.request_timeout_s = request_timeout_s
+        self.last_unhealthy: str | None = None
+        self._slots = threading.BoundedSemaphore(max_connections)
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            log.debug("metrics server busy: refusing %s", client_address)
+            try:
+                request.settimeout(0.5)
+                request.sendall(_BUSY_RESPONSE)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client hanging up mid-response is routine; anything else is logged, not printed.
@@ -479,8 +636,11 @@ class MetricsServer:
 
     ``health`` answers ``/healthz`` (default: always ok while the server runs); ``ready`` answers
     ``/readyz`` (default: :meth:`Metrics.readiness`). Both return ``(ok, reason)``: 200 "ok"
-    when ok, else 503 with the reason. Unknown paths get 404, methods other than GET 405.
-    Port 0 picks a free port, readable from :attr:`port` after :meth:`start`.
+    when ok, else 503: ``/readyz`` with the reason, ``/healthz`` with "unhealthy" (its reason may
+    quote an exception, so it is logged instead). Unknown paths get 404, methods other than GET
+    405. At most ``max_connections`` requests are served at once (503 "busy" beyond), each must
+    arrive within ``request_timeout_s`` and ``max_request_bytes``. Port 0 picks a free port,
+    readable from :attr:`port` after :meth:`start`.
     """
 
     def __init__(
@@ -491,9 +651,17 @@ class MetricsServer:
         *,
         health: Check | None = None,
         ready: Check | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
     ) -> None:
         self.metrics = metrics
         self.host = host
+        self._bounds: dict[str, Any] = {
+            "max_connections": max_connections,
+            "max_request_bytes": max_request_bytes,
+            "request_timeout_s": request_timeout_s,
+        }
         self._requested_port = port
         self._health: Check = health or _always_ok
         self._ready: Check = ready or metrics.readiness
@@ -517,7 +685,13 @@ class MetricsServer:
         if self._server is not None:
             return self
         cls = _Server6 if ":" in self.host else _Server
-        server = cls((self.host, self._requested_port), self.metrics, self._health, self._ready)
+        server = cls(
+            (self.host, self._requested_port),
+            self.metrics,
+            self._health,
+            self._ready,
+            **self._bounds,
+        )
         thread = threading.Thread(
             target=server.serve_forever,
             kwargs={"poll_interval": 0.2},

@@ -7,9 +7,7 @@ from typing import Any
 
 from confluent_kafka import Message
 
-from infogrowth.config import Settings
-
-SECRET_HINTS = ("password", "secret", "key", "token", "jaas")
+from infogrowth.config import Settings, redact_client
 
 
 def position(m: Message) -> tuple[str, int, int]:
@@ -77,8 +75,5 @@ def producer_config(settings: Settings, transactional_id: str | None) -> dict[st
 
 
 def redact(conf: dict[str, Any]) -> dict[str, Any]:
-    """A copy safe to log: values of secret-looking keys are masked."""
-    return {
-        key: ("***" if any(h in key.lower() for h in SECRET_HINTS) else value)
-        for key, value in conf.items()
-    }
+    """A copy safe to log: values of secret-bearing keys are masked (see ``config``)."""
+    return redact_client(conf)

@@ -27,11 +27,13 @@ def produce(
     topic: str | None = None,
     progress: Callable[[int], None] | None = None,
     raw: list[bytes] | None = None,
+    image_root: Path | None = None,
 ) -> int:
     """Load JSONL / WebDataset samples (as msgpack) into the ingest topic; returns the count.
 
     Lines that fail validation are sent as they are, so the curator rejects them: a producer
-    never filters what the pipeline must account for.
+    never filters what the pipeline must account for. Image paths are confined to ``image_root``
+    (default: each JSONL file's folder); a refused path is sent as its line, never as file bytes.
     """
     topic = topic or settings.kafka.topics.ingest
     p = Producer(producer_config(settings, None))
@@ -55,7 +57,7 @@ def produce(
         if progress is not None and n % 500 == 0:
             progress(500)
 
-    for item in read_inputs(paths, settings.limits):
+    for item in read_inputs(paths, settings.limits, image_root):
         if isinstance(item, Malformed):
             send(item.payload, item.id.encode() if item.id else None)
         else:
