@@ -155,8 +155,10 @@ class TransactionalLoop:
                     self._transact(batch, stop)
                     self._report_lag(batch)
                     self.last_processed = time.monotonic()
-        finally:
-            self._shutdown()
+        except BaseException:
+            self._shutdown(clean=False)
+            raise
+        self._shutdown(clean=True)
 
     def _keep(self, m: Message) -> bool:
         err = m.error()
@@ -291,13 +293,18 @@ class TransactionalLoop:
             if high >= 0:
                 self.on_lag(self.processor.name, p, max(0, high - off - 1))
 
-    def _shutdown(self) -> None:
+    def _shutdown(self, clean: bool) -> None:
+        """Close the processor (it snapshots only committed state), then leave the group.
+
+        After an error the producer is not flushed: whatever it still holds belongs to a
+        transaction that never committed, and a fenced producer raises from every call.
+        """
         try:
             self.processor.close()
         finally:
             if self.consumer is not None:
                 self.consumer.close()  # leaves the group: revoke callbacks run here
-            if self.producer is not None:
+            if self.producer is not None and clean:
                 self.producer.flush(5)
 
 

@@ -142,6 +142,9 @@ class SelectProcessor:
         self.states: dict[int, PartitionState] = {}
         self.selectors: dict[int, Selector] = {}
         self.dirty: dict[int, int] = defaultdict(int)
+        """Changes per partition since its last snapshot."""
+        self.uncommitted: set[int] = set()
+        """Partitions whose state holds changes of a transaction that has not committed (yet)."""
         self.last_snapshot: dict[int, float] = {}
         self.spaces: tuple[str, ...] | None = calibration.spaces if calibration else None
         self.dims: dict[str, int] | None = dict(calibration.dims) if calibration else None
@@ -288,6 +291,7 @@ class SelectProcessor:
         self.states.pop(p, None)
         self.selectors.pop(p, None)
         self.dirty.pop(p, None)
+        self.uncommitted.discard(p)
         if self.metrics is not None:
             self.metrics.drop_partition(str(p), "select")
 
@@ -304,7 +308,7 @@ class SelectProcessor:
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
         self.owned -= {tp.partition for tp in partitions}
         for tp in partitions:
-            if self.dirty.get(tp.partition):
+            if self.dirty.get(tp.partition) and tp.partition not in self.uncommitted:
                 self.save_snapshot(tp.partition)
             self._drop(tp.partition)
 
@@ -316,15 +320,20 @@ class SelectProcessor:
     def on_abort(self, partitions: list[TopicPartition]) -> None:
         """State may hold items of the aborted batch: rebuild it from snapshot + changelog."""
         self.pending = 0
-        for tp in partitions:
-            self._drop(tp.partition)
-            state = self.restore(tp.partition)
+        rebuild = {tp.partition for tp in partitions}
+        for p in self.uncommitted - rebuild:  # changed, but no longer ours to rebuild
+            self._drop(p)
+        for p in sorted(rebuild):
+            self._drop(p)
+            state = self.restore(p)
             if state is not None:
-                self._selector(tp.partition, state)
+                self._selector(p, state)
+        self.uncommitted.clear()
 
     def on_commit(self, out: Output) -> None:
         self.committed_outputs += self.pending
         self.pending = 0
+        self.uncommitted.clear()
         for (topic, p), offset in out.offsets.items():
             if topic == self.topics.changelog and p in self.states:
                 self.states[p].changelog_offset = max(self.states[p].changelog_offset, offset)
@@ -334,8 +343,14 @@ class SelectProcessor:
             self._maybe_snapshot(p)
 
     def close(self) -> None:
+        """Snapshot what matches the committed changelog; drop state that a transaction which
+        never committed has changed (a dirty close: fenced, fatal error, an abort that gave up).
+        Kafka Streams likewise never checkpoints a task that closes dirty under EOS."""
         for p in list(self.states):
-            if self.dirty.get(p):
+            if p in self.uncommitted:
+                log.warning("partition %d: closing with uncommitted changes; state dropped", p)
+                self._drop(p)
+            elif self.dirty.get(p):
                 self.save_snapshot(p)
 
     def process(self, messages: list[Message], out: Output) -> None:
@@ -417,6 +432,7 @@ class SelectProcessor:
                 partition=p,
             )
         self.dirty[p] += len(fresh)
+        self.uncommitted.add(p)
         self.replicas_applied += len(fresh)
         if self.metrics is not None:
             self.metrics.cell_replicas.labels(direction="applied").inc(len(fresh))
@@ -425,6 +441,7 @@ class SelectProcessor:
         batch = [r for r in results if isinstance(r, Embedded)]
         if batch:
             self._ensure_selector(p, batch[0])
+            self.uncommitted.add(p)  # before deciding: a decision may change the state
         verdicts = iter(self.selectors[p].decide(batch)) if batch else iter(())
         outcomes: list[Outcome] = []
         kept: list[Embedded] = []

@@ -1,0 +1,80 @@
+"""Exactly-once holes (issue 13) that show without a broker: dirty close, stale snapshots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from confluent_kafka import TopicPartition
+
+from infogrowth.kafka.select import SelectProcessor
+from infogrowth.schema import Embedded
+from infogrowth.select import Thresholds
+from tests.fixtures.helpers import make_settings
+from tests.unit.test_replication import EMBEDDED, Out, _msg
+
+CHANGELOG = "infogrowth.changelog"
+
+
+def _proc(tmp: Path) -> SelectProcessor:
+    settings = make_settings(
+        kafka={"topics": {"embedded": EMBEDDED, "changelog": CHANGELOG}},
+        **{"index.threads": 1, "snapshot.directory": str(tmp)},
+    )
+    t = Thresholds(policy="all", k=2, epsilon={"image": 0.01})
+    proc = SelectProcessor(settings, t, None, "test")
+    proc.owned = {0}
+    return proc
+
+
+def _items(n: int, prefix: str) -> list[Embedded]:
+    rng = np.random.default_rng(sum(map(ord, prefix)) + n)
+    out = []
+    for i in range(n):
+        v = rng.normal(size=8).astype(np.float32)
+        out.append(Embedded(id=f"{prefix}{i}", vectors={"image": v / np.linalg.norm(v)}))
+    return out
+
+
+def _batch(proc: SelectProcessor, items: list[Embedded], first: int) -> Out:
+    out = Out()
+    msgs = [_msg(e, 0, first + i) for i, e in enumerate(items)]
+    proc.process(msgs, out)  # type: ignore[arg-type]
+    return out
+
+
+def _commit(proc: SelectProcessor, out: Out) -> None:
+    n = sum(1 for t, _, _ in out.records if t == CHANGELOG)
+    out.offsets[(CHANGELOG, 0)] = proc.states[0].changelog_offset + n
+    proc.on_commit(out)  # type: ignore[arg-type]
+
+
+def test_close_after_a_failed_batch_drops_the_state_and_keeps_the_committed_snapshot(
+    tmp_path: Path,
+) -> None:
+    proc = _proc(tmp_path)
+    out = _batch(proc, _items(5, "a"), 0)
+    _commit(proc, out)
+    proc.save_snapshot(0)
+    committed = (proc.snapshot_dir(0) / "CURRENT").read_text()
+    _batch(proc, _items(5, "b"), 5)  # the transaction never commits (fenced, fatal)
+    assert proc.states[0].count == 10
+    proc.close()
+    assert 0 not in proc.states, "uncommitted state must be dropped, not kept"
+    assert (proc.snapshot_dir(0) / "CURRENT").read_text() == committed
+    proc.on_revoke([TopicPartition(EMBEDDED, 0)])  # consumer.close() runs the revoke after
+    assert (proc.snapshot_dir(0) / "CURRENT").read_text() == committed
+
+
+def test_revoke_after_a_failed_batch_does_not_snapshot(tmp_path: Path) -> None:
+    proc = _proc(tmp_path)
+    _batch(proc, _items(5, "a"), 0)
+    proc.on_revoke([TopicPartition(EMBEDDED, 0)])
+    assert not (proc.snapshot_dir(0) / "CURRENT").exists()
+
+
+def test_close_after_a_commit_snapshots_the_committed_state(tmp_path: Path) -> None:
+    proc = _proc(tmp_path)
+    _commit(proc, _batch(proc, _items(5, "a"), 0))
+    proc.close()
+    assert (proc.snapshot_dir(0) / "CURRENT").read_text().startswith("snap-000000000005-")
