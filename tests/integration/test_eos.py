@@ -82,9 +82,8 @@ def test_fenced_select_mid_stream_drops_uncommitted_state(
     select_loop = next(lp for lp in rt.loops if lp.processor is rt.select)
     start(rt)
     try:
-        _wait(
-            lambda: rt.select is not None and rt.select.committed_outputs >= 64, 120, "select", rt
-        )
+        snaps = tmp_path / "state"
+        _wait(lambda: list(snaps.glob("*/CURRENT")), 120, "a first snapshot", rt)
         # A second producer with the same transactional id (a zombie's successor) fences it.
         fencer = Producer(producer_config(settings, select_loop.transactional_id))
         fencer.init_transactions(30)
@@ -92,6 +91,109 @@ def test_fenced_select_mid_stream_drops_uncommitted_state(
     finally:
         _stop(rt)
     assert any(isinstance(e, FatalStageError) for e in rt.errors), rt.errors
-    assert list((tmp_path / "state").glob("*/CURRENT")), "the committed state is snapshotted"
     _drain(settings)
     _check(settings, inp, seed_file, tmp_path)
+
+
+class _StraddlingConsumer:
+    """A consumer whose first two-partition ``consume()`` straddles a rebalance, as librdkafka's
+    can: it holds the messages it fetched, runs ``during`` (which polls through an incremental
+    revoke), then returns the held messages together with what the polls fetched."""
+
+    def __init__(self, inner: Any, during: Any) -> None:
+        self.inner = inner
+        self.during = during
+        self.fired = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def consume(self, num_messages: int, timeout: float) -> list[Any]:
+        msgs = list(self.inner.consume(num_messages, timeout))
+        if self.fired or not msgs:
+            return msgs
+        deadline = time.monotonic() + 30
+        while len({m.partition() for m in msgs if m.error() is None}) < 2:  # hold both
+            assert time.monotonic() < deadline, "no messages of the second partition"
+            msgs += self.inner.consume(num_messages, 0.2)
+        self.fired = True
+        return msgs + self.during(self.inner, [m for m in msgs if m.error() is None])
+
+
+def test_embed_batch_straddling_a_revoke_is_not_committed(
+    kafka_bootstrap: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Messages fetched before an incremental revoke, returned after it: the old owner must not
+    embed and commit them while the new owner does the same (duplicate embedded records and a
+    second rejected/duplicate_id output per id)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from infogrowth.kafka import loop as loop_mod
+    from infogrowth.kafka.clients import consumer_config
+
+    parts = {
+        "kafka.topics.ingest_partitions": 2,
+        "kafka.topics.embedded_partitions": 1,
+        "kafka.commit_max_messages": 100,
+    }
+    settings, _inp, _seed = _prepare(tmp_path, kafka_bootstrap, n=N, **parts)
+    rid = settings.kafka.topics.ingest.split(".")[0][1:]
+    conf_b = write_config(
+        tmp_path / "b.yaml",
+        kafka_bootstrap,
+        tmp_path / "state-b",
+        run_id=rid,
+        **{"kafka.instance_id": "b", **parts},
+    )
+    rt_a = build(settings, "embed")
+    rt_b = build(settings_from(conf_b), "all")
+    loop_a = rt_a.loops[0]
+    ingest, group = settings.kafka.topics.ingest, settings.kafka.embed_group
+    probe = Consumer(consumer_config(settings, group))
+
+    def committed(p: int) -> int:
+        (tp,) = probe.committed([TopicPartition(ingest, p)], timeout=30)
+        return int(tp.offset)
+
+    def during(inner: Any, held: list[Any]) -> list[Any]:
+        first = {m.partition(): m.offset() for m in reversed(held)}
+        start(rt_b)  # a second member joins: one of A's partitions is revoked incrementally
+        extra: list[Any] = []
+        deadline = time.monotonic() + 120
+        while True:
+            assert time.monotonic() < deadline, "no revoke, or the new owner never committed"
+            extra += [m for m in inner.consume(50, 0.2) if m.error() is None]
+            revoked = [p for p in first if (ingest, p) not in loop_a.assigned]
+            if revoked and all(committed(p) > first[p] for p in revoked):
+                return extra  # the new owner has processed part of the held range
+
+    real = loop_mod.Consumer
+    wrapped: list[Any] = []
+
+    def factory(conf: dict[str, Any]) -> Any:  # A's embed consumer is created first
+        c = real(conf)
+        if conf.get("group.id") != group or wrapped:
+            return c
+        wrapped.append(_StraddlingConsumer(c, during))
+        return wrapped[0]
+
+    monkeypatch.setattr(loop_mod, "Consumer", factory)
+    start(rt_a)
+    try:
+        _wait(lambda: rt_b.threads and rt_b.ready(), 90, "the second member", rt_a)
+        _wait(
+            lambda: rt_b.idle_for() > 3.0 and rt_a.idle_for() > 3.0 and rt_b.drained(),
+            240,
+            "drain",
+            rt_b,
+        )
+    finally:
+        probe.close()
+        _stop(rt_a)
+        _stop(rt_b)
+    assert not rt_a.errors and not rt_b.errors, rt_a.errors + rt_b.errors
+    assert wrapped and wrapped[0].fired, "the straddling batch was never made"
+    result = audit(settings)
+    assert result.embedded_duplicated == [], result.as_dict()
+    assert result.ok, result.as_dict()
+    assert result.ingest == N
