@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,7 @@ def _check(settings: Any, inp: Path, seed_file: Path, tmp: Path, n: int = N) -> 
 
 
 def test_fenced_select_mid_stream_drops_uncommitted_state(
-    kafka_bootstrap: str, tmp_path: Path
+    kafka_bootstrap: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A fatal producer error (fenced) mid-batch: the failed batch's items must not reach a
     snapshot, or the restarted stage meets their ids again and rejects them as duplicate_id."""
@@ -91,7 +92,10 @@ def test_fenced_select_mid_stream_drops_uncommitted_state(
     finally:
         _stop(rt)
     assert any(isinstance(e, FatalStageError) for e in rt.errors), rt.errors
-    _drain(settings)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="infogrowth.kafka.select"):
+        _drain(settings)
+    assert "snapshot with" in caplog.text, "the restart restores from the committed snapshot"
     _check(settings, inp, seed_file, tmp_path)
 
 
@@ -197,3 +201,35 @@ def test_embed_batch_straddling_a_revoke_is_not_committed(
     assert result.embedded_duplicated == [], result.as_dict()
     assert result.ok, result.as_dict()
     assert result.ingest == N
+
+
+def _recreate_topics(settings: Any) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    specs = topic_specs(settings.kafka.topics)
+    admin = AdminClient(admin_config(settings))
+    for fut in admin.delete_topics(sorted({s.name for s in specs}), operation_timeout=30).values():
+        fut.result(60)
+    deadline = time.monotonic() + 60
+    while True:  # deletion completes asynchronously: create again until it goes through
+        try:
+            if ensure_topics(admin_config(settings), specs).ok_all:
+                return
+        except Exception:
+            pass
+        assert time.monotonic() < deadline, "topics could not be recreated"
+        time.sleep(1.0)
+
+
+def test_recreated_topics_discard_the_kept_snapshot(kafka_bootstrap: str, tmp_path: Path) -> None:
+    """Topics recreated (same names), snapshots kept on the volume: the old snapshot names the
+    old changelog topic id and must be discarded, not loaded against the new log."""
+    n = 600
+    settings, inp, seed_file = _prepare(tmp_path, kafka_bootstrap, n=n)
+    _drain(settings)
+    assert list((tmp_path / "state").glob("*/CURRENT")), "the first run leaves a snapshot"
+    _recreate_topics(settings)
+    seed(settings, seed_file)  # the same seed: only the topic id tells the logs apart
+    assert produce(settings, [inp]) == n
+    _drain(settings)
+    _check(settings, inp, seed_file, tmp_path, n=n)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from confluent_kafka import TopicPartition
 
+from infogrowth import snapshot
 from infogrowth.kafka.select import SelectProcessor
 from infogrowth.schema import Embedded
 from infogrowth.select import Thresholds
@@ -24,6 +27,7 @@ def _proc(tmp: Path) -> SelectProcessor:
     t = Thresholds(policy="all", k=2, epsilon={"image": 0.01})
     proc = SelectProcessor(settings, t, None, "test")
     proc.owned = {0}
+    proc.changelog_id = "changelog-id"  # no broker to ask
     return proc
 
 
@@ -78,3 +82,35 @@ def test_close_after_a_commit_snapshots_the_committed_state(tmp_path: Path) -> N
     _commit(proc, _batch(proc, _items(5, "a"), 0))
     proc.close()
     assert (proc.snapshot_dir(0) / "CURRENT").read_text().startswith("snap-000000000005-")
+
+
+def test_a_snapshot_names_its_changelog_topic_and_calibration(tmp_path: Path) -> None:
+    proc = _proc(tmp_path)
+    _commit(proc, _batch(proc, _items(5, "a"), 0))
+    state = proc.states[0]
+    offset = state.changelog_offset
+    assert offset >= 5
+    d = tmp_path / "snap"
+    snapshot.save(state, d, "test", topic_id="T1", calibration="C1")
+    kw = {"fingerprint": "test", "spaces": state.spaces, "dims": state.dims}
+    ok = snapshot.load(d, state.cfg, topic_id="T1", calibration="C1", end_offset=offset + 2, **kw)
+    assert ok.ids == state.ids
+    with pytest.raises(snapshot.SnapshotError, match="topic id"):
+        snapshot.load(d, state.cfg, topic_id="T2", calibration="C1", **kw)
+    with pytest.raises(snapshot.SnapshotError, match="calibration"):
+        snapshot.load(d, state.cfg, topic_id="T1", calibration="C2", **kw)
+    with pytest.raises(snapshot.SnapshotError, match="calibration"):
+        snapshot.load(d, state.cfg, topic_id="T1", calibration=None, **kw)
+    with pytest.raises(snapshot.SnapshotError, match="beyond the log end"):
+        snapshot.load(d, state.cfg, topic_id="T1", calibration="C1", end_offset=offset, **kw)
+
+
+def test_select_snapshots_carry_the_topic_id_and_calibration(tmp_path: Path) -> None:
+    proc = _proc(tmp_path)
+    proc.calibration_id = "C1"
+    _commit(proc, _batch(proc, _items(5, "a"), 0))
+    proc.save_snapshot(0)
+    cur = proc.snapshot_dir(0) / (proc.snapshot_dir(0) / "CURRENT").read_text()
+    manifest = json.loads((cur / "manifest.json").read_text())
+    assert manifest["changelog_topic_id"] == "changelog-id"
+    assert manifest["calibration"] == "C1"

@@ -29,8 +29,9 @@ from infogrowth.calibrate import Calibration
 from infogrowth.cells import Cells, random_centroids
 from infogrowth.config import Settings
 from infogrowth.index import PartitionState
+from infogrowth.kafka.admin import topic_id
 from infogrowth.kafka.clients import position, source_of
-from infogrowth.kafka.control import read_partition_to_end
+from infogrowth.kafka.control import calibration_id, end_offset, read_partition_to_end
 from infogrowth.kafka.loop import Output, StaleBatch
 from infogrowth.online import OnlineState
 from infogrowth.records import Outcome, output_record
@@ -164,6 +165,21 @@ class SelectProcessor:
             self.cells = Cells.from_record(calibration.cells, self.n_cells)
         self.replicas_sent = 0
         self.replicas_applied = 0
+        self.calibration_id = calibration_id(calibration)
+        self._changelog_id: str | None = None
+        self._changelog_id_known = False
+
+    @property
+    def changelog_id(self) -> str | None:
+        """The changelog topic's id at the broker (looked up once; snapshots name it)."""
+        if not self._changelog_id_known:
+            self._changelog_id = topic_id(self.settings, self.topics.changelog)
+            self._changelog_id_known = self._changelog_id is not None
+        return self._changelog_id
+
+    @changelog_id.setter
+    def changelog_id(self, value: str | None) -> None:
+        self._changelog_id, self._changelog_id_known = value, True
 
     # -- state lifecycle ----------------------------------------------------------------
 
@@ -194,6 +210,9 @@ class SelectProcessor:
                         fingerprint=self.fingerprint,
                         spaces=self.spaces,
                         dims=self.dims,
+                        topic_id=self.changelog_id,
+                        calibration=self.calibration_id,
+                        end_offset=end_offset(self.settings, self.topics.changelog, p),
                     )
                     log.info("partition %d: snapshot with %d items loaded", p, state.count)
                 except snapshot.SnapshotError as exc:
@@ -271,7 +290,12 @@ class SelectProcessor:
             return
         t0 = time.perf_counter()
         info = snapshot.save(
-            state, self.snapshot_dir(p), self.fingerprint, keep=self.settings.snapshot.keep
+            state,
+            self.snapshot_dir(p),
+            self.fingerprint,
+            keep=self.settings.snapshot.keep,
+            topic_id=self.changelog_id,
+            calibration=self.calibration_id,
         )
         self.dirty[p] = 0
         self.last_snapshot[p] = time.time()
