@@ -114,3 +114,47 @@ def test_select_snapshots_carry_the_topic_id_and_calibration(tmp_path: Path) -> 
     manifest = json.loads((cur / "manifest.json").read_text())
     assert manifest["changelog_topic_id"] == "changelog-id"
     assert manifest["calibration"] == "C1"
+
+
+@pytest.mark.parametrize(
+    ("values", "finite"),
+    [([1e-46, 0.0, 0.0, 0.0], False), ([3e38, 3e38, 3e38, 3e38], True)],
+    ids=["underflows-to-zero", "norm-overflows-float32"],
+)
+def test_precomputed_vectors_normalise_or_are_rejected_under_their_id(
+    values: list[float], finite: bool
+) -> None:
+    """A float32 vector that becomes zero (or whose norm overflows float32) must not turn into
+    NaN (or zeros) on normalisation: it is rejected by the embed stage under its own id, never
+    later by select under an ``@embedded:p:o`` position."""
+    import msgpack
+
+    from infogrowth.pipeline import EmbedStage
+    from infogrowth.records import Outcome
+    from infogrowth.schema import Malformed, parse_msgpack_sample
+
+    settings = make_settings(**{"clean.enabled": False})
+    raw = msgpack.packb({"v": 1, "id": "x", "text": "t", "embedding": {"image": values}})
+    item = parse_msgpack_sample(raw, settings.limits, {"topic": "ingest", "partition": 0})
+    if isinstance(item, Malformed):
+        assert not finite and item.id == "x" and "zero" in item.detail
+        return
+    stage = EmbedStage(settings, None, spaces=("image",), dims={"image": 4})
+    (out,) = stage.process([item])
+    if finite:
+        assert isinstance(out, Embedded)
+        v = out.vectors["image"]
+        assert np.all(np.isfinite(v)) and abs(float(np.linalg.norm(v)) - 1.0) < 1e-5
+    else:
+        assert isinstance(out, Outcome) and out.id == "x" and out.reason == "malformed"
+
+
+def test_replay_skips_an_id_repeated_within_one_chunk(tmp_path: Path) -> None:
+    """Changelog replay: the same id twice in one chunk (a replica and the item, a re-seed)
+    enters the index once."""
+    proc = _proc(tmp_path)
+    a, b = _items(2, "r")
+    state = proc._apply(None, [(a, 0), (b, 1), (a, 2)])
+    assert state.ids == [a.id, b.id] and state.changelog_offset == 2
+    state = proc._apply(state, [(b, 3), (a, 4)])
+    assert state.count == 2 and state.changelog_offset == 4
