@@ -301,7 +301,15 @@ def audit(config: Path | None, as_json: bool) -> None:
             f"missing: {len(res.missing)}; duplicated: {len(res.duplicated)}; "
             f"unexpected: {len(res.unexpected)}"
         )
-        for label, ids in (("missing", res.missing), ("duplicated", res.duplicated)):
+        console.print(
+            f"embedded records: {res.embedded}; "
+            f"ingest offsets embedded twice: {len(res.embedded_duplicated)}"
+        )
+        for label, ids in (
+            ("missing", res.missing),
+            ("duplicated", res.duplicated),
+            ("embedded twice", res.embedded_duplicated),
+        ):
             if ids:
                 console.print(f"{label}: {', '.join(ids[:20])}")
         console.print("[green]AUDIT PASSED[/green]" if res.ok else "[red]AUDIT FAILED[/red]")

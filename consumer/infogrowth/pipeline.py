@@ -80,8 +80,16 @@ def cpu_threads() -> int:
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
-    n = float(np.linalg.norm(v.astype(np.float64)))
-    return (v / n).astype(np.float32)
+    """``v / |v|`` computed in float64 (a float32 norm can overflow or underflow); a vector
+    that cannot be normalised raises ValueError, so it is rejected under its sample's id."""
+    x = v.astype(np.float64)
+    n = float(np.linalg.norm(x))
+    if not (n > 0.0 and np.isfinite(n)):
+        raise ValueError(f"embedding cannot be normalised (norm {n})")
+    u = (x / n).astype(np.float32)
+    if not np.all(np.isfinite(u)) or not np.any(u):
+        raise ValueError("embedding is not finite after normalisation")
+    return u
 
 
 class EmbedStage:

@@ -253,7 +253,10 @@ def _parse_embedding(raw: Any, limits: LimitsConfig) -> dict[str, np.ndarray] | 
             raise SchemaError(f"embedding.{space}: zero vector")
         if np.any(np.abs(arr) > 3.0e38):
             raise SchemaError(f"embedding.{space}: value out of float32 range")
-        out[space] = arr.astype(np.float32)
+        f32 = arr.astype(np.float32)
+        if not np.any(f32):  # every value underflows float32: normalising would give NaN
+            raise SchemaError(f"embedding.{space}: zero vector in float32 (values underflow)")
+        out[space] = f32
     return out
 
 

@@ -70,8 +70,20 @@ def _params(cfg: IndexConfig) -> dict[str, Any]:
     return {"m": cfg.m, "ef_construction": cfg.ef_construction, "random_seed": cfg.random_seed}
 
 
-def save(state: PartitionState, directory: Path, fingerprint: str, keep: int = 2) -> SnapshotInfo:
-    """Write a snapshot of ``state`` and make it current; prune older ones beyond ``keep``."""
+def save(
+    state: PartitionState,
+    directory: Path,
+    fingerprint: str,
+    keep: int = 2,
+    *,
+    topic_id: str | None = None,
+    calibration: str | None = None,
+) -> SnapshotInfo:
+    """Write a snapshot of ``state`` and make it current; prune older ones beyond ``keep``.
+
+    ``topic_id`` names the changelog topic the state's offset refers to and ``calibration`` the
+    calibration it was decided under: a snapshot is only valid against both.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     name = f"snap-{state.count:012d}-{state.changelog_offset + 1:012d}"
     tmp = directory / f".tmp-{name}-{os.getpid()}"
@@ -111,6 +123,8 @@ def save(state: PartitionState, directory: Path, fingerprint: str, keep: int = 2
         "fingerprint": fingerprint,
         "count": state.count,
         "changelog_offset": state.changelog_offset,
+        "changelog_topic_id": topic_id,
+        "calibration": calibration,
         "created": created,
         "files": files,
     }
@@ -146,8 +160,17 @@ def load(
     fingerprint: str,
     spaces: tuple[str, ...],
     dims: dict[str, int],
+    topic_id: str | None = None,
+    calibration: str | None = None,
+    end_offset: int | None = None,
 ) -> PartitionState:
-    """Load and verify the current snapshot; raise :class:`SnapshotError` on any mismatch."""
+    """Load and verify the current snapshot; raise :class:`SnapshotError` on any mismatch.
+
+    A snapshot belongs to one changelog topic (``topic_id``: topics recreated under the same
+    name get a new id) and one calibration; it is refused when either differs, or when its
+    offset is not below ``end_offset`` (the changelog partition's end), since then the log it
+    was taken from is gone.
+    """
     cur = directory / "CURRENT"
     if not cur.is_file():
         raise SnapshotError(f"no snapshot in {directory}")
@@ -169,6 +192,23 @@ def load(
         raise SnapshotError(f"{snap}: spaces/dims {manifest.get('dims')} differ from {dims}")
     if manifest.get("params") != _params(cfg):
         raise SnapshotError(f"{snap}: index params {manifest.get('params')} differ")
+    if manifest.get("changelog_topic_id") != topic_id:
+        raise SnapshotError(
+            f"{snap}: taken from changelog topic id {manifest.get('changelog_topic_id')!r}, "
+            f"the topic's id is now {topic_id!r} (topics recreated?)"
+        )
+    if manifest.get("calibration") != calibration:
+        raise SnapshotError(
+            f"{snap}: made under calibration {manifest.get('calibration')!r}, "
+            f"this run uses {calibration!r}"
+        )
+    offset = manifest.get("changelog_offset")
+    if not isinstance(offset, int):
+        raise SnapshotError(f"{snap}: no changelog offset")
+    if end_offset is not None and offset >= end_offset:
+        raise SnapshotError(
+            f"{snap}: includes changelog offset {offset}, beyond the log end {end_offset}"
+        )
     files = manifest.get("files", {})
     expected = {f"space-{s}.bin" for s in spaces} | {"items.msgpack"}
     if set(files) != expected:

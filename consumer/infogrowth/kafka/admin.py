@@ -17,7 +17,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException, TopicCollection
 from confluent_kafka.admin import (  # type: ignore[attr-defined]  # re-exported, not __all__
     AdminClient,
     ConfigResource,
@@ -336,3 +336,17 @@ def ensure_topics(
     for line in report.mismatches:
         log.error("topic layout mismatch: %s", line)
     return report
+
+
+def topic_id(settings: Settings, topic: str, timeout_s: float = 30.0) -> str | None:
+    """The broker's id of ``topic`` (a new id each time the topic is created), or None when the
+    broker does not say (an old broker, no Describe permission)."""
+    admin = AdminClient(admin_config(settings))
+    try:
+        fut = admin.describe_topics(TopicCollection([topic]), request_timeout=timeout_s)[topic]
+        desc = fut.result(timeout_s)
+    except Exception as exc:
+        log.warning("cannot describe %s for its topic id: %s", topic, exc)
+        return None
+    tid = getattr(desc, "topic_id", None)
+    return str(tid) if tid is not None else None

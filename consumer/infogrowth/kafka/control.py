@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import uuid
@@ -12,7 +13,7 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 from infogrowth.calibrate import Calibration
 from infogrowth.config import Settings
 from infogrowth.kafka.clients import consumer_config
-from infogrowth.schema import unpack
+from infogrowth.schema import pack, unpack
 
 log = logging.getLogger(__name__)
 CALIBRATION_KEY = b"calibration"
@@ -58,6 +59,24 @@ def read_partition_to_end(
                 raise TimeoutError(f"reading {topic}[{partition}] timed out")
     finally:
         c.close()
+
+
+def end_offset(settings: Settings, topic: str, partition: int, timeout_s: float = 30.0) -> int:
+    """The partition's log end offset (high watermark)."""
+    conf = consumer_config(settings, f"infogrowth-reader-{uuid.uuid4().hex[:8]}")
+    c = Consumer(conf)
+    try:
+        _, high = c.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout_s)
+        return int(high)
+    finally:
+        c.close()
+
+
+def calibration_id(cal: Calibration | None) -> str | None:
+    """A short digest of the published calibration (None when nothing was seeded)."""
+    if cal is None:
+        return None
+    return hashlib.sha256(pack("calibration", cal.as_record(), check=False)).hexdigest()[:16]
 
 
 def read_calibration(settings: Settings) -> Calibration | None:

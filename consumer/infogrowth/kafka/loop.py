@@ -113,6 +113,10 @@ class TransactionalLoop:
         self.last_processed = time.monotonic()
         self._last_lag = 0.0
         self.assigned: set[tuple[str, int]] = set()
+        self.rebalances = 0
+        """Assignment changes so far: a batch whose ``consume()`` saw one straddles a rebalance."""
+        self.discarded = 0
+        """Messages dropped because their partition was not (or no longer) owned."""
         self.started = threading.Event()
         self.assigned_once = threading.Event()
         """Set after the first assignment (possibly empty) has been restored."""
@@ -123,17 +127,20 @@ class TransactionalLoop:
         log.info("%s: assigned %s", self.processor.name, _fmt(partitions))
         self.processor.on_assign(partitions)
         self.assigned |= {(tp.topic, tp.partition) for tp in partitions}
+        self.rebalances += bool(partitions)
         self.assigned_once.set()
 
     def _revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("%s: revoked %s", self.processor.name, _fmt(partitions))
         self.processor.on_revoke(partitions)
         self.assigned -= {(tp.topic, tp.partition) for tp in partitions}
+        self.rebalances += bool(partitions)
 
     def _lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.warning("%s: lost %s", self.processor.name, _fmt(partitions))
         self.processor.on_lost(partitions)
         self.assigned -= {(tp.topic, tp.partition) for tp in partitions}
+        self.rebalances += bool(partitions)
 
     # -- main loop ----------------------------------------------------------------------
 
@@ -148,15 +155,18 @@ class TransactionalLoop:
         self.started.set()
         try:
             while not stop.is_set():
+                generation = self.rebalances
                 msgs = self.consumer.consume(k.commit_max_messages, k.commit_interval_ms / 1000.0)
-                batch = [m for m in msgs if self._keep(m)]
+                batch = self._owned([m for m in msgs if self._keep(m)], generation)
                 self.last_progress = time.monotonic()
                 if batch:
                     self._transact(batch, stop)
                     self._report_lag(batch)
                     self.last_processed = time.monotonic()
-        finally:
-            self._shutdown()
+        except BaseException:
+            self._shutdown(clean=False)
+            raise
+        self._shutdown(clean=True)
 
     def _keep(self, m: Message) -> bool:
         err = m.error()
@@ -168,6 +178,39 @@ class TransactionalLoop:
             raise FatalStageError(f"{self.processor.name}: fatal consumer error: {err}")
         log.warning("%s: consumer error: %s", self.processor.name, err)
         return False
+
+    def _owned(self, batch: list[Message], generation: int) -> list[Message]:
+        """The batch, if every message belongs to a partition this member owns and no
+        rebalance ran inside the ``consume()`` that returned it; else nothing.
+
+        Messages fetched before an incremental revoke can come back from the same ``consume()``,
+        and the group coordinator accepts a transactional offset commit for a partition the
+        member no longer owns (it checks member and generation only): the old and the new owner
+        would both produce the range. A straddling batch is discarded whole and the partitions
+        it read that are still owned are rewound to their committed offsets.
+        """
+        if not batch:
+            return batch
+        if self.rebalances != generation:
+            parts = sorted({position(m)[:2] for m in batch} & self.assigned)
+            log.info(
+                "%s: batch of %d straddles a rebalance: discarded, rewinding %s",
+                self.processor.name,
+                len(batch),
+                _fmt([TopicPartition(t, p) for t, p in parts]),
+            )
+            self.discarded += len(batch)
+            self._rewind([TopicPartition(t, p) for t, p in parts])
+            return []
+        kept = [m for m in batch if position(m)[:2] in self.assigned]
+        if len(kept) < len(batch):
+            log.warning(
+                "%s: dropped %d messages of partitions not assigned to this member",
+                self.processor.name,
+                len(batch) - len(kept),
+            )
+            self.discarded += len(batch) - len(kept)
+        return kept
 
     def _transact(self, batch: list[Message], stop: threading.Event) -> None:
         assert self.producer is not None and self.consumer is not None
@@ -291,13 +334,18 @@ class TransactionalLoop:
             if high >= 0:
                 self.on_lag(self.processor.name, p, max(0, high - off - 1))
 
-    def _shutdown(self) -> None:
+    def _shutdown(self, clean: bool) -> None:
+        """Close the processor (it snapshots only committed state), then leave the group.
+
+        After an error the producer is not flushed: whatever it still holds belongs to a
+        transaction that never committed, and a fenced producer raises from every call.
+        """
         try:
             self.processor.close()
         finally:
             if self.consumer is not None:
                 self.consumer.close()  # leaves the group: revoke callbacks run here
-            if self.producer is not None:
+            if self.producer is not None and clean:
                 self.producer.flush(5)
 
 

@@ -29,8 +29,9 @@ from infogrowth.calibrate import Calibration
 from infogrowth.cells import Cells, random_centroids
 from infogrowth.config import Settings
 from infogrowth.index import PartitionState
+from infogrowth.kafka.admin import topic_id
 from infogrowth.kafka.clients import position, source_of
-from infogrowth.kafka.control import read_partition_to_end
+from infogrowth.kafka.control import calibration_id, end_offset, read_partition_to_end
 from infogrowth.kafka.loop import Output, StaleBatch
 from infogrowth.online import OnlineState
 from infogrowth.records import Outcome, output_record
@@ -142,6 +143,9 @@ class SelectProcessor:
         self.states: dict[int, PartitionState] = {}
         self.selectors: dict[int, Selector] = {}
         self.dirty: dict[int, int] = defaultdict(int)
+        """Changes per partition since its last snapshot."""
+        self.uncommitted: set[int] = set()
+        """Partitions whose state holds changes of a transaction that has not committed (yet)."""
         self.last_snapshot: dict[int, float] = {}
         self.spaces: tuple[str, ...] | None = calibration.spaces if calibration else None
         self.dims: dict[str, int] | None = dict(calibration.dims) if calibration else None
@@ -161,6 +165,21 @@ class SelectProcessor:
             self.cells = Cells.from_record(calibration.cells, self.n_cells)
         self.replicas_sent = 0
         self.replicas_applied = 0
+        self.calibration_id = calibration_id(calibration)
+        self._changelog_id: str | None = None
+        self._changelog_id_known = False
+
+    @property
+    def changelog_id(self) -> str | None:
+        """The changelog topic's id at the broker (looked up once; snapshots name it)."""
+        if not self._changelog_id_known:
+            self._changelog_id = topic_id(self.settings, self.topics.changelog)
+            self._changelog_id_known = self._changelog_id is not None
+        return self._changelog_id
+
+    @changelog_id.setter
+    def changelog_id(self, value: str | None) -> None:
+        self._changelog_id, self._changelog_id_known = value, True
 
     # -- state lifecycle ----------------------------------------------------------------
 
@@ -191,6 +210,9 @@ class SelectProcessor:
                         fingerprint=self.fingerprint,
                         spaces=self.spaces,
                         dims=self.dims,
+                        topic_id=self.changelog_id,
+                        calibration=self.calibration_id,
+                        end_offset=end_offset(self.settings, self.topics.changelog, p),
                     )
                     log.info("partition %d: snapshot with %d items loaded", p, state.count)
                 except snapshot.SnapshotError as exc:
@@ -272,7 +294,12 @@ class SelectProcessor:
             return
         t0 = time.perf_counter()
         info = snapshot.save(
-            state, self.snapshot_dir(p), self.fingerprint, keep=self.settings.snapshot.keep
+            state,
+            self.snapshot_dir(p),
+            self.fingerprint,
+            keep=self.settings.snapshot.keep,
+            topic_id=self.changelog_id,
+            calibration=self.calibration_id,
         )
         self.dirty[p] = 0
         self.last_snapshot[p] = time.time()
@@ -292,6 +319,7 @@ class SelectProcessor:
         self.states.pop(p, None)
         self.selectors.pop(p, None)
         self.dirty.pop(p, None)
+        self.uncommitted.discard(p)
         if self.metrics is not None:
             self.metrics.drop_partition(str(p), "select")
 
@@ -308,7 +336,7 @@ class SelectProcessor:
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
         self.owned -= {tp.partition for tp in partitions}
         for tp in partitions:
-            if self.dirty.get(tp.partition):
+            if self.dirty.get(tp.partition) and tp.partition not in self.uncommitted:
                 self.save_snapshot(tp.partition)
             self._drop(tp.partition)
 
@@ -320,15 +348,20 @@ class SelectProcessor:
     def on_abort(self, partitions: list[TopicPartition]) -> None:
         """State may hold items of the aborted batch: rebuild it from snapshot + changelog."""
         self.pending = 0
-        for tp in partitions:
-            self._drop(tp.partition)
-            state = self.restore(tp.partition)
+        rebuild = {tp.partition for tp in partitions}
+        for p in self.uncommitted - rebuild:  # changed, but no longer ours to rebuild
+            self._drop(p)
+        for p in sorted(rebuild):
+            self._drop(p)
+            state = self.restore(p)
             if state is not None:
-                self._selector(tp.partition, state)
+                self._selector(p, state)
+        self.uncommitted.clear()
 
     def on_commit(self, out: Output) -> None:
         self.committed_outputs += self.pending
         self.pending = 0
+        self.uncommitted.clear()
         for (topic, p), offset in out.offsets.items():
             if topic == self.topics.changelog and p in self.states:
                 self.states[p].changelog_offset = max(self.states[p].changelog_offset, offset)
@@ -338,8 +371,14 @@ class SelectProcessor:
             self._maybe_snapshot(p)
 
     def close(self) -> None:
+        """Snapshot what matches the committed changelog; drop state that a transaction which
+        never committed has changed (a dirty close: fenced, fatal error, an abort that gave up).
+        Kafka Streams likewise never checkpoints a task that closes dirty under EOS."""
         for p in list(self.states):
-            if self.dirty.get(p):
+            if p in self.uncommitted:
+                log.warning("partition %d: closing with uncommitted changes; state dropped", p)
+                self._drop(p)
+            elif self.dirty.get(p):
                 self.save_snapshot(p)
 
     def process(self, messages: list[Message], out: Output) -> None:
@@ -421,6 +460,7 @@ class SelectProcessor:
                 partition=p,
             )
         self.dirty[p] += len(fresh)
+        self.uncommitted.add(p)
         self.replicas_applied += len(fresh)
         if self.metrics is not None:
             self.metrics.cell_replicas.labels(direction="applied").inc(len(fresh))
@@ -429,6 +469,7 @@ class SelectProcessor:
         batch = [r for r in results if isinstance(r, Embedded)]
         if batch:
             self._ensure_selector(p, batch[0])
+            self.uncommitted.add(p)  # before deciding: a decision may change the state
         verdicts = iter(self.selectors[p].decide(batch)) if batch else iter(())
         outcomes: list[Outcome] = []
         kept: list[Embedded] = []

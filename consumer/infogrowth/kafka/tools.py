@@ -148,10 +148,14 @@ class AuditResult:
     duplicated: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     decisions: dict[str, tuple[str, str | None]] = field(default_factory=dict)
+    embedded: int = 0
+    """Committed records on the embedded topic, replica records not counted."""
+    embedded_duplicated: list[str] = field(default_factory=list)
+    """Ingest positions (``topic:partition:offset``) embedded more than once."""
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.duplicated or self.unexpected)
+        return not (self.missing or self.duplicated or self.unexpected or self.embedded_duplicated)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -165,6 +169,9 @@ class AuditResult:
             "missing_count": len(self.missing),
             "duplicated_count": len(self.duplicated),
             "unexpected_count": len(self.unexpected),
+            "embedded": self.embedded,
+            "embedded_duplicated": self.embedded_duplicated[:50],
+            "embedded_duplicated_count": len(self.embedded_duplicated),
         }
 
 
@@ -195,7 +202,28 @@ def audit(settings: Settings) -> AuditResult:
         elif got[sid] > n:
             res.duplicated.append(sid)
     res.unexpected = [sid for sid in got if sid not in expected]
+    res.embedded, res.embedded_duplicated = audit_embedded(settings)
     return res
+
+
+def audit_embedded(settings: Settings) -> tuple[int, list[str]]:
+    """Each ingest offset is embedded at most once across committed transactions.
+
+    Returns the number of (non-replica) embedded records and the ingest positions that occur
+    more than once. Replica records (boundary replication) repeat a kept item on purpose and
+    carry ``replica: true``; they are not embeddings of an ingest message and are skipped.
+    """
+    seen: Counter[str] = Counter()
+    for m in read_topic(settings, settings.kafka.topics.embedded):
+        rec = msgpack.unpackb(m.value(), raw=False)
+        if not isinstance(rec, dict) or rec.get("replica"):
+            continue
+        src = rec.get("source")
+        if isinstance(src, dict) and "offset" in src:
+            seen[source_key(src)] += 1
+        else:  # no ingest position: count it by its own position so it is still seen
+            seen[f"@{m.topic()}:{m.partition()}:{m.offset()}"] += 1
+    return sum(seen.values()), sorted(k for k, n in seen.items() if n > 1)
 
 
 def audit_json(settings: Settings) -> str:
