@@ -12,19 +12,11 @@ from infogrowth.pipeline import Curator
 from infogrowth.records import Outcome
 from infogrowth.select import coin
 from tests.fixtures.data import clustered
-from tests.fixtures.helpers import make_settings, to_samples
+from tests.fixtures.helpers import curate_rows, make_settings, to_samples
 
 
 def run(rows: list[dict[str, Any]], batch: int, seed_rows: Any = None, **cfg: Any) -> list[Outcome]:
-    settings = make_settings(**{"select.batch_size": batch, **cfg})
-    cur = Curator(settings, None)
-    if seed_rows:
-        cur.seed(to_samples(seed_rows, settings))
-    items = to_samples(rows, settings)
-    out: list[Outcome] = []
-    for lo in range(0, len(items), batch):
-        out.extend(cur.process(items[lo : lo + batch]))
-    return out
+    return curate_rows(rows, batch, seed_rows, **cfg)[0]
 
 
 def key(o: Outcome) -> tuple[Any, ...]:
