@@ -276,9 +276,13 @@ def _position_free(sid: str) -> str:
 
 
 def _changelog_size(settings: Settings) -> int:
+    """Distinct items in the changelog (ids; a replica shares its id, state records are not
+    items)."""
+    from infogrowth.kafka.select import STATE_KEY
     from infogrowth.kafka.tools import read_topic
 
-    return len({m.key() for m in read_topic(settings, settings.kafka.topics.changelog)})
+    keys = {m.key() for m in read_topic(settings, settings.kafka.topics.changelog)}
+    return len(keys - {STATE_KEY})
 
 
 @contextmanager
