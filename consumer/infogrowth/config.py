@@ -101,6 +101,11 @@ class LimitsConfig(_Section):
     max_text_chars: int = Field(20_000, gt=0)
     max_id_chars: int = Field(512, gt=0)
     max_embedding_dim: int = Field(8192, gt=0)
+    max_meta_bytes: int = Field(65536, gt=0)
+    """``meta``: its strings, bytes and numbers together (a small message can unpack into a
+    large object tree, and meta is carried through every stage)."""
+    max_meta_depth: int = Field(8, gt=0)
+    """``meta``: how deeply maps and lists may nest."""
 
 
 class EncoderConfig(_Section):
