@@ -255,18 +255,65 @@ class EmbedStage:
         need = [(pos, s, v) for pos, s, v in todo if space not in v and out[pos] is None]
         if not need or self.encoder is None:
             return
-        if space == "text":
-            mat = self.encoder.encode_texts([s.text or "" for _, s, _ in need])
-        else:
-            mat = self._encode_images([images[pos] for pos, _, _ in need])
-        for row, (pos, sample, vecs) in enumerate(need):
-            v = mat[row]
-            if not np.all(np.isfinite(v)):
+        rows = self._encode_split(space, need, images)
+        for v, (pos, sample, vecs) in zip(rows, need, strict=True):
+            if isinstance(v, str):
+                out[pos] = Outcome.malformed(Malformed(sample.id, v, b"", sample.source))
+            elif not np.all(np.isfinite(v)):
                 out[pos] = Outcome.malformed(
                     Malformed(sample.id, f"{space} encoder produced NaN/Inf", b"", sample.source)
                 )
             else:
                 vecs[space] = np.ascontiguousarray(v, dtype=np.float32)
+
+    def _encode_split(
+        self,
+        space: str,
+        need: list[tuple[int, Sample, dict[str, np.ndarray]]],
+        images: dict[int, Image.Image],
+    ) -> list[np.ndarray | str]:
+        """One row per item, or why the encoder failed on that item alone.
+
+        A batch that raises (CUDA out of memory, a model error on one odd input) is split in
+        halves until the culprit stands alone; it is then rejected instead of failing the whole
+        batch, which would come back after the restart and fail again. On CUDA OOM the
+        encoder's batch size is halved for good. When every item of a larger batch fails on its
+        own with anything but OOM, the fault is not in the input: the error propagates.
+        """
+        assert self.encoder is not None
+        try:
+            if space == "text":
+                mat = self.encoder.encode_texts([s.text or "" for _, s, _ in need])
+            else:
+                mat = self._encode_images([images[pos] for pos, _, _ in need])
+            return [mat[i] for i in range(len(need))]
+        except Exception as exc:
+            why = f"{space} encoder failed: {type(exc).__name__}: {exc}"[:500]
+            if _is_cuda_oom(exc):
+                self._halve_batch()
+            if len(need) == 1:
+                log.warning("%s (sample %s rejected)", why, need[0][1].id)
+                return [why]
+            mid = len(need) // 2
+            log.warning("%s; retrying the batch of %d in halves", why, len(need))
+            rows = self._encode_split(space, need[:mid], images)
+            rows += self._encode_split(space, need[mid:], images)
+            if all(isinstance(r, str) for r in rows) and not _is_cuda_oom(exc):
+                raise
+            return rows
+
+    def _halve_batch(self) -> None:
+        enc: Any = self.encoder
+        bs = getattr(enc, "batch_size", None)
+        if isinstance(bs, int) and bs > 1:
+            enc.batch_size = bs // 2
+            log.warning("CUDA out of memory: encoder batch size %d -> %d", bs, bs // 2)
+        try:
+            import torch
+
+            torch.cuda.empty_cache()
+        except Exception:  # no torch or no CUDA: nothing cached to free
+            pass
 
     # -- CPU work beside the model ---------------------------------------------------------
 
@@ -563,6 +610,13 @@ class Curator:
             "vote": vote,
             "notes": notes,
         }
+
+
+def _is_cuda_oom(exc: BaseException) -> bool:
+    """torch.cuda.OutOfMemoryError, or a RuntimeError saying the same (older torch, cuDNN)."""
+    if type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
 def _join(slices: list[Any], pinned: bool) -> dict[str, Any] | None:
