@@ -106,6 +106,11 @@ class LimitsConfig(_Section):
     large object tree, and meta is carried through every stage)."""
     max_meta_depth: int = Field(8, gt=0)
     """``meta``: how deeply maps and lists may nest."""
+    max_batch_pixels: int = Field(50_000_000, gt=0)
+    """Decoded pixels (after the downscale to the model's scale) the embed stage holds at
+    once; a larger batch is embedded in parts (memory, not decisions, changes)."""
+    max_batch_bytes: int = Field(256 * 1024 * 1024, gt=0)
+    """Image and text bytes the embed stage embeds at once; a larger batch goes in parts."""
 
 
 class EncoderConfig(_Section):

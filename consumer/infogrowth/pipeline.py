@@ -11,9 +11,11 @@ so the vectors are the same.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,6 +34,10 @@ from infogrowth.select import Selector, Thresholds
 log = logging.getLogger(__name__)
 
 DRIFT_SAMPLE = 500
+IMAGE_FIT_MIN = 448
+"""Decoded images keep a shorter side of at least this (a captioner reads up to 384)."""
+IMAGE_FIT_DEFAULT = 1024
+"""Shorter side decoded images are reduced to when the encoder does not say its input size."""
 """Stream alignments compared with the seed's before the drift warning."""
 
 
@@ -153,7 +159,55 @@ class EmbedStage:
     def process(
         self, items: Sequence[Sample | Malformed], *, clean: bool = True
     ) -> list[Embedded | Outcome]:
-        """One result per item, in order: an :class:`Embedded` or a rejected :class:`Outcome`."""
+        """One result per item, in order: an :class:`Embedded` or a rejected :class:`Outcome`.
+
+        Items are embedded in consecutive parts that each stay within ``limits``'
+        ``max_batch_pixels`` (decoded, at the model's scale) and ``max_batch_bytes``, so the
+        decoded images of a whole Kafka batch are never held at once.
+        """
+        out: list[Embedded | Outcome] = []
+        for part in self._parts(items):
+            out += self._process(part, clean=clean)
+        return out
+
+    def _parts(self, items: Sequence[Sample | Malformed]) -> list[Sequence[Sample | Malformed]]:
+        lim = self.settings.limits
+        parts: list[Sequence[Sample | Malformed]] = []
+        start, pixels, size = 0, 0, 0
+        for i, it in enumerate(items):
+            p, b = self._cost(it)
+            if i > start and (pixels + p > lim.max_batch_pixels or size + b > lim.max_batch_bytes):
+                parts.append(items[start:i])
+                start, pixels, size = i, 0, 0
+            pixels += p
+            size += b
+        parts.append(items[start:])
+        return parts
+
+    def _cost(self, it: Sample | Malformed) -> tuple[int, int]:
+        """(decoded pixels at the model's scale, image + text bytes) of one item, from the
+        image header only (unreadable headers cost nothing: decoding rejects them)."""
+        if isinstance(it, Malformed):
+            return 0, 0
+        size = len(it.image or b"") + len(it.text or "")
+        if it.image is None:
+            return 0, size
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(it.image)) as img:
+                    w, h = img.size
+        except Exception:
+            return 0, size
+        fit = self._image_fit()
+        pixels = min(w * h, self.settings.limits.max_image_pixels)
+        if min(w, h) > fit:
+            pixels = int(pixels * (fit / min(w, h)) ** 2)
+        return pixels, size
+
+    def _process(
+        self, items: Sequence[Sample | Malformed], *, clean: bool = True
+    ) -> list[Embedded | Outcome]:
         t0 = time.perf_counter()
         out: list[Embedded | Outcome | None] = [None] * len(items)
         todo: list[tuple[int, Sample, dict[str, np.ndarray]]] = []
@@ -335,10 +389,22 @@ class EmbedStage:
         assert data is not None
         try:
             return decode_image(
-                data, max_bytes=lim.max_image_bytes, max_pixels=lim.max_image_pixels
+                data,
+                max_bytes=lim.max_image_bytes,
+                max_pixels=lim.max_image_pixels,
+                fit=self._image_fit(),
             )
         except ImageError as exc:
             return str(exc)
+
+    def _image_fit(self) -> int:
+        """Shorter side decoded images are reduced to: twice the encoder's input size (the
+        processor does the last resize, so vectors barely move), at least what a captioner
+        reads; :data:`IMAGE_FIT_DEFAULT` when the encoder does not say."""
+        size = getattr(self.encoder, "image_input_size", None)
+        if not isinstance(size, int) or size <= 0:
+            return IMAGE_FIT_DEFAULT
+        return max(2 * size, IMAGE_FIT_MIN)
 
     def _encode_images(self, images: list[Image.Image]) -> np.ndarray:
         """``encode_images`` with the next batch's preprocessing overlapping this batch's forward.
