@@ -176,7 +176,9 @@ def _seed_and_produce(
     from infogrowth.kafka.admin import admin_config, ensure_topics, topic_specs
     from infogrowth.kafka.seed import seed as run_seed
 
-    report = ensure_topics(admin_config(settings), topic_specs(settings.kafka.topics))
+    report = ensure_topics(
+        admin_config(settings), topic_specs(settings.kafka.topics, settings.limits)
+    )
     if not report.ok_all:
         raise RuntimeError(f"topics: {report.mismatches}")
     seed_file = workdir / "seed.jsonl"

@@ -234,7 +234,9 @@ def topics_create(config: Path | None, check_only: bool) -> None:
     settings = _settings(config)
     _setup_logging(settings)
     report = ensure_topics(
-        admin_config(settings), topic_specs(settings.kafka.topics), create=not check_only
+        admin_config(settings),
+        topic_specs(settings.kafka.topics, settings.limits),
+        create=not check_only,
     )
     for name in report.created:
         console.print(f"created  {name}")

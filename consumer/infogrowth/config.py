@@ -101,6 +101,16 @@ class LimitsConfig(_Section):
     max_text_chars: int = Field(20_000, gt=0)
     max_id_chars: int = Field(512, gt=0)
     max_embedding_dim: int = Field(8192, gt=0)
+    max_meta_bytes: int = Field(65536, gt=0)
+    """``meta``: its strings, bytes and numbers together (a small message can unpack into a
+    large object tree, and meta is carried through every stage)."""
+    max_meta_depth: int = Field(8, gt=0)
+    """``meta``: how deeply maps and lists may nest."""
+    max_batch_pixels: int = Field(50_000_000, gt=0)
+    """Decoded pixels (after the downscale to the model's scale) the embed stage holds at
+    once; a larger batch is embedded in parts (memory, not decisions, changes)."""
+    max_batch_bytes: int = Field(256 * 1024 * 1024, gt=0)
+    """Image and text bytes the embed stage embeds at once; a larger batch goes in parts."""
 
 
 class EncoderConfig(_Section):

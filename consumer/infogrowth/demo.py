@@ -152,7 +152,9 @@ def run_demo(
     )
     with _broker() as bootstrap:
         settings = _settings(bootstrap, work / "state", port)
-        report = ensure_topics(admin_config(settings), topic_specs(settings.kafka.topics))
+        report = ensure_topics(
+            admin_config(settings), topic_specs(settings.kafka.topics, settings.limits)
+        )
         if not report.ok_all:
             raise RuntimeError(f"topic problems: {report.mismatches}")
         t0 = time.time()

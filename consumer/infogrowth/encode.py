@@ -351,6 +351,23 @@ class TransformersEncoder:
         ]
         return self._stack(parts, "image")
 
+    @property
+    def image_input_size(self) -> int | None:
+        """The side, in pixels, of what the image processor feeds the model (None: no image
+        tower or not known). Decoding downscales larger images towards it."""
+        proc = self._image_processor
+        sides: list[Any] = []
+        for attr in ("size", "crop_size"):
+            value = getattr(proc, attr, None)
+            if isinstance(value, int):
+                sides.append(value)
+            elif isinstance(value, Mapping):
+                sides += [value.get(k) for k in ("height", "width", "shortest_edge")]
+            elif value is not None:  # transformers' SizeDict
+                sides += [getattr(value, k, None) for k in ("height", "width", "shortest_edge")]
+        known = [int(v) for v in sides if isinstance(v, int) and v > 0]
+        return max(known) if known else None
+
     def preprocess_images(self, images: Sequence[Image.Image]) -> TensorBatch:
         """CPU stage: the whole batch through the image processor. Safe to run in another thread."""
         self._require("image")

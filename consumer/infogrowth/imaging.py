@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 import os
 import re
 import stat
@@ -30,12 +31,19 @@ class ImageError(ValueError):
     """The image is missing, too large, malformed or in an unsupported format."""
 
 
-def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
+def decode_image(
+    data: bytes, *, max_bytes: int, max_pixels: int, fit: int | None = None
+) -> Image.Image:
     """Decode ``data`` into an RGB image, enforcing size limits before any pixel is decoded.
 
     ``max_pixels`` is checked against the dimensions in the header. Pillow's own decompression-bomb
     guard (``Image.MAX_IMAGE_PIXELS``) still applies and is reported as an :class:`ImageError` too.
     EXIF orientation is applied; transparency is composited onto white.
+
+    With ``fit``, an image whose shorter side is longer is scaled down (aspect kept) so that
+    side is ``fit`` pixels: JPEG decodes at a reduced scale right away (``draft``), other
+    formats are reduced right after decoding, so what a batch holds is bounded by the model's
+    input size, not the file's (a 131 KB PNG can decode to 119 MB).
     """
     if not data:
         raise ImageError("image data is empty")
@@ -55,8 +63,13 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
                     f"image is {width}x{height} = {width * height} pixels, "
                     f"over the limit of {max_pixels} pixels"
                 )
+            if fit is not None and min(width, height) > fit:
+                scale = fit / min(width, height)
+                img.draft(
+                    None, (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale)))
+                )
             img.load()
-            return _to_rgb(img)
+            return _shrink(_to_rgb(img), fit)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -69,6 +82,16 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
         # Decoder plugins raise OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError
         # ... on hostile input; all of them mean the same thing here.
         raise ImageError(f"image is corrupt or truncated: {type(exc).__name__}: {exc}") from exc
+
+
+def _shrink(img: Image.Image, fit: int | None) -> Image.Image:
+    """``img`` with its shorter side scaled down to ``fit`` (unchanged when already that small)."""
+    w, h = img.size
+    if fit is None or min(w, h) <= fit:
+        return img
+    scale = fit / min(w, h)
+    img.thumbnail((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
+    return img
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

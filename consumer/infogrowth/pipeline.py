@@ -11,9 +11,11 @@ so the vectors are the same.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,6 +34,10 @@ from infogrowth.select import Selector, Thresholds
 log = logging.getLogger(__name__)
 
 DRIFT_SAMPLE = 500
+IMAGE_FIT_MIN = 448
+"""Decoded images keep a shorter side of at least this (a captioner reads up to 384)."""
+IMAGE_FIT_DEFAULT = 1024
+"""Shorter side decoded images are reduced to when the encoder does not say its input size."""
 """Stream alignments compared with the seed's before the drift warning."""
 
 
@@ -153,7 +159,55 @@ class EmbedStage:
     def process(
         self, items: Sequence[Sample | Malformed], *, clean: bool = True
     ) -> list[Embedded | Outcome]:
-        """One result per item, in order: an :class:`Embedded` or a rejected :class:`Outcome`."""
+        """One result per item, in order: an :class:`Embedded` or a rejected :class:`Outcome`.
+
+        Items are embedded in consecutive parts that each stay within ``limits``'
+        ``max_batch_pixels`` (decoded, at the model's scale) and ``max_batch_bytes``, so the
+        decoded images of a whole Kafka batch are never held at once.
+        """
+        out: list[Embedded | Outcome] = []
+        for part in self._parts(items):
+            out += self._process(part, clean=clean)
+        return out
+
+    def _parts(self, items: Sequence[Sample | Malformed]) -> list[Sequence[Sample | Malformed]]:
+        lim = self.settings.limits
+        parts: list[Sequence[Sample | Malformed]] = []
+        start, pixels, size = 0, 0, 0
+        for i, it in enumerate(items):
+            p, b = self._cost(it)
+            if i > start and (pixels + p > lim.max_batch_pixels or size + b > lim.max_batch_bytes):
+                parts.append(items[start:i])
+                start, pixels, size = i, 0, 0
+            pixels += p
+            size += b
+        parts.append(items[start:])
+        return parts
+
+    def _cost(self, it: Sample | Malformed) -> tuple[int, int]:
+        """(decoded pixels at the model's scale, image + text bytes) of one item, from the
+        image header only (unreadable headers cost nothing: decoding rejects them)."""
+        if isinstance(it, Malformed):
+            return 0, 0
+        size = len(it.image or b"") + len(it.text or "")
+        if it.image is None:
+            return 0, size
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(it.image)) as img:
+                    w, h = img.size
+        except Exception:
+            return 0, size
+        fit = self._image_fit()
+        pixels = min(w * h, self.settings.limits.max_image_pixels)
+        if min(w, h) > fit:
+            pixels = int(pixels * (fit / min(w, h)) ** 2)
+        return pixels, size
+
+    def _process(
+        self, items: Sequence[Sample | Malformed], *, clean: bool = True
+    ) -> list[Embedded | Outcome]:
         t0 = time.perf_counter()
         out: list[Embedded | Outcome | None] = [None] * len(items)
         todo: list[tuple[int, Sample, dict[str, np.ndarray]]] = []
@@ -255,18 +309,65 @@ class EmbedStage:
         need = [(pos, s, v) for pos, s, v in todo if space not in v and out[pos] is None]
         if not need or self.encoder is None:
             return
-        if space == "text":
-            mat = self.encoder.encode_texts([s.text or "" for _, s, _ in need])
-        else:
-            mat = self._encode_images([images[pos] for pos, _, _ in need])
-        for row, (pos, sample, vecs) in enumerate(need):
-            v = mat[row]
-            if not np.all(np.isfinite(v)):
+        rows = self._encode_split(space, need, images)
+        for v, (pos, sample, vecs) in zip(rows, need, strict=True):
+            if isinstance(v, str):
+                out[pos] = Outcome.malformed(Malformed(sample.id, v, b"", sample.source))
+            elif not np.all(np.isfinite(v)):
                 out[pos] = Outcome.malformed(
                     Malformed(sample.id, f"{space} encoder produced NaN/Inf", b"", sample.source)
                 )
             else:
                 vecs[space] = np.ascontiguousarray(v, dtype=np.float32)
+
+    def _encode_split(
+        self,
+        space: str,
+        need: list[tuple[int, Sample, dict[str, np.ndarray]]],
+        images: dict[int, Image.Image],
+    ) -> list[np.ndarray | str]:
+        """One row per item, or why the encoder failed on that item alone.
+
+        A batch that raises (CUDA out of memory, a model error on one odd input) is split in
+        halves until the culprit stands alone; it is then rejected instead of failing the whole
+        batch, which would come back after the restart and fail again. On CUDA OOM the
+        encoder's batch size is halved for good. When every item of a larger batch fails on its
+        own with anything but OOM, the fault is not in the input: the error propagates.
+        """
+        assert self.encoder is not None
+        try:
+            if space == "text":
+                mat = self.encoder.encode_texts([s.text or "" for _, s, _ in need])
+            else:
+                mat = self._encode_images([images[pos] for pos, _, _ in need])
+            return [mat[i] for i in range(len(need))]
+        except Exception as exc:
+            why = f"{space} encoder failed: {type(exc).__name__}: {exc}"[:500]
+            if _is_cuda_oom(exc):
+                self._halve_batch()
+            if len(need) == 1:
+                log.warning("%s (sample %s rejected)", why, need[0][1].id)
+                return [why]
+            mid = len(need) // 2
+            log.warning("%s; retrying the batch of %d in halves", why, len(need))
+            rows = self._encode_split(space, need[:mid], images)
+            rows += self._encode_split(space, need[mid:], images)
+            if all(isinstance(r, str) for r in rows) and not _is_cuda_oom(exc):
+                raise
+            return rows
+
+    def _halve_batch(self) -> None:
+        enc: Any = self.encoder
+        bs = getattr(enc, "batch_size", None)
+        if isinstance(bs, int) and bs > 1:
+            enc.batch_size = bs // 2
+            log.warning("CUDA out of memory: encoder batch size %d -> %d", bs, bs // 2)
+        try:
+            import torch
+
+            torch.cuda.empty_cache()
+        except Exception:  # no torch or no CUDA: nothing cached to free
+            pass
 
     # -- CPU work beside the model ---------------------------------------------------------
 
@@ -288,10 +389,22 @@ class EmbedStage:
         assert data is not None
         try:
             return decode_image(
-                data, max_bytes=lim.max_image_bytes, max_pixels=lim.max_image_pixels
+                data,
+                max_bytes=lim.max_image_bytes,
+                max_pixels=lim.max_image_pixels,
+                fit=self._image_fit(),
             )
         except ImageError as exc:
             return str(exc)
+
+    def _image_fit(self) -> int:
+        """Shorter side decoded images are reduced to: twice the encoder's input size (the
+        processor does the last resize, so vectors barely move), at least what a captioner
+        reads; :data:`IMAGE_FIT_DEFAULT` when the encoder does not say."""
+        size = getattr(self.encoder, "image_input_size", None)
+        if not isinstance(size, int) or size <= 0:
+            return IMAGE_FIT_DEFAULT
+        return max(2 * size, IMAGE_FIT_MIN)
 
     def _encode_images(self, images: list[Image.Image]) -> np.ndarray:
         """``encode_images`` with the next batch's preprocessing overlapping this batch's forward.
@@ -563,6 +676,13 @@ class Curator:
             "vote": vote,
             "notes": notes,
         }
+
+
+def _is_cuda_oom(exc: BaseException) -> bool:
+    """torch.cuda.OutOfMemoryError, or a RuntimeError saying the same (older torch, cuDNN)."""
+    if type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
 def _join(slices: list[Any], pinned: bool) -> dict[str, Any] | None:

@@ -90,6 +90,26 @@ class Outcome:
         )
 
 
+def too_large(o: Outcome, what: str, size: int, limit: int) -> Outcome:
+    """A trimmed ``rejected/too_large`` outcome in place of ``o``, whose record (``what``, of
+    ``size`` bytes) would exceed the ``limit`` topics and producers accept.
+
+    Only bounded fields survive (id, label, scores, source): the image, meta, texts and the
+    original bytes are dropped, so the record always fits and the input keeps its one output.
+    """
+    was = o.decision if o.reason is None else f"{o.decision}/{o.reason}"
+    return Outcome(
+        id=o.id,
+        decision="rejected",
+        reason="too_large",
+        detail=f"{what} of {size} bytes exceeds the {limit}-byte record limit (was {was})",
+        label=o.label,
+        alignment=o.alignment,
+        original_alignment=o.original_alignment,
+        source=o.source,
+    )
+
+
 def output_record(o: Outcome, thresholds: Thresholds, *, include_image: bool) -> dict[str, Any]:
     """The schema ``output`` record for an outcome."""
     rec: dict[str, Any] = {

@@ -224,6 +224,8 @@ def sample_from_obj(
         if text is None and image_bytes is None and emb is None:
             raise SchemaError("sample has no text, image or embedding")
         meta = obj.get("meta")
+        if meta is not None:
+            check_meta(meta, limits)
         return Sample(
             id=sid,
             text=text,
@@ -235,6 +237,35 @@ def sample_from_obj(
         )
     except (SchemaError, ValueError, OSError) as exc:
         return Malformed(id=sid, detail=str(exc), payload=payload, source=source)
+
+
+def check_meta(meta: Any, limits: LimitsConfig) -> None:
+    """Raise :class:`SchemaError` when ``meta`` nests deeper than ``limits.max_meta_depth`` or
+    holds more than ``limits.max_meta_bytes`` (strings and bytes by length, 8 per scalar and
+    per container entry). Stops at the first excess, so a hostile tree costs little."""
+    budget = limits.max_meta_bytes
+    stack: list[tuple[Any, int]] = [(meta, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list | tuple):
+            if depth > limits.max_meta_depth:
+                raise SchemaError(f"meta nests deeper than {limits.max_meta_depth} levels")
+            budget -= 8 * len(node)
+            if budget < 0:
+                break
+            items = node.items() if isinstance(node, dict) else ((None, v) for v in node)
+            for k, v in items:
+                if k is not None:
+                    stack.append((k, depth))
+                stack.append((v, depth + 1))
+        elif isinstance(node, str | bytes | bytearray):
+            budget -= len(node)
+        else:
+            budget -= 8
+        if budget < 0:
+            break
+    if budget < 0:
+        raise SchemaError(f"meta is larger than {limits.max_meta_bytes} bytes")
 
 
 def _parse_embedding(raw: Any, limits: LimitsConfig) -> dict[str, np.ndarray] | None:

@@ -16,7 +16,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
     ResourceType,
 )
 
-from infogrowth.config import TopicsConfig, load_settings
+from infogrowth.config import LimitsConfig, TopicsConfig, load_settings
 from infogrowth.kafka.admin import (
     TopicError,
     TopicReport,
@@ -26,8 +26,10 @@ from infogrowth.kafka.admin import (
     topic_specs,
 )
 from infogrowth.kafka.broker import broker_for_tests
+from infogrowth.kafka.clients import record_limit
 
 ROLES = ("ingest", "embedded", "changelog", "control", "accepted", "relabeled", "rejected")
+SIZE = {"max.message.bytes": str(record_limit(LimitsConfig()))}
 
 
 def _topics(**layout: int) -> TopicsConfig:
@@ -69,13 +71,23 @@ def test_topic_specs_layout() -> None:
     assert (specs[t.ingest].partitions, specs[t.ingest].keyed) == (2, False)
     assert (specs[t.embedded].partitions, specs[t.embedded].keyed) == (3, True)
     assert specs[t.changelog].partitions == 3 and specs[t.changelog].keyed
-    assert specs[t.changelog].config == {"cleanup.policy": "compact"}
+    assert specs[t.changelog].config == {"cleanup.policy": "compact", **SIZE}
     assert specs[t.control].partitions == 1
-    assert specs[t.control].config == {"cleanup.policy": "compact"}
+    assert specs[t.control].config == {"cleanup.policy": "compact", **SIZE}
     for role in ("accepted", "relabeled", "rejected"):
         spec = specs[getattr(t, role)]
-        assert spec.partitions == 4 and spec.config == {"cleanup.policy": "delete"}
+        assert spec.partitions == 4 and spec.config == {"cleanup.policy": "delete", **SIZE}
     assert all(s.replication == 1 for s in specs.values())
+
+
+def test_topic_specs_max_message_bytes_follow_limits() -> None:
+    """Every topic accepts the largest record the limits allow (not the ~1 MiB broker default)."""
+    limits = LimitsConfig(max_message_bytes=16 * 1024 * 1024)
+    specs = topic_specs(_topics(), limits)
+    want = str(16 * 1024 * 1024 + 65536)
+    assert all(s.config["max.message.bytes"] == want for s in specs)
+    small = topic_specs(_topics(), LimitsConfig(max_message_bytes=1000))
+    assert all(int(s.config["max.message.bytes"]) >= 1048576 for s in small)
 
 
 def test_topic_specs_shared_output_topic_and_conflicts() -> None:
@@ -163,7 +175,7 @@ def test_creates_all_then_reports_ok(bootstrap: str, conf: dict[str, Any]) -> No
 @pytest.mark.timeout(300)
 def test_create_false_reports_missing(bootstrap: str, conf: dict[str, Any]) -> None:
     t = _topics()
-    _precreate(bootstrap, t.ingest, 1, {})
+    _precreate(bootstrap, t.ingest, 1, SIZE)
     report = ensure_topics(conf, topic_specs(t), create=False)
     assert report.created == []
     assert report.ok == [t.ingest]
@@ -177,11 +189,11 @@ def test_create_false_reports_missing(bootstrap: str, conf: dict[str, Any]) -> N
 @pytest.mark.timeout(300)
 def test_wrong_layout_is_reported_never_ignored(bootstrap: str, conf: dict[str, Any]) -> None:
     t = _topics(ingest_partitions=3, embedded_partitions=2, output_partitions=1)
-    _precreate(bootstrap, t.embedded, 1, {})  # too few partitions on a keyed topic
-    _precreate(bootstrap, t.changelog, 2, {"cleanup.policy": "delete"})  # not compacted
-    _precreate(bootstrap, t.control, 1, {"cleanup.policy": "compact,delete"})  # not only compact
-    _precreate(bootstrap, t.accepted, 3, {})  # more partitions than configured
-    _precreate(bootstrap, t.ingest, 1, {})  # too few on a non-keyed topic
+    _precreate(bootstrap, t.embedded, 1, SIZE)  # too few partitions on a keyed topic
+    _precreate(bootstrap, t.changelog, 2, {"cleanup.policy": "delete", **SIZE})  # not compacted
+    _precreate(bootstrap, t.control, 1, {"cleanup.policy": "compact,delete", **SIZE})
+    _precreate(bootstrap, t.accepted, 3, SIZE)  # more partitions than configured
+    _precreate(bootstrap, t.ingest, 1, SIZE)  # too few on a non-keyed topic
     specs = topic_specs(t)
 
     report = ensure_topics(conf, specs)
@@ -206,6 +218,25 @@ def test_wrong_layout_is_reported_never_ignored(bootstrap: str, conf: dict[str, 
     assert layout[t.ingest][0] == 3
     assert layout[t.embedded][0] == 1  # untouched
     assert layout[t.changelog][2] == "delete"  # untouched
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_max_message_bytes_created_and_checked(bootstrap: str, conf: dict[str, Any]) -> None:
+    """Created topics carry max.message.bytes from limits; one left at the broker default
+    (which refuses records the limits allow: an abort loop) is a reported mismatch."""
+    t = _topics()
+    limits = LimitsConfig(max_message_bytes=4 * 1024 * 1024)
+    want = str(record_limit(limits))
+    _precreate(bootstrap, t.rejected, 1, {"cleanup.policy": "delete"})  # broker default size
+    report = ensure_topics(conf, topic_specs(t, limits))
+    assert report.mismatches == [f"{t.rejected}: max.message.bytes='1048588', expected {want!r}"], (
+        report.mismatches
+    )
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    futures = admin.describe_configs([ConfigResource(ResourceType.TOPIC, t.accepted)])
+    (fut,) = futures.values()
+    assert fut.result(10)["max.message.bytes"].value == want
 
 
 @pytest.mark.integration

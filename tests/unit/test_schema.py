@@ -157,3 +157,29 @@ def test_spaces_of_different_dimension_have_no_alignment() -> None:
     obj = {"id": "a", "embedding": {"image": [1.0, 0.5], "text": [2.0]}}
     (out,) = cur.process([parse_msgpack_sample(msgpack.packb(obj), cfg.limits)])
     assert out.decision == "accepted" and out.alignment is None
+
+
+@pytest.mark.parametrize(
+    ("meta", "why"),
+    [
+        ({"blob": "x" * 70_000}, "larger than 65536 bytes"),
+        ({"k": list(range(5_000))}, "larger than 65536 bytes"),  # many small values
+        ({f"k{i}": {} for i in range(9_000)}, "larger than 65536 bytes"),  # many containers
+        ({"d": json.loads("[" * 8 + "]" * 8)}, "deeper than 8 levels"),
+    ],
+)
+def test_meta_over_size_or_depth_is_malformed(meta: Any, why: str) -> None:
+    """A small message can unpack into a large tree that every stage then carries (a 1 MB
+    message held 72 MB): meta beyond limits.max_meta_bytes / max_meta_depth is malformed."""
+    raw = msgpack.packb({"id": "m", "text": "t", "meta": meta}, use_bin_type=True)
+    res = parse_msgpack_sample(raw, LimitsConfig(max_message_bytes=1 << 20))
+    assert isinstance(res, Malformed) and res.id == "m", res
+    assert why in res.detail
+
+
+def test_meta_within_limits_parses() -> None:
+    meta = {"url": "http://x/y.jpg", "tags": ["a", "b"], "size": {"w": 64, "h": 48}}
+    for m in (meta, {"deep": json.loads("[" * 7 + "]" * 7)}):
+        raw = msgpack.packb({"id": "m", "text": "t", "meta": m}, use_bin_type=True)
+        res = parse_msgpack_sample(raw, LimitsConfig())
+        assert not isinstance(res, Malformed), res

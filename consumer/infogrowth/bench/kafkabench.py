@@ -115,7 +115,9 @@ def run_kafka(settings: Settings, inp: Path, seed_file: Path, n: int) -> dict[st
     from infogrowth.kafka.seed import seed
     from infogrowth.kafka.tools import produce
 
-    report = ensure_topics(admin_config(settings), topic_specs(settings.kafka.topics))
+    report = ensure_topics(
+        admin_config(settings), topic_specs(settings.kafka.topics, settings.limits)
+    )
     if not report.ok_all:
         raise RuntimeError(f"topics: {report.mismatches}")
     seed(settings, seed_file)

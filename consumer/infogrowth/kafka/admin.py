@@ -2,7 +2,8 @@
 
 :func:`topic_specs` turns :class:`~infogrowth.config.TopicsConfig` into :class:`TopicSpec` rows;
 :func:`ensure_topics` creates the missing topics and checks the existing ones (partitions,
-replication factor, ``cleanup.policy``), reporting every difference in a :class:`TopicReport`.
+replication factor, ``cleanup.policy``, ``max.message.bytes``), reporting every difference in a
+:class:`TopicReport`.
 Nothing is changed behind the caller's back: partitions are only added on request
 (``grow=True``) and never for the keyed topics (embedded, changelog), whose partition count
 decides which cell owns each key.
@@ -25,7 +26,8 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # re-exported
 )
 from confluent_kafka.cimpl import NewPartitions, NewTopic
 
-from infogrowth.config import Settings, TopicsConfig
+from infogrowth.config import LimitsConfig, Settings, TopicsConfig
+from infogrowth.kafka.clients import record_limit
 
 __all__ = [
     "TopicError",
@@ -79,21 +81,27 @@ class TopicReport:
         return not self.mismatches and not self.missing
 
 
-def topic_specs(topics: TopicsConfig) -> list[TopicSpec]:
+def topic_specs(topics: TopicsConfig, limits: LimitsConfig | None = None) -> list[TopicSpec]:
     """The pipeline's topics: ingest, embedded, changelog, control and the three outputs.
+
+    Every topic's ``max.message.bytes`` is :func:`~infogrowth.kafka.clients.record_limit` of
+    ``limits`` (default limits when None): the broker default (~1 MiB) would refuse records
+    the limits allow, and a refused record aborts its transaction every time it is retried.
 
     A name shared by several roles yields one spec if their layouts agree (e.g. one output
     topic for accepted, relabeled and rejected) and raises :class:`ValueError` if they differ.
     """
     rf = topics.replication_factor
+    size = {"max.message.bytes": str(record_limit(limits or LimitsConfig()))}
+    delete, compact = {**DELETE, **size}, {**COMPACT, **size}
     rows = [
-        TopicSpec(topics.ingest, topics.ingest_partitions, rf, dict(DELETE)),
-        TopicSpec(topics.embedded, topics.embedded_partitions, rf, dict(DELETE), keyed=True),
-        TopicSpec(topics.changelog, topics.embedded_partitions, rf, dict(COMPACT), keyed=True),
-        TopicSpec(topics.control, 1, rf, dict(COMPACT)),
-        TopicSpec(topics.accepted, topics.output_partitions, rf, dict(DELETE)),
-        TopicSpec(topics.relabeled, topics.output_partitions, rf, dict(DELETE)),
-        TopicSpec(topics.rejected, topics.output_partitions, rf, dict(DELETE)),
+        TopicSpec(topics.ingest, topics.ingest_partitions, rf, dict(delete)),
+        TopicSpec(topics.embedded, topics.embedded_partitions, rf, dict(delete), keyed=True),
+        TopicSpec(topics.changelog, topics.embedded_partitions, rf, dict(compact), keyed=True),
+        TopicSpec(topics.control, 1, rf, dict(compact)),
+        TopicSpec(topics.accepted, topics.output_partitions, rf, dict(delete)),
+        TopicSpec(topics.relabeled, topics.output_partitions, rf, dict(delete)),
+        TopicSpec(topics.rejected, topics.output_partitions, rf, dict(delete)),
     ]
     out: dict[str, TopicSpec] = {}
     for spec in rows:

@@ -7,7 +7,26 @@ from typing import Any
 
 from confluent_kafka import Message
 
-from infogrowth.config import Settings, redact_client
+from infogrowth.config import LimitsConfig, Settings, redact_client
+
+RECORD_OVERHEAD = 1024
+"""Bytes reserved per record for the batch and record headers when checking a record's size."""
+
+
+def record_limit(limits: LimitsConfig) -> int:
+    """The largest record batch this pipeline produces or accepts: a topic's
+    ``max.message.bytes`` and the producer's ``message.max.bytes``.
+
+    One ``limits.max_message_bytes`` input plus 64 KiB for what stages add (vectors, decision
+    fields), never below the broker default (1 MiB), so batching producers keep working.
+    """
+    return max(limits.max_message_bytes + 65536, 1048588)
+
+
+def fits(limits: LimitsConfig, value: bytes, key: bytes | None = None, extra: int = 0) -> bool:
+    """Whether one record (value + key + headers, plus ``extra`` bytes of headroom) fits
+    :func:`record_limit`."""
+    return len(value) + len(key or b"") + RECORD_OVERHEAD + extra <= record_limit(limits)
 
 
 def position(m: Message) -> tuple[str, int, int]:
@@ -65,7 +84,7 @@ def producer_config(settings: Settings, transactional_id: str | None) -> dict[st
             "acks": "all",
             "linger.ms": 5,
             "compression.type": "lz4",
-            "message.max.bytes": max(settings.limits.max_message_bytes + 65536, 1048576),
+            "message.max.bytes": record_limit(settings.limits),
         }
     )
     if transactional_id is not None:

@@ -9,15 +9,18 @@ from confluent_kafka import Message, TopicPartition
 
 from infogrowth.cells import Cells, random_centroids
 from infogrowth.config import Settings
-from infogrowth.kafka.clients import source_of
+from infogrowth.kafka.clients import fits, record_limit, source_of
 from infogrowth.kafka.loop import Output
 from infogrowth.pipeline import EmbedStage
-from infogrowth.records import Outcome, output_record
+from infogrowth.records import Outcome, output_record, source_key, too_large
 from infogrowth.schema import Embedded, Malformed, Sample, pack, parse_msgpack_sample
 from infogrowth.schema import vector_to_bytes as v2b
 from infogrowth.select import Thresholds
 
 log = logging.getLogger(__name__)
+DECISION_HEADROOM = 16 * 1024
+"""Bytes an embedded record must leave free under the record limit for what the select stage
+adds to its output record (gains, thresholds, vote), so a record that passes here fits there."""
 
 
 def embedded_record(e: Embedded, include_image: bool) -> dict[str, Any]:
@@ -95,6 +98,17 @@ class EmbedProcessor:
     def close(self) -> None:
         pass
 
+    def reject(self, message: Message, reason: str, detail: str, out: Output) -> None:
+        """A trimmed rejection for an ingest message that no transaction could carry."""
+        src = source_of(message)
+        value = message.value()
+        parsed = None if value is None else parse_msgpack_sample(value, self.settings.limits, src)
+        sid = parsed.id if parsed is not None and parsed.id else source_key(src)
+        o = Outcome(id=sid, decision="rejected", reason=reason, detail=detail, source=src)
+        self.pending += 1
+        rec = output_record(o, self.thresholds, include_image=False)
+        out.produce(self.topics.rejected, pack("output", rec), key=sid.encode())
+
     def process(self, messages: list[Message], out: Output) -> None:
         lim = self.settings.limits
         items: list[Sample | Malformed] = []
@@ -107,20 +121,30 @@ class EmbedProcessor:
                 items.append(parse_msgpack_sample(value, lim, src))
         results = self.stage.process(items)
         rejected: list[Outcome] = []
+        limit = record_limit(lim)
         for r in results:
             if isinstance(r, Embedded):
-                rec = embedded_record(r, include_image=True)
-                out.produce(
-                    self.topics.embedded,
-                    pack("embedded", rec, check=False),
-                    key=str(r.cell).encode(),
-                    partition=r.cell % self.partitions,
+                value = pack("embedded", embedded_record(r, include_image=True), check=False)
+                key = str(r.cell).encode()
+                if fits(lim, value, key, DECISION_HEADROOM):
+                    out.produce(
+                        self.topics.embedded, value, key=key, partition=r.cell % self.partitions
+                    )
+                    continue
+                # Produced, the broker would refuse it and abort the batch on every retry.
+                r = too_large(Outcome.rejected(r, "", ""), "embedded record", len(value), limit)
+            rejected.append(r)
+            self.pending += 1
+            rec = output_record(r, self.thresholds, include_image=self.include_image)
+            value = pack("output", rec)
+            if not fits(lim, value, r.id.encode()):
+                rec = output_record(
+                    too_large(r, "output record", len(value), limit),
+                    self.thresholds,
+                    include_image=False,
                 )
-            else:
-                rejected.append(r)
-                self.pending += 1
-                rec = output_record(r, self.thresholds, include_image=self.include_image)
-                out.produce(self.topics.rejected, pack("output", rec), key=r.id.encode())
+                value = pack("output", rec)
+            out.produce(self.topics.rejected, value, key=r.id.encode())
         if self.metrics is not None:
             self.metrics.observe_outcomes(
                 "embed", [(o.decision, o.reason, o.gain, o.alignment) for o in rejected]

@@ -24,6 +24,10 @@ from infogrowth.kafka.clients import consumer_config, position, producer_config
 log = logging.getLogger(__name__)
 TXN_TIMEOUT_S = 30.0
 LAG_INTERVAL_S = 2.0
+MAX_ABORTS = 3
+"""Aborts of a batch starting at the same offsets before it is bisected for a culprit."""
+STUCK_PAUSE_S = 30.0
+"""Wait before retrying a batch whose culprit could not be rejected either (unready meanwhile)."""
 
 
 @dataclass
@@ -75,6 +79,11 @@ class Processor(Protocol):
 
     def on_abort(self, partitions: list[TopicPartition]) -> None: ...
 
+    def reject(self, message: Message, reason: str, detail: str, out: Output) -> None:
+        """Produce one trimmed ``rejected`` record for ``message``, a batch's culprit that
+        aborted every transaction it was in (nothing, if the message needs no output)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -117,6 +126,13 @@ class TransactionalLoop:
         """Assignment changes so far: a batch whose ``consume()`` saw one straddles a rebalance."""
         self.discarded = 0
         """Messages dropped because their partition was not (or no longer) owned."""
+        self._streak: tuple[tuple[tuple[str, int, int], ...], int] = ((), 0)
+        """(start offsets of the last aborted batch, consecutive aborts there)."""
+        self.stuck: str | None = None
+        """Why the stage cannot make progress (a culprit's rejection aborted too): unready."""
+        self.culprits = 0
+        """Messages rejected because every transaction holding them aborted."""
+        self._last_error: str | None = None
         self.started = threading.Event()
         self.assigned_once = threading.Event()
         """Set after the first assignment (possibly empty) has been restored."""
@@ -160,7 +176,7 @@ class TransactionalLoop:
                 batch = self._owned([m for m in msgs if self._keep(m)], generation)
                 self.last_progress = time.monotonic()
                 if batch:
-                    self._transact(batch, stop)
+                    self._run_batch(batch, stop)
                     self._report_lag(batch)
                     self.last_processed = time.monotonic()
         except BaseException:
@@ -212,7 +228,97 @@ class TransactionalLoop:
             self.discarded += len(batch) - len(kept)
         return kept
 
-    def _transact(self, batch: list[Message], stop: threading.Event) -> None:
+    def _run_batch(self, batch: list[Message], stop: threading.Event) -> None:
+        """One transaction for the batch; after :data:`MAX_ABORTS` aborts at the same start
+        offsets, bisect it instead. A record the broker refuses for good (too large for the
+        topic, a missing ACL) aborts its transaction on every retry; without this the batch
+        would come back forever while the process looks healthy."""
+        key = _starts(batch)
+        last, aborts = self._streak
+        if key == last and aborts >= MAX_ABORTS:
+            log.error(
+                "%s: batch at %s aborted %d times; bisecting it for the culprit",
+                self.processor.name,
+                _fmt_starts(key),
+                aborts,
+            )
+            self._bisect(batch, stop)
+            self._rewind(_parts(batch, self.assigned))  # resume after what committed
+            if self.stuck is None:
+                self._streak = ((), 0)
+            return
+        status = self._transact(batch, stop)
+        if status == "aborted":
+            self._streak = (key, aborts + 1 if key == last else 1)
+        elif status == "committed":
+            self._streak = ((), 0)
+            self.stuck = None
+
+    def _try(
+        self, piece: list[Message], stop: threading.Event, reject: tuple[str, str] | None = None
+    ) -> tuple[str, list[str]]:
+        """:meth:`_transact`, again up to :data:`MAX_ABORTS` times while it aborts (the first
+        transaction after an abort can fail on its own, e.g. while the coordinator is looked
+        up); the last status and the errors of the aborts."""
+        errors: list[str] = []
+        for attempt in range(MAX_ABORTS):
+            status = self._transact(piece, stop, reject)
+            if status != "aborted":
+                return status, errors
+            errors.append(self._last_error or "unknown error")
+            if stop.wait(0.2 * (attempt + 1)):
+                break
+        return "aborted", errors
+
+    def _bisect(self, batch: list[Message], stop: threading.Event) -> bool:
+        """Commit the batch in halves, down to the single message that still aborts, which is
+        rejected instead; False if that fails too (the stage is then stuck and unready) or the
+        stage is stopping. The consumer must be rewound afterwards."""
+        if stop.is_set():
+            return False
+        mid = len(batch) // 2
+        for half in (batch[:mid], batch[mid:]) if len(batch) > 1 else (batch,):
+            status, errors = self._try(half, stop)
+            if status == "stale" or stop.is_set():
+                return False
+            if status == "aborted":
+                ok = self._reject_culprit(half[0], errors, stop) if len(half) == 1 else None
+                if ok is False or (ok is None and not self._bisect(half, stop)):
+                    return False
+        return True
+
+    def _reject_culprit(self, m: Message, errors: list[str], stop: threading.Event) -> bool:
+        """Reject the message every transaction of which aborted (``errors``)."""
+        too_large = any("MSG_SIZE_TOO_LARGE" in e for e in errors)
+        reason = "too_large" if too_large else "unproducible"
+        err = errors[-1] if errors else "unknown error"
+        if too_large:
+            err = next(e for e in errors if "MSG_SIZE_TOO_LARGE" in e)
+        t, p, o = position(m)
+        detail = f"every transaction holding it aborted: {err}"[:1000]
+        status, _ = self._try([m], stop, reject=(reason, detail))
+        if status == "committed":
+            self.culprits += 1
+            log.error("%s: %s[%d]@%d rejected as %s: %s", self.processor.name, t, p, o, reason, err)
+            return True
+        if status == "aborted":
+            self.stuck = (
+                f"{self.processor.name}: cannot produce for {t}[{p}]@{o}, not even its "
+                f"rejection: {self._last_error}"
+            )
+            log.error("%s; unready, retrying in %.0f s", self.stuck, STUCK_PAUSE_S)
+            stop.wait(STUCK_PAUSE_S)
+        return False
+
+    def _transact(
+        self,
+        batch: list[Message],
+        stop: threading.Event,
+        reject: tuple[str, str] | None = None,
+    ) -> str:
+        """One transaction: "committed", "aborted" (a Kafka error that requires an abort) or
+        "stale" (a rebalance overtook the batch). With ``reject``, the single message of the
+        batch is rejected (reason, detail) instead of processed."""
         assert self.producer is not None and self.consumer is not None
         t0 = time.perf_counter()
         producer = self.producer
@@ -223,7 +329,10 @@ class TransactionalLoop:
             t, p, o = position(m)
             offsets[(t, p)] = max(offsets.get((t, p), -1), o)
         try:
-            self.processor.process(batch, out)
+            if reject is None:
+                self.processor.process(batch, out)
+            else:
+                self.processor.reject(batch[0], reject[0], reject[1], out)
             producer.poll(0)
             t1 = time.perf_counter()
             tps = [TopicPartition(t, p, o + 1) for (t, p), o in sorted(offsets.items())]
@@ -245,17 +354,18 @@ class TransactionalLoop:
             err = exc.args[0]
             if err.fatal() or not err.txn_requires_abort():
                 raise FatalStageError(f"{self.processor.name}: transaction failed: {err}") from exc
-            log.warning("%s: aborting transaction: %s", self.processor.name, err)
+            self._last_error = "; ".join([str(err), *out.errors[:3]])
+            log.warning("%s: aborting transaction: %s", self.processor.name, self._last_error)
             self._abort(offsets, stop)
             if self.on_batch:
                 self.on_batch(self.processor.name, len(batch), time.perf_counter() - t0, False)
-            return
+            return "aborted"
         except FatalStageError:
             raise
         except StaleBatch as exc:
             log.warning("%s: %s; aborting the transaction", self.processor.name, exc)
             self._abort(offsets, stop)
-            return
+            return "stale"
         except Exception:
             log.exception("%s: processing failed; aborting the transaction", self.processor.name)
             self._abort(offsets, stop)
@@ -263,6 +373,7 @@ class TransactionalLoop:
         self.processor.on_commit(out)
         if self.on_batch:
             self.on_batch(self.processor.name, len(batch), time.perf_counter() - t0, True)
+        return "committed"
 
     def _retriable(self, fn: Callable[[], None], what: str) -> None:
         """Call a transactional API again while its error is retriable (e.g. a broker bounce);
@@ -347,6 +458,23 @@ class TransactionalLoop:
                 self.consumer.close()  # leaves the group: revoke callbacks run here
             if self.producer is not None and clean:
                 self.producer.flush(5)
+
+
+def _starts(batch: list[Message]) -> tuple[tuple[str, int, int], ...]:
+    """The first offset of each partition in the batch (where it resumes after an abort)."""
+    first: dict[tuple[str, int], int] = {}
+    for m in batch:
+        t, p, o = position(m)
+        first[(t, p)] = min(first.get((t, p), o), o)
+    return tuple(sorted((t, p, o) for (t, p), o in first.items()))
+
+
+def _fmt_starts(starts: tuple[tuple[str, int, int], ...]) -> str:
+    return ", ".join(f"{t}[{p}]@{o}" for t, p, o in starts)
+
+
+def _parts(batch: list[Message], assigned: set[tuple[str, int]]) -> list[TopicPartition]:
+    return [TopicPartition(t, p) for t, p in sorted({position(m)[:2] for m in batch} & assigned)]
 
 
 def _fmt(partitions: list[TopicPartition]) -> str:

@@ -53,6 +53,9 @@ class Runtime:
             return False, "restoring state"
         if self.stop.is_set():
             return False, "draining"
+        stuck = [lp.stuck for lp in self.loops if lp.stuck]
+        if stuck:
+            return False, f"stuck: {stuck[0]}"
         return True, "ready"
 
     def healthy(self) -> tuple[bool, str]:

@@ -30,11 +30,11 @@ from infogrowth.cells import Cells, random_centroids
 from infogrowth.config import Settings
 from infogrowth.index import PartitionState
 from infogrowth.kafka.admin import topic_id
-from infogrowth.kafka.clients import position, source_of
+from infogrowth.kafka.clients import fits, position, record_limit, source_of
 from infogrowth.kafka.control import calibration_id, end_offset, read_partition_to_end
 from infogrowth.kafka.loop import Output, StaleBatch
 from infogrowth.online import OnlineState
-from infogrowth.records import Outcome, output_record
+from infogrowth.records import Outcome, output_record, source_key, too_large
 from infogrowth.schema import Embedded, Malformed, pack, unpack, vector_from_bytes
 from infogrowth.schema import vector_to_bytes as v2b
 from infogrowth.select import Selector, Thresholds
@@ -381,6 +381,22 @@ class SelectProcessor:
             elif self.dirty.get(p):
                 self.save_snapshot(p)
 
+    def reject(self, message: Message, reason: str, detail: str, out: Output) -> None:
+        """A trimmed rejection for an embedded record that no transaction could carry; a
+        replica record (not an ingest message) needs no output. State is left as it is."""
+        try:
+            rec = unpack("embedded", message.value() or b"", max_bytes=1 << 30)
+        except Exception:
+            rec = {}
+        if rec.get("replica"):
+            return
+        src = rec.get("source") if isinstance(rec.get("source"), dict) else source_of(message)
+        sid = str(rec.get("id") or source_key(src))
+        o = Outcome(id=sid, decision="rejected", reason=reason, detail=detail, source=src)
+        self.pending += 1
+        value = pack("output", output_record(o, self.t, include_image=False), check=False)
+        out.produce(self.topics.rejected, value, key=sid.encode())
+
     def process(self, messages: list[Message], out: Output) -> None:
         by_part: dict[int, list[Message]] = defaultdict(list)
         for m in messages:
@@ -490,9 +506,16 @@ class SelectProcessor:
                 o = r
             outcomes.append(o)
             self.pending += 1
-            topic = getattr(self.topics, o.decision)
             rec = output_record(o, self.t, include_image=self.settings.outputs_include_image)
-            out.produce(topic, pack("output", rec, check=False), key=o.id.encode())
+            value = pack("output", rec, check=False)
+            if not fits(self.settings.limits, value, o.id.encode()):
+                # The embed stage leaves headroom for this; should a decision still outgrow
+                # the limit, a trimmed record beats an abort loop (the item stays indexed).
+                o = too_large(o, "output record", len(value), record_limit(self.settings.limits))
+                rec = output_record(o, self.t, include_image=False)
+                value = pack("output", rec, check=False)
+                outcomes[-1] = o
+            out.produce(getattr(self.topics, o.decision), value, key=o.id.encode())
         if batch:
             state = self.states[p]
             out.produce(
