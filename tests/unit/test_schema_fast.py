@@ -7,6 +7,7 @@ Malformed (id, detail, original bytes) as parsing with the generic validator alo
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -301,3 +302,21 @@ def test_fuzz_vector_checks_unchanged(monkeypatch: pytest.MonkeyPatch, values: l
     payload = msgpack.packb({"id": "a", "embedding": {"text": values}})
     got = parse_msgpack_sample(payload, LIMITS)
     assert same(got, reference(monkeypatch, parse_msgpack_sample, payload, LIMITS))
+
+
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(ingest_like)
+def test_fuzz_fast_path_gives_the_same_records_from_jsonl(
+    monkeypatch: pytest.MonkeyPatch, obj: dict[str, Any]
+) -> None:
+    try:
+        line = json.dumps(obj).encode()
+    except TypeError:  # bytes have no JSON form (JSONL images are paths or base64 text)
+        assume(False)
+    got = parse_json_sample(line, LIMITS, None)
+    want = reference(monkeypatch, parse_json_sample, line, LIMITS, None)
+    assert same(got, want), (got, want)
