@@ -320,3 +320,25 @@ def test_fuzz_fast_path_gives_the_same_records_from_jsonl(
     got = parse_json_sample(line, LIMITS, None)
     want = reference(monkeypatch, parse_json_sample, line, LIMITS, None)
     assert same(got, want), (got, want)
+
+
+def _rules(o: Any) -> Any:
+    if isinstance(o, dict):
+        return {k: _rules(v) for k, v in o.items() if k not in ("description", "title")}
+    if isinstance(o, list):
+        return [_rules(v) for v in o]
+    return o
+
+
+@pytest.mark.parametrize(
+    ("kind", "digest"), [("ingest", "bde7aef99acb7054"), ("embedded", "f9929db5de1eb0ca")]
+)
+def test_fast_checks_were_written_for_these_schemas(kind: str, digest: str) -> None:
+    """A change to a schema's rules must come with the same change to its fast check
+    (``schema._ingest_ok`` / ``_embedded_ok``) and to the corpus above; then update the digest."""
+    import hashlib
+
+    text = json.dumps(_rules(schema.load_schema(kind)), sort_keys=True).encode()
+    assert hashlib.sha256(text).hexdigest()[:16] == digest, (
+        f"schemas/{kind} rules changed: mirror the change in schema.py's fast check for {kind!r}"
+    )
