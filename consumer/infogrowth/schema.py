@@ -11,6 +11,7 @@ import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -109,12 +110,152 @@ def _json_view(obj: Any) -> Any:
 
 
 def validate(kind: str, obj: Any) -> None:
-    """Raise :class:`SchemaError` when ``obj`` does not match the schema ``kind``."""
+    """Raise :class:`SchemaError` when ``obj`` does not match the schema ``kind``.
+
+    Records the structural fast check accepts skip the generic validator (it would walk every
+    embedding float); anything else goes through the compiled JSON Schema, which stays the
+    contract and writes the error message. The fast checks are tested against the schemas.
+    """
+    fast = _FAST_CHECKS.get(kind)
+    if fast is not None and fast(obj):
+        return
     try:
         _validator(kind)(_json_view(obj))
     except fastjsonschema.JsonSchemaValueException as exc:
         msg = exc.message.replace("data.", "").replace("data ", "record ")
         raise SchemaError(msg) from None
+
+
+# -- structural fast checks ----------------------------------------------------------------
+# Each returns True only for objects its JSON Schema accepts after ``_json_view`` (bytes read
+# as text); False means "let the schema decide", never "invalid" on its own. They mirror the
+# schema's rules exactly (fastjsonschema's semantics: integers include integral floats, numbers
+# exclude bool), so a valid record never pays for the generic pass.
+
+_BINARY = (bytes, bytearray, memoryview)
+_TEXTUAL = (str, *_BINARY)
+_NUMBER_TYPES = frozenset({float, int})
+_INGEST_KEYS = frozenset({"v", "id", "text", "image", "label", "embedding", "meta"})
+_SPACE_KEYS = frozenset(SPACES)
+_EMBEDDED_KEYS = frozenset(
+    {
+        "v",
+        "id",
+        "text",
+        "label",
+        "image",
+        "meta",
+        "vectors",
+        "alignment",
+        "original_alignment",
+        "original_text",
+        "original_label",
+        "fix",
+        "cell",
+        "replica",
+        "source",
+    }
+)
+_EMBEDDED_REQUIRED = frozenset({"v", "id", "vectors", "cell"})
+_EMBEDDED_OPT_TEXT = ("text", "label", "image", "original_text", "original_label", "fix")
+
+
+def _is_one(x: Any) -> bool:
+    """``{"const": 1}``: equal to 1 and a JSON number (fastjsonschema: int or float, not bool)."""
+    return isinstance(x, int | float) and not isinstance(x, bool) and x == 1
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float | Decimal) and not isinstance(x, bool)
+
+
+def _is_integer(x: Any) -> bool:
+    """JSON Schema ``integer`` as fastjsonschema reads it (integral floats included)."""
+    if isinstance(x, bool):
+        return False
+    return isinstance(x, int) or (isinstance(x, float) and x.is_integer())
+
+
+def _number_array(values: Any) -> bool:
+    """``{"type": "array", "items": {"type": "number"}, "minItems": 1}`` without a Python loop
+    over the items in the common case (every item a plain float or int)."""
+    if not isinstance(values, list | tuple) or not values:
+        return False
+    if _NUMBER_TYPES.issuperset(map(type, values)):
+        return True
+    return all(map(_is_number, values))
+
+
+def _ingest_ok(obj: Any) -> bool:
+    if not isinstance(obj, dict) or "id" not in obj or not _INGEST_KEYS.issuperset(obj):
+        return False
+    sid = obj["id"]
+    if isinstance(sid, _BINARY):
+        sid = ""
+    if not isinstance(sid, str) or not 1 <= len(sid) <= 512:
+        return False
+    if "v" in obj and not _is_one(obj["v"]):
+        return False
+    text = obj.get("text")
+    if text is not None and not isinstance(text, _TEXTUAL):
+        return False
+    image = obj.get("image")
+    if image is not None and not isinstance(image, _TEXTUAL):
+        return False
+    label = obj.get("label")
+    if label is not None and not isinstance(label, _TEXTUAL) and not _is_integer(label):
+        return False
+    meta = obj.get("meta")
+    if meta is not None and not isinstance(meta, dict):
+        return False
+    emb = obj.get("embedding")
+    if emb is None:
+        return True
+    if not isinstance(emb, dict) or not emb or not _SPACE_KEYS.issuperset(emb):
+        return False
+    return all(_number_array(v) for v in emb.values())
+
+
+def _embedded_ok(obj: Any) -> bool:
+    if not isinstance(obj, dict) or not _EMBEDDED_KEYS.issuperset(obj):
+        return False
+    if not _EMBEDDED_REQUIRED.issubset(obj):
+        return False
+    v, sid, cell, vectors = obj["v"], obj["id"], obj["cell"], obj["vectors"]
+    if not _is_one(v):
+        return False
+    if isinstance(sid, _BINARY):
+        sid = ""
+    if not isinstance(sid, str) or not sid:
+        return False
+    if not _is_integer(cell) or cell < 0:
+        return False
+    if not isinstance(vectors, dict) or not vectors or not _SPACE_KEYS.issuperset(vectors):
+        return False
+    if not all(isinstance(b, _TEXTUAL) for b in vectors.values()):
+        return False
+    for key in _EMBEDDED_OPT_TEXT:
+        x = obj.get(key)
+        if x is not None and not isinstance(x, _TEXTUAL):
+            return False
+    for key in ("alignment", "original_alignment"):
+        x = obj.get(key)
+        if x is not None and not _is_number(x):
+            return False
+    meta = obj.get("meta")
+    if meta is not None and not isinstance(meta, dict):
+        return False
+    if "replica" in obj and not isinstance(obj["replica"], bool):
+        return False
+    source = obj.get("source")
+    if source is None:
+        return True
+    if not isinstance(source, dict):
+        return False
+    return all(isinstance(x, _TEXTUAL) or _is_integer(x) for x in source.values())
+
+
+_FAST_CHECKS: dict[str, Callable[[Any], bool]] = {"ingest": _ingest_ok, "embedded": _embedded_ok}
 
 
 # -- msgpack codec ------------------------------------------------------------------------
@@ -278,14 +419,17 @@ def _parse_embedding(raw: Any, limits: LimitsConfig) -> dict[str, np.ndarray] | 
                 f"embedding.{space}: dimension {len(values)} exceeds {limits.max_embedding_dim}"
             )
         arr = np.asarray(values, dtype=np.float64)
-        if not np.all(np.isfinite(arr)):
+        # One reduction answers both checks on magnitude: max |x| is NaN or Inf exactly when
+        # some value is (NaN propagates through max), and above 3e38 when one is out of range.
+        peak = float(np.abs(arr).max())
+        if not math.isfinite(peak):
             raise SchemaError(f"embedding.{space}: contains NaN or Inf")
-        if float(np.dot(arr, arr)) == 0.0:
+        if float(arr.dot(arr)) == 0.0:
             raise SchemaError(f"embedding.{space}: zero vector")
-        if np.any(np.abs(arr) > 3.0e38):
+        if peak > 3.0e38:
             raise SchemaError(f"embedding.{space}: value out of float32 range")
         f32 = arr.astype(np.float32)
-        if not np.any(f32):  # every value underflows float32: normalising would give NaN
+        if not f32.any():  # every value underflows float32: normalising would give NaN
             raise SchemaError(f"embedding.{space}: zero vector in float32 (values underflow)")
         out[space] = f32
     return out

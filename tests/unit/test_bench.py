@@ -230,3 +230,14 @@ def test_pipelined_image_encoding_matches_encode_images(tmp_path: Path) -> None:
     stage.threads = 3
     assert np.array_equal(stage._encode_images(images), enc.encode_images(images))
     stage.close()
+
+
+def test_parse_bench_reports_fast_and_generic_rates() -> None:
+    from infogrowth.bench import parse
+
+    res = parse.bench(n=40, dim=8, repeats=1)
+    for key in ("ingest", "embedded"):
+        assert res[f"{key}_per_s"]["median"] > 0
+        assert res[f"{key}_generic_per_s"]["median"] > 0
+    (table,) = parse.tables(res)
+    assert len(table.rows) == 2

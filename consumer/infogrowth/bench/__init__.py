@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-STAGES = ("select", "embed", "kafka", "scale", "restore", "memory")
+STAGES = ("select", "embed", "parse", "kafka", "scale", "restore", "memory")
 
 
 @click.command("bench")
@@ -186,6 +186,11 @@ def _run(stage: str, **kw: Any) -> tuple[dict[str, Any], list[Any]]:
             workdir=kw["workdir"],
         )
         return res, kafkabench.tables(res)
+    if stage == "parse":
+        from infogrowth.bench import parse
+
+        res = parse.bench(n=kw["stream"] or 20_000, dim=kw["dim"], repeats=kw["repeats"])
+        return res, parse.tables(res)
     if stage == "embed":
         from infogrowth.bench import embedbench
 
