@@ -231,6 +231,8 @@ class Metrics:
             ["direction"],
             registry=reg,
         )
+        for direction in ("sent", "applied"):  # known label values start at 0, not absent
+            self.cell_replicas.labels(direction=direction)
         self.ready: Gauge = Gauge(
             "infogrowth_ready", "1 when the process is ready to serve, else 0.", registry=reg
         )

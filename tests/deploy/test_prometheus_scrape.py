@@ -142,7 +142,10 @@ def _stop(proc: subprocess.Popen[bytes], timeout_s: float = 30) -> int:
 def test_prometheus_scrape_matches_audit(
     bootstrap: str, prometheus_bin: str, tmp_path: Path
 ) -> None:
-    conf, settings, _inp, _seed = _prepare(tmp_path, bootstrap, n=N)
+    # a keep budget, so the keep-scale series exists too
+    conf, settings, _inp, _seed = _prepare(
+        tmp_path, bootstrap, n=N, **{"select.keep_fraction": 0.5}
+    )
     port = settings.serve.port
     service = _start(conf, log=tmp_path / "run.log")
     prom, prom_port = _start_prometheus(prometheus_bin, tmp_path, port)
