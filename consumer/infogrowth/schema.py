@@ -418,7 +418,10 @@ def _parse_embedding(raw: Any, limits: LimitsConfig) -> dict[str, np.ndarray] | 
             raise SchemaError(
                 f"embedding.{space}: dimension {len(values)} exceeds {limits.max_embedding_dim}"
             )
-        arr = np.asarray(values, dtype=np.float64)
+        try:
+            arr = np.asarray(values, dtype=np.float64)
+        except OverflowError:  # a JSON integer beyond float64
+            raise SchemaError(f"embedding.{space}: value out of float32 range") from None
         # One reduction answers both checks on magnitude: max |x| is NaN or Inf exactly when
         # some value is (NaN propagates through max), and above 3e38 when one is out of range.
         peak = float(np.abs(arr).max())

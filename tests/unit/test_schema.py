@@ -183,3 +183,10 @@ def test_meta_within_limits_parses() -> None:
         raw = msgpack.packb({"id": "m", "text": "t", "meta": m}, use_bin_type=True)
         res = parse_msgpack_sample(raw, LimitsConfig())
         assert not isinstance(res, Malformed), res
+
+
+def test_embedding_integer_beyond_float64_is_malformed_not_an_exception() -> None:
+    cfg = make_settings()
+    line = b'{"id": "huge", "embedding": {"text": [1, ' + b"9" * 400 + b"]}}"
+    got = parse_json_sample(line, cfg.limits, None)
+    assert isinstance(got, Malformed) and got.id == "huge" and "float32 range" in got.detail
