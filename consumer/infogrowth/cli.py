@@ -203,14 +203,21 @@ def run(role: str, config: Path | None, exit_when_idle: float | None) -> None:
 @main.command()
 @click.option("--input", "input_", required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-def seed(input_: Path, config: Path | None) -> None:
-    """Calibrate on known-clean samples, publish the calibration and seed the changelog."""
+@click.option(
+    "--reset",
+    is_flag=True,
+    help="Replace a calibration already on the control topic (stop the stages first).",
+)
+def seed(input_: Path, config: Path | None, reset: bool) -> None:
+    """Calibrate on known-clean samples, publish the calibration and seed the changelog.
+
+    Refuses when a calibration is already published, unless --reset."""
     from infogrowth.kafka.seed import seed as run_seed
 
     settings = _settings(config)
     _setup_logging(settings)
     try:
-        res = run_seed(settings, input_)
+        res = run_seed(settings, input_, reset=reset)
     except ValueError as exc:
         raise _failure(exc, settings) from None
     rec = res.calibration.as_record()

@@ -235,3 +235,22 @@ def test_culprit_that_cannot_be_rejected_makes_the_stage_unready(
         for t in rt.threads:
             t.join(60)
     assert n == 21
+
+
+def test_seed_refuses_to_replace_a_calibration_without_reset(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    from infogrowth.kafka.control import read_calibration
+    from infogrowth.kafka.seed import CalibrationExists
+
+    _inp, seed_file = _data(tmp_path)
+    cfg = write_config(tmp_path / "c.yaml", kafka_bootstrap, tmp_path / "state")
+    settings = settings_from(cfg)
+    specs = topic_specs(settings.kafka.topics, settings.limits)
+    assert ensure_topics(admin_config(settings), specs).ok_all
+    first = seed(settings, seed_file)
+    with pytest.raises(CalibrationExists, match="--reset"):
+        seed(settings, seed_file)
+    again = seed(settings, seed_file, reset=True)
+    cal = read_calibration(settings)
+    assert cal is not None and cal.seed_count == again.items == first.items

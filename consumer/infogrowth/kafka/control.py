@@ -8,7 +8,7 @@ import time
 import uuid
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from infogrowth.calibrate import Calibration
 from infogrowth.config import Settings
@@ -17,6 +17,30 @@ from infogrowth.schema import pack, unpack
 
 log = logging.getLogger(__name__)
 CALIBRATION_KEY = b"calibration"
+
+
+_NOT_YET = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+    }
+)
+"""Errors of a topic created a moment ago whose partition has no leader yet: wait, then retry."""
+
+
+def _high_watermark(c: Consumer, tp: TopicPartition, timeout_s: float) -> int:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            _, high = c.get_watermark_offsets(tp, timeout=timeout_s)
+            return int(high)
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            code = err.code() if isinstance(err, KafkaError) else None
+            if code not in _NOT_YET or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def read_partition_to_end(
@@ -35,7 +59,7 @@ def read_partition_to_end(
     )
     c = Consumer(conf)
     try:
-        _, high = c.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout_s)
+        high = _high_watermark(c, TopicPartition(topic, partition), timeout_s)
         if high <= 0 or (start >= 0 and start >= high):
             return
         c.assign([TopicPartition(topic, partition, start)])

@@ -15,7 +15,7 @@ from infogrowth.config import Settings
 from infogrowth.curate import build_models
 from infogrowth.files import read_inputs
 from infogrowth.kafka.clients import instance_id, producer_config
-from infogrowth.kafka.control import CALIBRATION_KEY
+from infogrowth.kafka.control import CALIBRATION_KEY, read_calibration
 from infogrowth.kafka.select import changelog_record, replica_partitions
 from infogrowth.pipeline import Curator
 from infogrowth.schema import Sample, pack
@@ -31,7 +31,27 @@ class SeedResult:
     per_partition: dict[int, int]
 
 
-def seed(settings: Settings, path: Path) -> SeedResult:
+class CalibrationExists(ValueError):
+    """The control topic already holds a calibration and ``reset`` was not asked for."""
+
+
+def seed(settings: Settings, path: Path, *, reset: bool = False) -> SeedResult:
+    """Calibrate on ``path``, publish the calibration and write the seed into the changelog.
+
+    Refuses when a calibration is already published, unless ``reset``: a second seed adds its
+    items to a changelog the running select stages own, and new thresholds and cells apply only
+    to stages started afterwards (their snapshots are then discarded: they name the old
+    calibration). With ``reset``, stop the stages first.
+    """
+    if not reset:
+        existing = read_calibration(settings)
+        if existing is not None:
+            raise CalibrationExists(
+                f"{settings.kafka.topics.control} already holds a calibration (seed of "
+                f"{existing.seed_count} items); re-seeding mixes two seeds in the changelog and "
+                "changes thresholds under running stages. Stop the stages and pass --reset to "
+                "replace it."
+            )
     items = list(read_inputs([path], settings.limits))
     probe = next((i for i in items if isinstance(i, Sample)), None)
     encoder, captioner = build_models(settings, probe)
