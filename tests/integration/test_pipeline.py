@@ -53,6 +53,18 @@ def run_until_drained(rt: Runtime, expected: int, timeout_s: float = 120.0) -> N
             t.join(60)
 
 
+def _drain_and_audit(settings: Any, n: int, timeout_s: float = 120.0) -> tuple[Runtime, Any]:
+    """Run ``--role all`` until ``n`` outputs, without stage errors; the audit must pass with
+    exactly one output per input."""
+    rt = build(settings, "all")
+    run_until_drained(rt, n, timeout_s=timeout_s)
+    assert not rt.errors
+    result = audit(settings)
+    assert result.ok, result.as_dict()
+    assert sum(result.outputs.values()) == n
+    return rt, result
+
+
 def curate_decisions(settings: Any, inp: Path, seed_file: Path, out: Path) -> dict[str, Any]:
     curate(settings, [inp], out, seed=seed_file)
     got = {}
@@ -92,13 +104,8 @@ def test_run_all_exactly_once_and_equal_to_curate(kafka_bootstrap: str, tmp_path
     n = produce(settings, [inp], raw=POISON)
     assert n == 300 + len(POISON)
 
-    rt = build(settings, "all")
-    run_until_drained(rt, n)
-    assert not rt.errors
-
-    result = audit(settings)
-    assert result.ok, result.as_dict()
-    assert result.ingest == n and sum(result.outputs.values()) == n
+    _rt, result = _drain_and_audit(settings, n)
+    assert result.ingest == n
     assert result.reasons["rejected/malformed"] == len(POISON)
 
     reference = curate_decisions(settings, inp, seed_file, tmp_path / "curate")
@@ -144,13 +151,8 @@ def test_oversized_output_is_rejected_too_large_not_an_abort_loop(
     n = produce(settings, [inp], raw=[huge])
     assert n == 41
 
-    rt = build(settings, "all")
-    run_until_drained(rt, n, timeout_s=90)
-    assert not rt.errors
-
-    result = audit(settings)
-    assert result.ok, result.as_dict()
-    assert result.ingest == n and sum(result.outputs.values()) == n
+    _rt, result = _drain_and_audit(settings, n, timeout_s=90)
+    assert result.ingest == n
     assert result.reasons["rejected/too_large"] == 1
     (big,) = [
         msgpack.unpackb(m.value(), raw=False)
@@ -194,13 +196,7 @@ def test_batch_aborting_for_good_is_bisected_and_its_culprit_rejected(
     n = produce(settings, [inp], raw=[b"\xc1" + os.urandom(8000)])  # undecodable, incompressible
     assert n == 21
 
-    rt = build(settings, "all")
-    run_until_drained(rt, n, timeout_s=90)
-    assert not rt.errors
-
-    result = audit(settings)
-    assert result.ok, result.as_dict()
-    assert sum(result.outputs.values()) == n
+    rt, result = _drain_and_audit(settings, n, timeout_s=90)
     assert result.reasons["rejected/too_large"] == 1, result.reasons
     assert sum(lp.culprits for lp in rt.loops) == 1
 
