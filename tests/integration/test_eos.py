@@ -35,6 +35,9 @@ def _prepare(tmp: Path, bootstrap: str, n: int = N, **cfg: Any) -> tuple[Any, Pa
     return settings, inp, seed_file
 
 
+LATE = 50
+
+
 def _wait(cond: Any, timeout: float, what: str, rt: Runtime | None = None) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -78,6 +81,9 @@ def test_fenced_select_mid_stream_drops_uncommitted_state(
     """A fatal producer error (fenced) mid-batch: the failed batch's items must not reach a
     snapshot, or the restarted stage meets their ids again and rejects them as duplicate_id."""
     settings, inp, seed_file = _prepare(tmp_path, kafka_bootstrap)
+    late = write_jsonl(tmp_path / "late.jsonl", clustered(LATE, seed=72, prefix="late").samples)
+    both = tmp_path / "both.jsonl"
+    both.write_text(inp.read_text() + late.read_text())
     rt = build(settings, "all")
     assert rt.select is not None
     select_loop = next(lp for lp in rt.loops if lp.processor is rt.select)
@@ -88,7 +94,9 @@ def test_fenced_select_mid_stream_drops_uncommitted_state(
         # A second producer with the same transactional id (a zombie's successor) fences it.
         fencer = Producer(producer_config(settings, select_loop.transactional_id))
         fencer.init_transactions(30)
-        _wait(lambda: bool(rt.errors), 60, "the fenced select stage to fail")
+        # more input, so the stage runs another transaction even if it had drained the first
+        assert produce(settings, [late]) == LATE
+        _wait(lambda: bool(rt.errors), 120, "the fenced select stage to fail")
     finally:
         _stop(rt)
     assert any(isinstance(e, FatalStageError) for e in rt.errors), rt.errors
@@ -96,7 +104,7 @@ def test_fenced_select_mid_stream_drops_uncommitted_state(
     with caplog.at_level(logging.INFO, logger="infogrowth.kafka.select"):
         _drain(settings)
     assert "snapshot with" in caplog.text, "the restart restores from the committed snapshot"
-    _check(settings, inp, seed_file, tmp_path)
+    _check(settings, both, seed_file, tmp_path, n=N + LATE)
 
 
 class _StraddlingConsumer:
