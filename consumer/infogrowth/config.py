@@ -128,6 +128,26 @@ class EncoderConfig(_Section):
     max_text_tokens: int | None = Field(None, gt=0)
     image_size: int | None = Field(None, gt=0)
     trust_remote_code: bool = False
+    decode: Literal["auto", "cpu", "device"] = "auto"
+    """Where images are decoded and prepared: ``cpu`` (Pillow + the model's image processor),
+    ``device`` (JPEGs decoded by torchvision on the encoder's device, nvJPEG on CUDA, and
+    resized there; other formats fall back to Pillow per image), ``auto`` (device on CUDA
+    when torchvision is installed and reproduces the processor, else cpu)."""
+    tune_batch_size: bool = True
+    """On CUDA, a short warm-up at start raises ``batch_size`` by doubling while throughput
+    grows and memory allows, up to ``max_batch_size`` (no effect on a CPU)."""
+    max_batch_size: int = Field(1024, gt=0)
+    prefetch: int = Field(2, ge=0)
+    """Batches prepared ahead of the model (decoded, resized, tokenised); 0 = none."""
+
+    @model_validator(mode="after")
+    def _batch_bounds(self) -> EncoderConfig:
+        if self.max_batch_size < self.batch_size:
+            raise ValueError(
+                f"encoder.max_batch_size ({self.max_batch_size}) must be >= "
+                f"encoder.batch_size ({self.batch_size})"
+            )
+        return self
 
 
 class CleanConfig(_Section):

@@ -10,9 +10,13 @@ three layouts:
 * image only: a vision model; ``get_image_features`` when present, else ``pooler_output``, else the
   mean of ``last_hidden_state``.
 
-Each tower has two stages so that decoding/preprocessing can later run beside the model:
+Each tower has two stages so that decoding/preprocessing can run beside the model:
 ``preprocess_images``/``tokenize_texts`` (CPU, whole batch through the processor) and
-``forward_images``/``forward_texts`` (device, returns numpy).
+``forward_images``/``forward_texts`` (device, returns numpy); ``encode_*`` prepare the next
+batch on a background thread while the model runs the current one. With
+``image_decode == "device"`` the embed stage hands the encoder decoded uint8 tensors instead
+(:meth:`TransformersEncoder.pixel_batch`, :mod:`infogrowth.devimage`). On CUDA the image batch
+runs ``channels_last`` and a short warm-up picks the batch size (:mod:`infogrowth.batchtune`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import hashlib
 import inspect
 import json
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -30,7 +35,10 @@ import numpy.typing as npt
 import torch
 from PIL import Image
 
+from infogrowth.batchtune import Trial, is_oom, tune_batch_size
 from infogrowth.config import EncoderConfig, LimitsConfig
+from infogrowth.devimage import TensorTransform, UnsupportedProcessor, torchvision_available
+from infogrowth.prefetch import prefetch
 
 __all__ = [
     "SPACES",
@@ -50,6 +58,7 @@ log = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float32]
 Kind = Literal["dual", "text", "image"]
+Decode = Literal["cpu", "device"]
 Pooling = Literal["mean", "cls"]
 SPACES: tuple[str, ...] = ("image", "text")
 
@@ -59,6 +68,8 @@ _SANE_TOKEN_LIMIT = 1_000_000
 _DEFAULT_TOKEN_LIMIT = 512
 # Text towers trained with fixed-length padding; padding to the longest would change their output.
 _FIXED_PADDING_MODEL_TYPES = frozenset({"siglip", "siglip2"})
+_TUNE_MEMORY_SHARE = 0.8
+"""Share of the device memory free after loading that the batch-size warm-up may plan for."""
 TensorBatch = dict[str, torch.Tensor]
 
 
@@ -205,6 +216,9 @@ class TransformersEncoder:
         interpolate_pos_encoding: bool = False,
         fingerprint_extra: Mapping[str, object] | None = None,
         max_dim: int | None = None,
+        transform: TensorTransform | None = None,
+        prefetch_depth: int = 2,
+        channels_last: bool = False,
     ) -> None:
         if batch_size <= 0:
             raise ValueError("batch_size must be positive")
@@ -219,6 +233,12 @@ class TransformersEncoder:
         self.max_text_tokens = max_text_tokens
         self._max_text_chars = max_text_chars
         self.pooling: Pooling = pooling
+        self._transform = transform
+        """Set: images may arrive as decoded uint8 tensors (``image_decode == "device"``)."""
+        self.prefetch_depth = prefetch_depth
+        self.channels_last = channels_last
+        """Image batches go to the model in channels_last layout (set on CUDA)."""
+        self._pixel_shape: tuple[int, ...] | None = None
         model_type = getattr(getattr(model, "config", None), "model_type", "")
         self._text_padding = "max_length" if model_type in _FIXED_PADDING_MODEL_TYPES else "longest"
 
@@ -295,7 +315,11 @@ class TransformersEncoder:
             else _DEFAULT_TOKEN_LIMIT
         )
         pooling = _sentence_pooling(name) if resolved == "text" else "mean"
-        return cls(
+        transform = _device_transform(cfg.decode, device, image_processor)
+        channels_last = device.type == "cuda" and image_processor is not None
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        enc = cls(
             model=model,
             name=name,
             kind=resolved,
@@ -310,7 +334,13 @@ class TransformersEncoder:
             interpolate_pos_encoding=interpolate,
             fingerprint_extra={"max_text_tokens": max_tokens, "image_size": cfg.image_size},
             max_dim=limits.max_embedding_dim if limits is not None else None,
+            transform=transform,
+            prefetch_depth=cfg.prefetch,
+            channels_last=channels_last,
         )
+        if cfg.tune_batch_size and device.type == "cuda":
+            enc.tune_batch_size(cfg.max_batch_size)
+        return enc
 
     # ---- Encoder attributes ---------------------------------------------------------------------
 
@@ -334,10 +364,21 @@ class TransformersEncoder:
     def dtype(self) -> str:
         return str(self._dtype).removeprefix("torch.")
 
+    @property
+    def image_decode(self) -> Decode:
+        """``device``: the embed stage decodes JPEGs on :attr:`torch_device` and passes
+        uint8 tensors to :meth:`pixel_batch`; ``cpu``: Pillow images to the processor."""
+        return "device" if self._transform is not None else "cpu"
+
+    @property
+    def torch_device(self) -> torch.device:
+        return self._device
+
     def __repr__(self) -> str:
         return (
             f"TransformersEncoder(name={self.name!r}, kind={self.kind}, dims={self._dims}, "
-            f"device={self.device}, dtype={self.dtype})"
+            f"device={self.device}, dtype={self.dtype}, decode={self.image_decode}, "
+            f"batch_size={self.batch_size})"
         )
 
     # ---- images ---------------------------------------------------------------------------------
@@ -345,11 +386,23 @@ class TransformersEncoder:
     def encode_images(self, images: Sequence[Image.Image]) -> FloatArray:
         """Embed ``images``; shape ``(len(images), dims["image"])``."""
         self._require("image")
-        parts = [
-            self.forward_images(self.preprocess_images(images[i : i + self.batch_size]))
-            for i in range(0, len(images), self.batch_size)
-        ]
-        return self._stack(parts, "image")
+        chunks = [images[i : i + self.batch_size] for i in range(0, len(images), self.batch_size)]
+        depth = self.prefetch_depth if len(chunks) > 1 else 0
+        staged = prefetch(chunks, self._staged_pixels, depth, name="encode-images")
+        return self._stack([self.forward_images(b) for b in staged], "image")
+
+    def _staged_pixels(self, images: Sequence[Image.Image]) -> TensorBatch:
+        return self._pinned(self.preprocess_images(images))
+
+    def pixel_batch(self, images: Sequence[torch.Tensor]) -> TensorBatch:
+        """Decoded uint8 ``(3, H, W)`` images to the image tower's input, on the device, by the
+        tensor transform (``image_decode == "device"`` only). CPU tensors are copied over from
+        pinned memory without blocking."""
+        if self._transform is None:
+            raise ValueError(f"encoder {self.name} prepares images on the CPU (decode=cpu)")
+        moved = [self._upload(im) for im in images]
+        pixels = self._transform.batch(moved)
+        return {"pixel_values": self._image_layout(pixels.to(self._dtype))}
 
     @property
     def image_input_size(self) -> int | None:
@@ -386,17 +439,20 @@ class TransformersEncoder:
     def encode_texts(self, texts: Sequence[str]) -> FloatArray:
         """Embed ``texts``; shape ``(len(texts), dims["text"])``."""
         self._require("text")
-        # Batch texts of similar length together so little compute goes to padding.
+        # Batch texts of similar length together so little compute goes to padding; the next
+        # batch is tokenised on a background thread while the model runs this one.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         ordered = [texts[i] for i in order]
-        parts = [
-            self.forward_texts(self.tokenize_texts(ordered[i : i + self.batch_size]))
-            for i in range(0, len(ordered), self.batch_size)
-        ]
-        stacked = self._stack(parts, "text")
+        chunks = [ordered[i : i + self.batch_size] for i in range(0, len(ordered), self.batch_size)]
+        depth = self.prefetch_depth if len(chunks) > 1 else 0
+        staged = prefetch(chunks, self._staged_tokens, depth, name="encode-texts")
+        stacked = self._stack([self.forward_texts(b) for b in staged], "text")
         out = np.empty_like(stacked)
         out[np.asarray(order, dtype=np.int64)] = stacked
         return out
+
+    def _staged_tokens(self, texts: Sequence[str]) -> TensorBatch:
+        return self._pinned(self.tokenize_texts(texts))
 
     def tokenize_texts(self, texts: Sequence[str]) -> TensorBatch:
         """CPU stage: tokenise, truncating to :attr:`max_text_tokens`."""
@@ -440,10 +496,82 @@ class TransformersEncoder:
         out: TensorBatch = {}
         for key, value in batch.items():
             if value.is_floating_point():
-                out[key] = value.to(device=self._device, dtype=self._dtype, non_blocking=True)
+                moved = value.to(device=self._device, dtype=self._dtype, non_blocking=True)
+                out[key] = self._image_layout(moved)
             else:
                 out[key] = value.to(device=self._device, non_blocking=True)
         return out
+
+    def _image_layout(self, x: torch.Tensor) -> torch.Tensor:
+        """Image batches in ``channels_last`` where the model was converted to it (CUDA)."""
+        if self.channels_last and x.ndim == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _pinned(self, batch: TensorBatch) -> TensorBatch:
+        """Page-locked copies of a CPU batch bound for CUDA, so the upload does not block."""
+        if self._device.type != "cuda":
+            return batch
+        return {k: v.pin_memory() if v.device.type == "cpu" else v for k, v in batch.items()}
+
+    def _upload(self, image: torch.Tensor) -> torch.Tensor:
+        if image.device == self._device or self._device.type != "cuda":
+            return image.to(self._device)
+        return image.pin_memory().to(self._device, non_blocking=True)
+
+    # ---- batch size -----------------------------------------------------------------------------
+
+    def tune_batch_size(self, cap: int) -> int:
+        """Set :attr:`batch_size` by a short warm-up on the device (CUDA): doubling from the
+        configured size while items/s grows and predicted memory stays within budget."""
+        free, _total = torch.cuda.mem_get_info(self._device)
+        base = torch.cuda.memory_allocated(self._device)
+        result = tune_batch_size(
+            self._warmup_trial,
+            start=self.batch_size,
+            cap=cap,
+            budget_bytes=base + int(free * _TUNE_MEMORY_SHARE),
+            base_bytes=base,
+        )
+        torch.cuda.empty_cache()
+        log.info(
+            "encoder batch size %d -> %d (%s); trials (size, items/s, peak MiB): %s",
+            self.batch_size,
+            result.batch_size,
+            result.reason,
+            [(b, round(r), p >> 20) for b, r, p in result.tried],
+        )
+        self.batch_size = result.batch_size
+        return result.batch_size
+
+    def _warmup_trial(self, size: int) -> Trial:
+        """One timed forward of ``size`` synthetic items (the image tower when there is one,
+        else texts at the token limit); the first of two runs warms kernels up."""
+        try:
+            forward, batch = self._warmup_batch(size)
+            forward(batch)
+            torch.cuda.synchronize(self._device)
+            torch.cuda.reset_peak_memory_stats(self._device)
+            t0 = time.perf_counter()
+            forward(batch)
+            torch.cuda.synchronize(self._device)
+            seconds = time.perf_counter() - t0
+        except Exception as exc:
+            if is_oom(exc):
+                torch.cuda.empty_cache()
+            raise
+        return Trial(seconds, int(torch.cuda.max_memory_allocated(self._device)))
+
+    def _warmup_batch(
+        self, size: int
+    ) -> tuple[Callable[[Mapping[str, torch.Tensor]], FloatArray], TensorBatch]:
+        """A synthetic batch of ``size`` items on the device, with the forward it is for: the
+        image tower when there is one, else texts at the token limit."""
+        if self._image_fn is not None and self._pixel_shape is not None:
+            x = torch.rand((size, *self._pixel_shape), device=self._device)
+            return self.forward_images, {"pixel_values": x}
+        texts = ["word " * self.max_text_tokens] * size
+        return self.forward_texts, self._to_device(self.tokenize_texts(texts))
 
     def _image_tower(
         self, interpolate_pos_encoding: bool
@@ -510,7 +638,11 @@ class TransformersEncoder:
         dims: dict[str, int] = {}
         if self._image_fn is not None:
             probe = Image.new("RGB", (64, 64), (127, 127, 127))
-            dims["image"] = int(self.forward_images(self.preprocess_images([probe])).shape[1])
+            batch = self.preprocess_images([probe])
+            pixels = batch.get("pixel_values")
+            if pixels is not None:
+                self._pixel_shape = tuple(int(d) for d in pixels.shape[1:])
+            dims["image"] = int(self.forward_images(batch).shape[1])
         if self._text_fn is not None:
             dims["text"] = int(self.forward_texts(self.tokenize_texts(["a photo"])).shape[1])
         return dims
@@ -573,6 +705,30 @@ def from_pretrained_kwargs(dtype: torch.dtype, trust_remote_code: bool) -> dict[
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
     return {key: dtype, "trust_remote_code": trust_remote_code}
+
+
+def _device_transform(
+    mode: str, device: torch.device, image_processor: Any | None
+) -> TensorTransform | None:
+    """The tensor transform when images are to be decoded on the device, else ``None``.
+
+    ``device`` fails (naming ``encoder.decode``) where that is impossible; ``auto`` turns it on
+    for CUDA only, and falls back to the CPU path with a log line where it cannot.
+    """
+    if image_processor is None or mode == "cpu" or (mode == "auto" and device.type != "cuda"):
+        return None
+    if not torchvision_available():
+        if mode == "device":
+            raise ValueError("encoder.decode=device needs torchvision, which is not installed")
+        log.warning("torchvision is not installed: images are decoded on the CPU")
+        return None
+    try:
+        return TensorTransform.from_processor(image_processor)
+    except UnsupportedProcessor as exc:
+        if mode == "device":
+            raise ValueError(f"encoder.decode=device: {exc}") from exc
+        log.warning("images are decoded on the CPU: %s", exc)
+        return None
 
 
 def _load_model(name: str, device: torch.device, dtype: torch.dtype, trust: bool) -> Any:

@@ -5,8 +5,9 @@ it with one partition's :class:`~infogrowth.select.Selector`. Nothing here touch
 
 The CPU work around the model runs beside it: images are decoded on a small thread pool (Pillow
 releases the GIL), and while the model embeds one image batch the pool already resizes the next
-one, split across its threads. The model sees the same batches as a plain ``encode_images`` call,
-so the vectors are the same.
+ones (a bounded prefetch queue), split across its threads. The model sees the same batches as a
+plain ``encode_images`` call, so the vectors are the same. When the encoder decodes on its device
+(``encoder.decode``), images go to it as bytes instead (:mod:`infogrowth.imagefeed`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -26,7 +27,9 @@ from PIL import Image
 
 from infogrowth.calibrate import SeedStats, resolve_thresholds, seed_stats
 from infogrowth.config import Settings
+from infogrowth.imagefeed import DecodeFailure
 from infogrowth.index import PartitionState
+from infogrowth.prefetch import prefetch
 from infogrowth.records import Outcome
 from infogrowth.schema import SPACES, Embedded, Malformed, Sample
 from infogrowth.select import Selector, Thresholds
@@ -222,12 +225,14 @@ class EmbedStage:
                 out[pos] = Outcome.malformed(Malformed(it.id, str(exc), b"", it.source))
         assert self.spaces is not None or not todo
 
-        # Decode images that a tower must embed (and that recaptioning may need).
+        # Decode images that a tower must embed (and that recaptioning may need); on the device
+        # path the image tower decodes them itself, and recaptioning decodes the few it needs.
         images: dict[int, Image.Image] = {}
         jobs = [
             (pos, sample)
             for pos, sample, vecs in todo
             if sample.image is not None
+            and not self._decodes_on_device()
             and (
                 self.recaption
                 or ("image" not in vecs and self.spaces is not None and "image" in self.spaces)
@@ -311,7 +316,11 @@ class EmbedStage:
             return
         rows = self._encode_split(space, need, images)
         for v, (pos, sample, vecs) in zip(rows, need, strict=True):
-            if isinstance(v, str):
+            if isinstance(v, DecodeFailure):
+                out[pos] = Outcome.malformed(
+                    Malformed(sample.id, f"image: {v}", sample.image or b"", sample.source)
+                )
+            elif isinstance(v, str):
                 out[pos] = Outcome.malformed(Malformed(sample.id, v, b"", sample.source))
             elif not np.all(np.isfinite(v)):
                 out[pos] = Outcome.malformed(
@@ -338,6 +347,8 @@ class EmbedStage:
         try:
             if space == "text":
                 mat = self.encoder.encode_texts([s.text or "" for _, s, _ in need])
+            elif self._decodes_on_device():
+                return list(self._encode_image_bytes([s.image or b"" for _, s, _ in need]))
             else:
                 mat = self._encode_images([images[pos] for pos, _, _ in need])
             return [mat[i] for i in range(len(need))]
@@ -352,7 +363,10 @@ class EmbedStage:
             log.warning("%s; retrying the batch of %d in halves", why, len(need))
             rows = self._encode_split(space, need[:mid], images)
             rows += self._encode_split(space, need[mid:], images)
-            if all(isinstance(r, str) for r in rows) and not _is_cuda_oom(exc):
+            # Undecodable images never reached the model: they say nothing about the fault.
+            tried = [r for r in rows if not isinstance(r, DecodeFailure)]
+            failed = len(tried) > 1 and all(isinstance(r, str) for r in tried)
+            if failed and not _is_cuda_oom(exc):
                 raise
             return rows
 
@@ -382,11 +396,15 @@ class EmbedStage:
         return list(self._executor().map(fn, jobs))
 
     def _decode(self, job: tuple[int, Sample]) -> Image.Image | str:
+        data = job[1].image
+        assert data is not None
+        return self._decode_bytes(data)
+
+    def _decode_bytes(self, data: bytes) -> Image.Image | str:
+        """The reference decoder: an RGB image at most :meth:`_image_fit`, or the error."""
         from infogrowth.imaging import ImageError, decode_image
 
         lim = self.settings.limits
-        data = job[1].image
-        assert data is not None
         try:
             return decode_image(
                 data,
@@ -406,6 +424,24 @@ class EmbedStage:
             return IMAGE_FIT_DEFAULT
         return max(2 * size, IMAGE_FIT_MIN)
 
+    def _decodes_on_device(self) -> bool:
+        return getattr(self.encoder, "image_decode", "cpu") == "device"
+
+    def _encode_image_bytes(self, blobs: list[bytes]) -> list[np.ndarray | DecodeFailure]:
+        """The device path: encoded bytes to vectors on the encoder's device."""
+        from infogrowth.imagefeed import embed_image_bytes
+
+        lim = self.settings.limits
+        enc: Any = self.encoder
+        return embed_image_bytes(
+            enc,
+            blobs,
+            decode_cpu=self._decode_bytes,
+            map_fn=self._map,
+            max_bytes=lim.max_image_bytes,
+            max_pixels=lim.max_image_pixels,
+        )
+
     def _encode_images(self, images: list[Image.Image]) -> np.ndarray:
         """``encode_images`` with the next batch's preprocessing overlapping this batch's forward.
 
@@ -423,20 +459,18 @@ class EmbedStage:
         pool = self._executor()
         pinned = str(getattr(enc, "device", "cpu")).startswith("cuda")
 
-        def submit(chunk: list[Image.Image]) -> list[Future[Any]]:
+        def prepare(chunk: list[Image.Image]) -> Any:
             step = -(-len(chunk) // self.threads)
-            return [pool.submit(pre, chunk[i : i + step]) for i in range(0, len(chunk), step)]
+            futures = [pool.submit(pre, chunk[i : i + step]) for i in range(0, len(chunk), step)]
+            batch = _join([f.result() for f in futures], pinned)
+            # Slices that do not stack: preprocess the batch whole.
+            return batch if batch is not None else pre(chunk)
 
-        parts: list[np.ndarray] = []
-        pending = submit(chunks[0])
-        for ci, chunk in enumerate(chunks):
-            slices = [f.result() for f in pending]
-            if ci + 1 < len(chunks):
-                pending = submit(chunks[ci + 1])
-            batch = _join(slices, pinned)
-            if batch is None:  # slices that do not stack: preprocess the batch whole
-                batch = pre(chunk)
-            parts.append(np.asarray(fwd(batch), dtype=np.float32))
+        depth = getattr(enc, "prefetch_depth", 1) if len(chunks) > 1 else 0
+        parts = [
+            np.asarray(fwd(batch), dtype=np.float32)
+            for batch in prefetch(chunks, prepare, depth, name="embed-images")
+        ]
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
     def close(self) -> None:
@@ -480,6 +514,8 @@ class EmbedStage:
                 for i, r in enumerate(out)
                 if isinstance(r, Embedded) and r.alignment is not None and r.alignment < delta
             ]
+            if self.recaption:
+                self._decode_for_recaption(bad, out, images)
             fixable = [i for i in bad if self.recaption and i in images]
             if fixable and self.captioner is not None and self.encoder is not None:
                 captions = self.captioner.caption([images[i] for i in fixable])
@@ -506,6 +542,17 @@ class EmbedStage:
                     out[i] = Outcome.rejected(e, "misaligned", detail)
         if self.zero_shot:
             self._zero_shot(out)
+
+    def _decode_for_recaption(
+        self, bad: list[int], out: list[Embedded | Outcome | None], images: dict[int, Image.Image]
+    ) -> None:
+        """On the device path nothing was decoded on the CPU: decode the flagged few here."""
+        for i in bad:
+            e = out[i]
+            if i not in images and isinstance(e, Embedded) and e.image is not None:
+                res = self._decode_bytes(e.image)
+                if isinstance(res, Image.Image):
+                    images[i] = res
 
     def _zero_shot(self, out: list[Embedded | Outcome | None]) -> None:
         classes = self.settings.clean.classes or []
