@@ -7,9 +7,10 @@ and normalised as tensor ops where the pixels already are. :class:`TensorTransfo
 the processor's steps and checks itself against the processor on probe images when built.
 
 Only plain JPEGs take the fast decoder (:func:`jpeg_size`): RGB or greyscale, no EXIF
-rotation, within the size limits. Everything else (PNG, WebP, CMYK, rotated, oversized,
-corrupt) and any image the decoder refuses goes through the reference decoder, one image at a
-time, so errors and limits stay exactly those of the CPU path.
+rotation, ending in an end-of-image marker, within the size limits. Everything else (PNG, WebP,
+CMYK, rotated, oversized, truncated) and any image the decoder refuses goes through the
+reference decoder, one image at a time, so errors and limits stay exactly those of the CPU
+path.
 """
 
 from __future__ import annotations
@@ -37,6 +38,13 @@ _INTERPOLATION = {2: "bilinear", 3: "bicubic"}  # PIL resample codes the fast pa
 _EXIF_ORIENTATION = 0x0112
 # Probe images the transform is checked on (width, height): landscape, portrait, small.
 _PROBES = ((300, 200), (170, 260), (40, 30))
+# torchvision 0.29 announces that its image codecs will move to TorchCodec; until then they are
+# what decodes here (and the warning would repeat for every batch).
+warnings.filterwarnings(
+    "ignore",
+    message="The image decoding and encoding capabilities of TorchVision are deprecated",
+    category=DeprecationWarning,
+)
 _PROBE_MEAN_ABS = 0.03
 """Mean |difference| allowed between the transform and the processor on a probe, in the
 processor's output units (PIL and torch resampling round differently; a misread mean, std or
@@ -195,6 +203,10 @@ def jpeg_size(data: bytes, *, max_bytes: int, max_pixels: int) -> tuple[int, int
     """(width, height) when ``data`` is a JPEG the fast decoder may take; else ``None`` (the
     reference decoder then decodes it, or rejects it with its usual error)."""
     if len(data) > max_bytes or not data.startswith(b"\xff\xd8\xff"):
+        return None
+    if not data.endswith(b"\xff\xd9"):
+        # No end-of-image marker: truncated (or with data appended). nvJPEG may decode what
+        # is there where Pillow refuses; the reference decoder decides, as on the CPU path.
         return None
     try:
         with warnings.catch_warnings():
