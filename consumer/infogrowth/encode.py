@@ -492,6 +492,10 @@ class TransformersEncoder:
             return np.zeros((0, self._dims[space]), dtype=np.float32)
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
+    def upload(self, batch: Mapping[str, torch.Tensor]) -> TensorBatch:
+        """A processor / tokenizer batch moved to the device as the forward passes take it."""
+        return self._to_device(batch)
+
     def _to_device(self, batch: Mapping[str, torch.Tensor]) -> TensorBatch:
         out: TensorBatch = {}
         for key, value in batch.items():

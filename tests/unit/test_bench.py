@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from infogrowth.bench import command, embedbench, memory, restore, scale, sel, synth
@@ -119,9 +120,38 @@ def test_memory_bench_runs_in_a_child(tmp_path: Path) -> None:
 
 
 def test_embed_bench_on_the_tiny_model(tmp_path: Path) -> None:
+    """Floor, the stage per decode path and its share of the floor, side by side."""
     res = embedbench.bench(n=6, threads=[1, 2], repeats=1, workdir=tmp_path, batch=4)
-    assert res["ratio_vs_forward"]["median"] > 0
-    assert "decode ×2" in res["samples_per_s"]
+    assert set(res["ratio_vs_forward"]) == {"decode cpu", "decode device"}
+    assert all(r["median"] > 0 for r in res["ratio_vs_forward"].values())
+    rates = res["samples_per_s"]
+    assert rates["bare forward (floor)"]["median"] > 0
+    assert rates["embed stage, decode device"]["median"] > 0
+    assert any(k.startswith("decode ×2") for k in rates)
+    rows = [r[0] for r in embedbench.tables(res)[0].rows]
+    assert "ratio stage / floor, decode device" in rows
+    only_cpu = embedbench.bench(
+        n=4, threads=[1], repeats=1, workdir=tmp_path, batch=4, decodes=["cpu"]
+    )
+    assert set(only_cpu["ratio_vs_forward"]) == {"decode cpu"}
+
+
+def test_b16_bench_model_has_the_vit_b16_shape() -> None:
+    """The GPU check's stand-in costs what ViT-B/16 costs: same layers, width and patches."""
+    import transformers
+
+    from infogrowth.bench import models
+
+    vision = transformers.CLIPVisionConfig(**models.B16_VISION)
+    assert (vision.num_hidden_layers, vision.hidden_size, vision.patch_size) == (12, 768, 16)
+    assert (vision.intermediate_size, vision.num_attention_heads, vision.image_size) == (
+        3072,
+        12,
+        224,
+    )
+    with torch.device("meta"):
+        params = sum(p.numel() for p in transformers.CLIPVisionModel(vision).parameters())
+    assert 85e6 < params < 87e6  # ViT-B/16: 86M
 
 
 def test_index_file_vectors_match_hnswlib(tmp_path: Path) -> None:

@@ -44,6 +44,28 @@ STAGES = ("select", "embed", "parse", "kafka", "scale", "restore", "memory")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="select: sweep PNG.")
 @click.option("--workdir", type=click.Path(path_type=Path), help="Scratch directory.")
 @click.option(
+    "--embed-model",
+    default="tiny",
+    show_default=True,
+    help="embed: image tower: tiny, b16 (random ViT-B/16-shaped CLIP) or a model path.",
+)
+@click.option(
+    "--embed-samples", type=int, default=None, help="embed: samples per run (default 512)."
+)
+@click.option(
+    "--embed-batch",
+    type=int,
+    default=None,
+    help="embed: encoder batch size (default: the warm-up picks it on CUDA, 64 on a CPU).",
+)
+@click.option(
+    "--decode",
+    "decodes",
+    default="cpu,device",
+    show_default=True,
+    help="embed: decode paths to compare (cpu: Pillow; device: torchvision, nvJPEG on CUDA).",
+)
+@click.option(
     "--cache/--no-cache",
     default=True,
     show_default=True,
@@ -64,6 +86,10 @@ def command(
     plot_path: Path | None,
     workdir: Path | None,
     cache: bool,
+    embed_model: str,
+    embed_samples: int | None,
+    embed_batch: int | None,
+    decodes: str,
 ) -> None:
     """Measure stages against their floors; print tables, optionally write JSON."""
     from rich.console import Console
@@ -96,6 +122,10 @@ def command(
             restore_sizes=_ints(restore_sizes) or [n],
             workdir=workdir,
             cache=cache,
+            embed_model=embed_model,
+            embed_samples=embed_samples,
+            embed_batch=embed_batch,
+            decodes=[d.strip() for d in decodes.split(",") if d.strip()],
         )
         res["seconds"] = round(time.perf_counter() - t0, 1)
         result["stages"][stage] = res
@@ -195,10 +225,13 @@ def _run(stage: str, **kw: Any) -> tuple[dict[str, Any], list[Any]]:
         from infogrowth.bench import embedbench
 
         res = embedbench.bench(
-            n=kw["stream"] or 512,
+            n=kw["embed_samples"] or kw["stream"] or 512,
             threads=kw["threads"],
             repeats=kw["repeats"],
             workdir=kw["workdir"],
+            model=kw["embed_model"],
+            batch=kw["embed_batch"],
+            decodes=kw["decodes"],
         )
         return res, embedbench.tables(res)
     if stage == "scale":

@@ -44,7 +44,15 @@ def machine() -> dict[str, Any]:
     versions = {}
     from importlib import metadata
 
-    for dist in ("numpy", "hnswlib", "torch", "transformers", "confluent-kafka", "pillow"):
+    for dist in (
+        "numpy",
+        "hnswlib",
+        "torch",
+        "torchvision",
+        "transformers",
+        "confluent-kafka",
+        "pillow",
+    ):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

@@ -1,7 +1,11 @@
-"""A tiny random CLIP with a real 224-pixel image processor, built offline for the embed bench.
+"""Random-weight CLIPs with a real 224-pixel image processor, built offline for the embed bench.
 
-The model is small on purpose: on a CPU it stands in for the GPU forward pass, so what the bench
-shows is the cost of everything around the forward pass (decode, resize, tokenise, copies).
+``tiny_clip`` is small on purpose: on a CPU it stands in for the GPU forward pass, so what the
+bench shows is the cost of everything around the forward pass (decode, resize, tokenise, copies).
+``clip_b16`` has the shape of OpenAI's ViT-B/16 image tower (12 layers, width 768, 16-pixel
+patches, 512-d projection): on a GPU its forward costs what the real model's does. Neither is
+downloaded; weights come from ``torch.manual_seed(0)``. :class:`TowerPair` joins an image
+encoder and a text encoder (the packaged MiniLM) into one dual encoder for the stage.
 """
 
 from __future__ import annotations
@@ -9,11 +13,23 @@ from __future__ import annotations
 import io
 import json
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+B16_VISION = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "image_size": 224,
+    "patch_size": 16,
+}
+"""ViT-B/16 as in OpenAI's CLIP (openai/clip-vit-base-patch16's vision_config)."""
+B16_PROJECTION = 512
 
 WORDS = [
     "a",
@@ -69,6 +85,28 @@ def byte_clip_tokenizer(max_tokens: int = 77) -> Any:
 
 
 def tiny_clip(directory: Path, image_size: int = 224, patch: int = 32) -> Path:
+    """2 layers, width 32: a forward pass that costs next to nothing."""
+    hidden = 32
+    vision = {
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": image_size,
+        "patch_size": patch,
+    }
+    return random_clip(directory, vision, projection=16)
+
+
+def clip_b16(directory: Path) -> Path:
+    """The ViT-B/16 image tower's shape at 224 px, random weights (the text tower is tiny: the
+    bench embeds text with MiniLM)."""
+    return random_clip(directory, B16_VISION, projection=B16_PROJECTION)
+
+
+def random_clip(directory: Path, vision: dict[str, Any], projection: int) -> Path:
+    """A CLIP with the given vision config, a 2-layer text tower over a byte tokenizer, and a
+    CLIP image processor at the vision config's size; saved to ``directory``."""
     import torch
     import transformers
 
@@ -85,29 +123,93 @@ def tiny_clip(directory: Path, image_size: int = 224, patch: int = 32) -> Path:
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
-    vision_config = {
-        "hidden_size": hidden,
-        "intermediate_size": 2 * hidden,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "image_size": image_size,
-        "patch_size": patch,
-    }
     config = transformers.CLIPConfig(
-        text_config=text_config, vision_config=vision_config, projection_dim=16
+        text_config=text_config, vision_config=dict(vision), projection_dim=projection
     )
     torch.manual_seed(0)
     model: Any = transformers.CLIPModel(config)
     model.eval()
+    size = int(vision["image_size"])
     cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
-    image_processor = cls(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-    )
+    image_processor = cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     processor_cls: Any = transformers.CLIPProcessor
     processor = processor_cls(image_processor=image_processor, tokenizer=tokenizer)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
+
+
+class TowerPair:
+    """A dual encoder made of an image-only and a text-only encoder (different models, so
+    there is no alignment: the spaces have their own dimensions). The image-side attributes
+    the embed stage looks for (batch size, processor stages, device decoding) are the image
+    encoder's; setting ``batch_size`` (the stage halves it on CUDA OOM) sets both."""
+
+    def __init__(self, image: Any, text: Any) -> None:
+        if image.spaces != ("image",) or text.spaces != ("text",):
+            raise ValueError("TowerPair needs an image-only and a text-only encoder")
+        self.image = image
+        self.text = text
+
+    @property
+    def spaces(self) -> tuple[str, ...]:
+        return ("image", "text")
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return {**self.image.dims, **self.text.dims}
+
+    @property
+    def fingerprint(self) -> str:
+        return f"{self.image.fingerprint}+{self.text.fingerprint}"
+
+    @property
+    def device(self) -> str:
+        return str(self.image.device)
+
+    @property
+    def dtype(self) -> str:
+        return str(self.image.dtype)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.image.batch_size)
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        self.image.batch_size = value
+        self.text.batch_size = value
+
+    @property
+    def prefetch_depth(self) -> int:
+        return int(self.image.prefetch_depth)
+
+    @property
+    def image_decode(self) -> str:
+        return str(self.image.image_decode)
+
+    @property
+    def image_input_size(self) -> int | None:
+        return self.image.image_input_size  # type: ignore[no-any-return]
+
+    @property
+    def torch_device(self) -> Any:
+        return self.image.torch_device
+
+    def encode_images(self, images: Sequence[Image.Image]) -> Any:
+        return self.image.encode_images(images)
+
+    def encode_texts(self, texts: Sequence[str]) -> Any:
+        return self.text.encode_texts(texts)
+
+    def preprocess_images(self, images: Sequence[Image.Image]) -> Any:
+        return self.image.preprocess_images(images)
+
+    def forward_images(self, batch: Any) -> Any:
+        return self.image.forward_images(batch)
+
+    def pixel_batch(self, images: Sequence[Any]) -> Any:
+        return self.image.pixel_batch(images)
 
 
 def jpeg(w: int, h: int, seed: int, quality: int = 90) -> bytes:
