@@ -519,9 +519,9 @@ class TransformersEncoder:
         return {k: v.pin_memory() if v.device.type == "cpu" else v for k, v in batch.items()}
 
     def _upload(self, image: torch.Tensor) -> torch.Tensor:
-        if image.device == self._device or self._device.type != "cuda":
-            return image.to(self._device)
-        return image.pin_memory().to(self._device, non_blocking=True)
+        if image.device.type == "cpu" and self._device.type == "cuda":
+            return image.pin_memory().to(self._device, non_blocking=True)
+        return image.to(self._device)
 
     # ---- batch size -----------------------------------------------------------------------------
 

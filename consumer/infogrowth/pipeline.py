@@ -166,7 +166,9 @@ class EmbedStage:
 
         Items are embedded in consecutive parts that each stay within ``limits``'
         ``max_batch_pixels`` (decoded, at the model's scale) and ``max_batch_bytes``, so the
-        decoded images of a whole Kafka batch are never held at once.
+        decoded images of a whole Kafka batch are never held at once. When the encoder decodes
+        on its device, decoded images exist only for the batches in its prefetch queue, so
+        only the bytes bound applies.
         """
         out: list[Embedded | Outcome] = []
         for part in self._parts(items):
@@ -177,8 +179,10 @@ class EmbedStage:
         lim = self.settings.limits
         parts: list[Sequence[Sample | Malformed]] = []
         start, pixels, size = 0, 0, 0
+        held = not self._decodes_on_device()
         for i, it in enumerate(items):
             p, b = self._cost(it)
+            p = p if held else 0
             if i > start and (pixels + p > lim.max_batch_pixels or size + b > lim.max_batch_bytes):
                 parts.append(items[start:i])
                 start, pixels, size = i, 0, 0

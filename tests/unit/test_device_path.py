@@ -323,3 +323,26 @@ def test_warm_up_picks_a_batch_size_within_the_cap(clip_dir: Path) -> None:
         **{"encoder.device": "cuda", "encoder.batch_size": 4, "encoder.max_batch_size": 64},
     )
     assert 4 <= enc.batch_size <= 64
+
+
+def test_device_path_is_not_split_by_the_decoded_pixel_budget(
+    clip_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decoded images exist only for the batches in the prefetch queue: a call is not cut into
+    parts by ``limits.max_batch_pixels`` (which bounds the CPU path's held images), only by
+    ``limits.max_batch_bytes``."""
+    enc = _encoder(clip_dir, "device", **{"encoder.batch_size": 3})
+    real = enc.forward_images
+    sizes: list[int] = []
+    monkeypatch.setattr(
+        enc, "forward_images", lambda b: sizes.append(int(b["pixel_values"].shape[0])) or real(b)
+    )
+    items = [Sample(id=f"q{i}", text="t", image=make_jpeg(60, 40, seed=i)) for i in range(7)]
+    tight = {"limits.max_batch_pixels": 2 * 60 * 40}
+    got = _run(_settings(clip_dir, "device", **tight), enc, items)
+    assert sizes == [3, 3, 1] and all(isinstance(r, Embedded) for r in got)
+    sizes.clear()
+    costs = [len(it.image or b"") + len(it.text or "") for it in items]
+    assert 2 * max(costs) < 3 * min(costs)  # so a budget of two items never fits three
+    _run(_settings(clip_dir, "device", **{"limits.max_batch_bytes": 2 * max(costs)}), enc, items)
+    assert sizes == [2, 2, 2, 1]
