@@ -19,7 +19,7 @@ from urllib.parse import unquote_to_bytes
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageError", "decode_image", "load_image_field"]
+__all__ = ["ImageError", "decode_image", "load_image_field", "read_regular_file"]
 
 # A value this long cannot be a file path on any common filesystem; skip the stat() for it.
 _MAX_PATH_CHARS = 4096
@@ -250,6 +250,13 @@ def _read_file(path: Path, max_bytes: int | None, *, confined: bool = False) -> 
     if not raw:
         raise ImageError(f"image file {path} is empty")
     return raw
+
+
+def read_regular_file(path: Path, max_bytes: int) -> bytes:
+    """The bytes of ``path`` (already resolved and checked against its allowed root by the
+    caller) if it is still a regular file of at most ``max_bytes``: no final symlink is
+    followed and a FIFO or device never blocks the read."""
+    return _read_file(path, max_bytes, confined=True)
 
 
 def _check_size(n: int, max_bytes: int | None) -> None:

@@ -66,6 +66,7 @@ def embedded_from_record(rec: dict[str, Any], dims: dict[str, int] | None) -> Em
         fix=rec.get("fix"),
         cell=rec.get("cell", 0),
         source=rec.get("source"),
+        image_uri=rec.get("image_uri"),
     )
 
 
