@@ -115,6 +115,7 @@ def load_image_field(
     *,
     max_bytes: int | None = None,
     root: Path | None = None,
+    paths: bool = True,
 ) -> bytes:
     """Return the raw bytes an image field of a JSONL record refers to.
 
@@ -127,6 +128,7 @@ def load_image_field(
     outside ``root``, a ``~`` path, or anything but a regular file is an :class:`ImageError`, and
     the file is opened without following a final symlink, so untrusted records cannot read
     ``/proc/self/environ``, ``../../etc/passwd``, a FIFO or a device. Input readers always pass it.
+    ``paths=False`` (records from a remote input) never reads a file: data URI or base64 only.
     """
     if not isinstance(value, str):
         raise ImageError(f"image field must be a string, not {type(value).__name__}")
@@ -135,11 +137,11 @@ def load_image_field(
         raise ImageError("image field is empty")
     if text[:5].lower() == "data:":
         return _from_data_uri(text, max_bytes)
-    if root is not None:
+    if paths and root is not None:
         path = _confined_file(text, base_dir if base_dir is not None else root, root)
         if path is not None:
             return _read_file(path, max_bytes, confined=True)
-    else:
+    elif paths:
         path = _existing_file(text, base_dir)
         if path is not None:
             return _read_file(path, max_bytes)

@@ -13,7 +13,7 @@ from infogrowth.calibrate import Calibration
 from infogrowth.cells import Cells, kmeans
 from infogrowth.config import Settings
 from infogrowth.curate import build_models
-from infogrowth.files import read_inputs
+from infogrowth.files import settings_inputs
 from infogrowth.kafka.clients import instance_id, producer_config
 from infogrowth.kafka.control import CALIBRATION_KEY, read_calibration
 from infogrowth.kafka.select import changelog_record, replica_partitions
@@ -52,7 +52,7 @@ def seed(settings: Settings, path: Path, *, reset: bool = False) -> SeedResult:
                 "changes thresholds under running stages. Stop the stages and pass --reset to "
                 "replace it."
             )
-    items = list(read_inputs([path], settings.limits))
+    items = list(settings_inputs(settings, [path]))
     probe = next((i for i in items if isinstance(i, Sample)), None)
     encoder, captioner = build_models(settings, probe)
     cur = Curator(settings, encoder, captioner)
