@@ -5,12 +5,15 @@ Parquet file, fetched by the embed stage from a local HTTP server, with
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import msgpack
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from infogrowth.kafka.admin import admin_config, ensure_topics, topic_specs
 from infogrowth.kafka.tools import produce, read_topic
@@ -25,8 +28,16 @@ RECORD_LIMIT = 4096
 N = 24
 
 
+def noisy_jpeg(seed: int, w: int = 640, h: int = 480) -> bytes:
+    """A JPEG of random pixels: hundreds of KB, far above any record limit here."""
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
 def test_image_uri_end_to_end_in_reference_mode(kafka_bootstrap: str, tmp_path: Path) -> None:
-    images = {f"/img/{i}.jpg": make_jpeg(640, 480, seed=i, quality=98) for i in range(N)}
+    images = {f"/img/{i}.jpg": noisy_jpeg(i) for i in range(N)}
     assert min(len(b) for b in images.values()) > 16 * RECORD_LIMIT
     clip = tiny_clip(tmp_path / "clip")
     with http_files({**images, "/private/secret.jpg": make_jpeg(64, 64)}) as srv:
