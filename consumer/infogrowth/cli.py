@@ -288,14 +288,14 @@ def run(role: str, config: Path | None, exit_when_idle: float | None) -> None:
 
 
 @main.command()
-@click.option("--input", "input_", required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--input", "input_", required=True, type=LocationParam(), help=INPUT_HELP)
 @click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option(
     "--reset",
     is_flag=True,
     help="Replace a calibration already on the control topic (stop the stages first).",
 )
-def seed(input_: Path, config: Path | None, reset: bool) -> None:
+def seed(input_: Any, config: Path | None, reset: bool) -> None:
     """Calibrate on known-clean samples, publish the calibration and seed the changelog.
 
     Refuses when a calibration is already published, unless --reset."""

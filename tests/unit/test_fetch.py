@@ -234,3 +234,84 @@ def _arr(values: list[float]) -> Any:
     import numpy as np
 
     return np.asarray(values, dtype=np.float32)
+
+
+class RecordingImageEncoder:
+    """An image-only encoder that notes when each batch reaches it (batch size 2)."""
+
+    spaces = ("image",)
+    dims = {"image": 4}  # noqa: RUF012
+    fingerprint = "recording"
+    batch_size = 2
+
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+
+    def encode_images(self, images: Any) -> Any:
+        import time
+
+        import numpy as np
+
+        self.calls.append(time.monotonic())
+        return np.ones((len(images), 4), dtype=np.float32)
+
+    def encode_texts(self, texts: Any) -> Any:  # pragma: no cover - no text tower
+        raise AssertionError("no text tower")
+
+
+def test_fetches_run_concurrently() -> None:
+    """Four HEAD requests must be in flight together, or the server's barrier breaks."""
+    import threading
+
+    with http_files({f"/img/{i}.jpg": make_jpeg(20, 20, seed=i) for i in range(4)}) as srv:
+        srv.barrier = threading.Barrier(4, timeout=10)
+        settings = make_settings(
+            **{"limits.image_uri_allow": [srv.url], "limits.image_fetch_concurrency": 4}
+        )
+        stage = EmbedStage(settings, RecordingImageEncoder())
+        out = stage.process(
+            [Sample(id=f"r{i}", image_uri=f"{srv.url}/img/{i}.jpg") for i in range(4)]
+        )
+        stage.close()
+    assert all(isinstance(r, Embedded) for r in out), out
+
+
+def test_fetching_overlaps_the_forward_pass() -> None:
+    """The model embeds the first window while later images are still downloading."""
+    images = {f"/img/{i}.jpg": make_jpeg(20, 20, seed=i) for i in range(6)}
+    with http_files(images) as srv:
+        for i in (4, 5):
+            srv.slow[f"/img/{i}.jpg"] = 1.5
+        settings = make_settings(**{"limits.image_uri_allow": [srv.url]})
+        encoder = RecordingImageEncoder()
+        stage = EmbedStage(settings, encoder)
+        out = stage.process(
+            [Sample(id=f"r{i}", image_uri=f"{srv.url}/img/{i}.jpg") for i in range(6)]
+        )
+        stage.close()
+        slow_done = min(srv.answered["/img/4.jpg"], srv.answered["/img/5.jpg"])
+    assert all(isinstance(r, Embedded) for r in out), out
+    assert len(encoder.calls) == 3
+    assert encoder.calls[0] < slow_done
+
+
+def test_outputs_include_image_takes_reference_and_rejects_other_text() -> None:
+    from infogrowth.records import Outcome, output_record
+    from infogrowth.select import Thresholds
+
+    assert make_settings(outputs_include_image="reference").outputs_include_image == "reference"
+    assert make_settings(outputs_include_image="false").outputs_include_image is False
+    with pytest.raises(ConfigError, match="outputs_include_image"):
+        make_settings(outputs_include_image="bytes")
+    o = Outcome(id="a", decision="accepted", reason=None, image=b"img", image_uri="s3://b/a")
+    t = Thresholds(policy="all", k=4, epsilon={})
+    carried = {
+        mode: (rec["image"], rec["image_uri"])
+        for mode in (True, "reference", False)
+        for rec in [output_record(o, t, include_image=mode)]
+    }
+    assert carried == {
+        True: (b"img", "s3://b/a"),
+        "reference": (None, "s3://b/a"),
+        False: (None, None),
+    }
