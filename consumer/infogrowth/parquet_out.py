@@ -25,10 +25,14 @@ JSON_TEXT = ("meta", "source")
 
 
 def _resolve(node: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
+    """``node``, or the definition its ``$ref`` names (relative, or made absolute with the
+    schema's ``$id``, as fastjsonschema rewrites them in the shared schema object)."""
     ref = node.get("$ref")
-    if isinstance(ref, str) and ref.startswith("#/definitions/"):
-        resolved: dict[str, Any] = root["definitions"][ref.rsplit("/", 1)[1]]
-        return resolved
+    if isinstance(ref, str):
+        fragment = ref.partition("#")[2]
+        if fragment.startswith("/definitions/"):
+            resolved: dict[str, Any] = root["definitions"][fragment.rsplit("/", 1)[1]]
+            return resolved
     return node
 
 
@@ -111,6 +115,19 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def _culprit(rows: list[dict[str, Any]]) -> str:
+    """The first record and column that do not fit the schema (for the error message)."""
+    import pyarrow as pa
+
+    for field in output_schema():
+        for row in rows:
+            try:
+                pa.array([row[field.name]], type=field.type)
+            except (pa.ArrowTypeError, pa.ArrowInvalid):
+                return f"record {row.get('id')!r}, column {field.name} = {row[field.name]!r:.200}"
+    return "no single value"  # pragma: no cover - the batch failed as a whole
+
+
 class ParquetWriter:
     """``accepted.parquet``, ``relabeled.parquet``, ``rejected.parquet`` (each written even
     when empty), into temp files renamed into place on a clean close."""
@@ -149,7 +166,11 @@ class ParquetWriter:
         writer = self._writer(name)
         if not rows:  # no empty row group: readers size their batches by row groups
             return
-        writer.write_table(pa.Table.from_pylist(rows, schema=output_schema()))
+        try:
+            table = pa.Table.from_pylist(rows, schema=output_schema())
+        except (pa.ArrowTypeError, pa.ArrowInvalid) as exc:
+            raise ValueError(f"{name} table: {_culprit(rows)}: {exc}") from None
+        writer.write_table(table)
         rows.clear()
 
     def close(self, commit: bool = True) -> None:

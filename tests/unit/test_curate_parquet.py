@@ -107,5 +107,29 @@ def test_img2dataset_parquet_with_bytes_http_and_s3_images(tmp_path: Path, clip_
 
 
 def test_parquet_columns_cover_the_output_schema() -> None:
-    """A new field in output-record.v1.json gets its column (the schema is derived)."""
-    assert output_schema().names == list(load_schema("output")["properties"])
+    """A new field in output-record.v1.json gets its column (the schema is derived), with the
+    same types after the validator has rewritten the shared schema's ``$ref``s."""
+    import pyarrow as pa
+
+    from infogrowth.schema import validate
+
+    output_schema.cache_clear()
+    validate(
+        "output",
+        {
+            "v": 1,
+            "id": "a",
+            "decision": "accepted",
+            "reason": None,
+            "gain": 0.1,
+            "thresholds": {"policy": "all", "k": 4},
+        },
+    )
+    output_schema.cache_clear()
+    schema = output_schema()
+    assert schema.names == list(load_schema("output")["properties"])
+    per_space = pa.struct([pa.field("image", pa.float64()), pa.field("text", pa.float64())])
+    assert schema.field("gain_by_space").type == per_space
+    assert schema.field("thresholds").type.field("epsilon").type == per_space
+    assert schema.field("vote").type.value_type.field("value").type == pa.float64()
+    assert schema.field("image").type == pa.binary()
