@@ -202,3 +202,32 @@ def test_remote_jsonl_never_reads_a_local_path(tmp_path: Path) -> None:
     with http_files({"/x.jsonl": line}) as srv:
         (item,) = read([f"{srv.url}/x.jsonl"])
     assert isinstance(item, Malformed) and "image" in item.detail
+
+
+def test_curate_column_flags(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from infogrowth.cli import main
+
+    path = tmp_path / "t.parquet"
+    vecs = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
+    pq.write_table(pa.table({"uid": ["a", "b", "c"], "body": ["x", "y", "z"], "vec": vecs}), path)
+
+    def run(*flags: str) -> Any:
+        args = ["curate", "--input", str(path), "--out", str(tmp_path / "out"), "--no-progress"]
+        return CliRunner().invoke(main, [*args, *flags])
+
+    res = run("--id-col", "uid", "--text-col", "body", "--embedding-col", "text=vec")
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(x) for x in (tmp_path / "out" / "accepted.jsonl").read_text().splitlines()]
+    rejected = (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()
+    assert sorted(r["id"] for r in rows) == ["a", "b"]
+    assert json.loads(rejected[0])["id"] == "c" and json.loads(rejected[0])["reason"] == "duplicate"
+    assert rows[0]["text"] in ("x", "y")
+
+    res = run("--text-col", "caption")
+    assert res.exit_code != 0 and "inputs.columns.text (--text-col)" in res.output
+    res = run("--embedding-col", "vec")
+    assert res.exit_code == 2 and "SPACE=COLUMN" in res.output
+    res = run("--embedding-col", "audio=vec")
+    assert res.exit_code == 2 and "unknown space" in res.output
