@@ -111,6 +111,12 @@ class LimitsConfig(_Section):
     once; a larger batch is embedded in parts (memory, not decisions, changes)."""
     max_batch_bytes: int = Field(256 * 1024 * 1024, gt=0)
     """Image and text bytes the embed stage embeds at once; a larger batch goes in parts."""
+    memory_budget_bytes: int = Field(0, ge=0)
+    """Resident memory above which the process reports not ready (0: derive it from
+    ``memory_budget_fraction``)."""
+    memory_budget_fraction: float = Field(0.9, ge=0.0, le=1.0)
+    """Without ``memory_budget_bytes``: this share of the container's cgroup memory limit
+    (no limit, or 0 here: no budget)."""
 
 
 class EncoderConfig(_Section):
