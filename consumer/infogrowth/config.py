@@ -120,6 +120,12 @@ class LimitsConfig(_Section):
     once; a larger batch is embedded in parts (memory, not decisions, changes)."""
     max_batch_bytes: int = Field(256 * 1024 * 1024, gt=0)
     """Image and text bytes the embed stage embeds at once; a larger batch goes in parts."""
+    memory_budget_bytes: int = Field(0, ge=0)
+    """Resident memory above which the process reports not ready (0: derive it from
+    ``memory_budget_fraction``)."""
+    memory_budget_fraction: float = Field(0.9, ge=0.0, le=1.0)
+    """Without ``memory_budget_bytes``: this share of the container's cgroup memory limit
+    (no limit, or 0 here: no budget)."""
     image_uri_allow: list[str] = Field(default_factory=list)
     """Where ``image_uri`` may be fetched from: schemes (``https://``, ``s3://``) or prefixes
     (``https://img.example.com/cdn/``, ``s3://bucket/images/``, ``file:///data/images/``).
