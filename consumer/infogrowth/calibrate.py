@@ -460,7 +460,7 @@ def _epsilon_from_copies(copies: Sequence[float], nn: Sequence[float], pct: floa
             lo,
             lo,
         )
-        return math.floor(lo * 10**ROUND) / 10**ROUND  # rounding up would catch that original
+        return float(math.floor(lo * 10.0**ROUND) / 10.0**ROUND)  # rounding up could catch it
     return round(float(np.sqrt(max(hi, 1e-12) * lo)), ROUND)
 
 
