@@ -7,6 +7,7 @@ leave-one-out gain and nearest-neighbour distance.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -459,7 +460,7 @@ def _epsilon_from_copies(copies: Sequence[float], nn: Sequence[float], pct: floa
             lo,
             lo,
         )
-        return round(lo, ROUND)
+        return float(math.floor(lo * 10.0**ROUND) / 10.0**ROUND)  # rounding up could catch it
     return round(float(np.sqrt(max(hi, 1e-12) * lo)), ROUND)
 
 

@@ -88,47 +88,133 @@ def main() -> None:
     """InfoGrowth: online cleaning and selection of training data."""
 
 
+class LocationParam(click.ParamType):  # type: ignore[type-arg]
+    """A URL (``s3://``, ``https://``...) as text, else a local path that must exist."""
+
+    name = "path|url"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from infogrowth.locations import as_location
+
+        loc = as_location(str(value))
+        if isinstance(loc, Path) and self.must_exist and not loc.exists():
+            self.fail(f"{loc} does not exist", param, ctx)
+        return loc
+
+    def __init__(self, must_exist: bool = True) -> None:
+        self.must_exist = must_exist
+
+
+def column_options(fn: Any) -> Any:
+    """``--id-col`` ... ``--embedding-col``: override ``inputs.columns`` for this run."""
+    options = [
+        click.option("--id-col", default=None, help="Table column holding the sample id."),
+        click.option("--text-col", default=None, help="Column holding the text / caption."),
+        click.option(
+            "--image-col", default=None, help="Column holding image bytes, a URI or a path."
+        ),
+        click.option("--image-uri-col", default=None, help="Column holding image URIs."),
+        click.option("--label-col", default=None, help="Column holding the class label."),
+        click.option(
+            "--embedding-col",
+            "embedding_cols",
+            multiple=True,
+            metavar="SPACE=COLUMN",
+            help="Precomputed vectors, e.g. image=img_emb (repeatable).",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _with_columns(settings: Settings, cols: dict[str, Any]) -> Settings:
+    """``settings`` with the column flags applied (they override the config)."""
+    from infogrowth.config import ColumnsConfig, InputsConfig
+
+    current = settings.inputs.columns.model_dump()
+    for role in ("id", "text", "image", "image_uri", "label"):
+        if cols.get(f"{role}_col") is not None:
+            current[role] = cols[f"{role}_col"]
+    for spec in cols.get("embedding_cols") or ():
+        space, eq, column = str(spec).partition("=")
+        if not eq or not space or not column:
+            raise click.BadParameter(
+                f"{spec!r}: expected SPACE=COLUMN", param_hint="--embedding-col"
+            )
+        current["embedding"] = {**current["embedding"], space: column}
+    try:
+        columns = ColumnsConfig(**current)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--embedding-col") from None
+    inputs = settings.inputs.model_copy(update={"columns": columns})
+    assert isinstance(inputs, InputsConfig)
+    return settings.model_copy(update={"inputs": inputs})
+
+
+INPUT_HELP = (
+    "JSONL, WebDataset tar shard, Parquet file, or a folder (Parquet files, a Hugging Face "
+    "save_to_disk dataset, clip-retrieval embeddings); a local path or a URL (repeatable)."
+)
+
+
 @main.command()
 @click.option(
-    "--input",
-    "inputs",
-    multiple=True,
-    required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="JSONL file or WebDataset tar shard (repeatable).",
+    "--input", "inputs", multiple=True, required=True, type=LocationParam(), help=INPUT_HELP
 )
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    required=True,
+    type=LocationParam(must_exist=False),
+    help="Output folder, local or a URL (s3://bucket/run/).",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["jsonl", "parquet"]),
+    default="jsonl",
+    show_default=True,
+    help="accepted / relabeled / rejected as JSONL files or Parquet tables.",
+)
 @click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option(
     "--seed",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=LocationParam(),
     help="Known-clean samples: bootstrap the index and calibrate thresholds.",
 )
-@click.option("--include-images", is_flag=True, help="Copy image bytes into the outputs.")
+@click.option(
+    "--include-images",
+    is_flag=True,
+    help="Copy image bytes into the outputs (default: only the input's image_uri).",
+)
 @click.option(
     "--image-root",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     default=None,
-    help="Image paths in JSONL lines must stay under this folder (default: each file's folder).",
+    help="Image paths in JSONL lines and tables must stay under this folder (default: each "
+    "file's folder).",
 )
+@column_options
 @click.option("--no-progress", is_flag=True)
 def curate(
-    inputs: tuple[Path, ...],
-    out: Path,
+    inputs: tuple[Any, ...],
+    out: Any,
+    fmt: str,
     config: Path | None,
-    seed: Path | None,
+    seed: Any,
     include_images: bool,
     image_root: Path | None,
     no_progress: bool,
+    **cols: Any,
 ) -> None:
-    """Curate files into accepted / relabeled / rejected JSONL plus report.json."""
+    """Curate files into accepted / relabeled / rejected (JSONL or Parquet) plus report.json."""
     from infogrowth.curate import curate as run_curate
     from infogrowth.files import count_inputs
 
-    settings = _settings(config)
+    settings = _with_columns(_settings(config), cols)
     _setup_logging(settings)
     paths = list(inputs)
-    total = count_inputs(paths)
+    total = count_inputs(paths, settings.storage)
     progress = Progress(
         TextColumn("curating"),
         BarColumn(),
@@ -145,11 +231,12 @@ def curate(
                 paths,
                 out,
                 seed=seed,
-                include_images=include_images,
+                include_images=True if include_images else "reference",
                 progress=lambda n: progress.advance(task, n),
                 image_root=image_root,
+                fmt="parquet" if fmt == "parquet" else "jsonl",
             )
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
         raise _failure(exc, settings) from None
     rep: dict[str, Any] = result.report
     console.print(_summary(f"infogrowth curate → {out}", rep["reasons"], result.inputs))
@@ -201,14 +288,14 @@ def run(role: str, config: Path | None, exit_when_idle: float | None) -> None:
 
 
 @main.command()
-@click.option("--input", "input_", required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--input", "input_", required=True, type=LocationParam(), help=INPUT_HELP)
 @click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option(
     "--reset",
     is_flag=True,
     help="Replace a calibration already on the control topic (stop the stages first).",
 )
-def seed(input_: Path, config: Path | None, reset: bool) -> None:
+def seed(input_: Any, config: Path | None, reset: bool) -> None:
     """Calibrate on known-clean samples, publish the calibration and seed the changelog.
 
     Refuses when a calibration is already published, unless --reset."""
@@ -257,7 +344,7 @@ def topics_create(config: Path | None, check_only: bool) -> None:
 
 @main.command()
 @click.option(
-    "--input", "inputs", multiple=True, required=True, type=click.Path(exists=True, path_type=Path)
+    "--input", "inputs", multiple=True, required=True, type=LocationParam(), help=INPUT_HELP
 )
 @click.option("--topic", default=None, help="Default: the configured ingest topic.")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -265,28 +352,37 @@ def topics_create(config: Path | None, check_only: bool) -> None:
     "--image-root",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     default=None,
-    help="Image paths in JSONL lines must stay under this folder (default: each file's folder).",
+    help="Image paths in JSONL lines and tables must stay under this folder (default: each "
+    "file's folder).",
 )
+@column_options
 def produce(
-    inputs: tuple[Path, ...], topic: str | None, config: Path | None, image_root: Path | None
+    inputs: tuple[Any, ...],
+    topic: str | None,
+    config: Path | None,
+    image_root: Path | None,
+    **cols: Any,
 ) -> None:
-    """Load JSONL / WebDataset shards into the ingest topic."""
+    """Load JSONL, WebDataset shards, Parquet or table folders into the ingest topic."""
     from infogrowth.files import count_inputs
     from infogrowth.kafka.tools import produce as run_produce
 
-    settings = _settings(config)
+    settings = _with_columns(_settings(config), cols)
     _setup_logging(settings)
     with Progress(
         TextColumn("producing"), BarColumn(), MofNCompleteColumn(), console=console
     ) as progress:
-        task = progress.add_task("produce", total=count_inputs(list(inputs)))
-        n = run_produce(
-            settings,
-            list(inputs),
-            topic,
-            lambda k: progress.advance(task, k),
-            image_root=image_root,
-        )
+        task = progress.add_task("produce", total=count_inputs(list(inputs), settings.storage))
+        try:
+            n = run_produce(
+                settings,
+                list(inputs),
+                topic,
+                lambda k: progress.advance(task, k),
+                image_root=image_root,
+            )
+        except (ValueError, OSError) as exc:
+            raise _failure(exc, settings) from None
     console.print(f"produced {n} messages to {topic or settings.kafka.topics.ingest}")
 
 

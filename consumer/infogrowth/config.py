@@ -13,12 +13,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "INFOGROWTH_"
 NON_SETTINGS_ENV = frozenset({"INFOGROWTH_CACHE_DIR", "INFOGROWTH_CHAOS_SAMPLES"})
 """Variables with the prefix that are read elsewhere (tool caches), not settings."""
+
+
+ImageMode = bool | Literal["reference"]
+"""What output records carry of an image: bytes (True), only its ``image_uri``, or nothing."""
 
 
 class ConfigError(ValueError):
@@ -62,7 +66,10 @@ def secret_values(settings: Settings) -> list[str]:
     """The secret strings of ``settings`` (and their ``name=value`` parts), longest first, for
     :func:`scrub` and the log filter."""
     out: set[str] = set()
-    for key, value in settings.kafka.client.items():
+    pairs = list(settings.kafka.client.items())
+    for opts in settings.storage.options.values():
+        pairs += list(opts.items())
+    for key, value in pairs:
         if not is_secret_key(key) or isinstance(value, bool):
             continue
         text = str(value)
@@ -85,6 +92,8 @@ def redacted_settings(settings: Settings) -> dict[str, Any]:
     """The settings as JSON-ready data, librdkafka secrets masked (report.json, startup log)."""
     cfg = settings.model_dump(mode="json")
     cfg["kafka"]["client"] = redact_client(cfg["kafka"]["client"])
+    opts = cfg["storage"]["options"]
+    cfg["storage"]["options"] = {proto: redact_client(o) for proto, o in opts.items()}
     return cfg
 
 
@@ -111,6 +120,83 @@ class LimitsConfig(_Section):
     once; a larger batch is embedded in parts (memory, not decisions, changes)."""
     max_batch_bytes: int = Field(256 * 1024 * 1024, gt=0)
     """Image and text bytes the embed stage embeds at once; a larger batch goes in parts."""
+    memory_budget_bytes: int = Field(0, ge=0)
+    """Resident memory above which the process reports not ready (0: derive it from
+    ``memory_budget_fraction``)."""
+    memory_budget_fraction: float = Field(0.9, ge=0.0, le=1.0)
+    """Without ``memory_budget_bytes``: this share of the container's cgroup memory limit
+    (no limit, or 0 here: no budget)."""
+    image_uri_allow: list[str] = Field(default_factory=list)
+    """Where ``image_uri`` may be fetched from: schemes (``https://``, ``s3://``) or prefixes
+    (``https://img.example.com/cdn/``, ``s3://bucket/images/``, ``file:///data/images/``).
+    Empty: nothing is fetched, and a sample that needs its referenced image is malformed."""
+    image_fetch_timeout_s: float = Field(10.0, gt=0)
+    """Seconds one ``image_uri`` fetch may take (connect and read); slower is malformed."""
+    image_fetch_concurrency: int = Field(16, gt=0, le=1024)
+    """Fetches in flight at once; they overlap the model's forward pass on earlier images."""
+
+    @field_validator("image_uri_allow")
+    @classmethod
+    def _allow_entries(cls, value: list[str]) -> list[str]:
+        from infogrowth.fetch import parse_allow_entry
+
+        for entry in value:
+            parse_allow_entry(entry)  # ValueError names the entry; pydantic adds the key
+        return value
+
+
+SPACE_NAMES = ("image", "text")
+
+
+class ColumnsConfig(_Section):
+    """Which columns of a Parquet / Arrow table hold what (``--id-col`` ... override them).
+
+    Unset: the first present of the usual names (img2dataset writes ``key``, ``caption``,
+    ``url`` and ``jpg``; Hugging Face datasets ``image`` as ``{bytes, path}``). A column named
+    here must exist in every table read, or the run fails naming this key.
+    """
+
+    id: str | None = None
+    """Default: ``id``, ``key`` or ``image_path`` (clip-retrieval metadata)."""
+    text: str | None = None
+    """Default: ``text`` or ``caption``."""
+    image: str | None = None
+    """Image bytes, a ``{bytes, path}`` struct, or text: a URI (read as ``image_uri``) or a
+    path confined like JSONL image paths. Default: ``image``, ``jpg``, ``png`` or ``webp``."""
+    image_uri: str | None = None
+    """Default: ``image_uri`` or ``url``."""
+    label: str | None = None
+    """Default: ``label``; a Hugging Face ``ClassLabel`` is read as its class name."""
+    embedding: dict[str, str] = Field(default_factory=dict)
+    """Precomputed vectors per space, e.g. ``{image: img_emb}`` (list-of-float columns)."""
+
+    @field_validator("embedding")
+    @classmethod
+    def _spaces(cls, value: dict[str, str]) -> dict[str, str]:
+        bad = sorted(set(value) - set(SPACE_NAMES))
+        if bad:
+            raise ValueError(f"unknown space {bad[0]!r}: spaces are {list(SPACE_NAMES)}")
+        return value
+
+
+class InputsConfig(_Section):
+    """How ``curate``, ``produce`` and ``seed`` read tables."""
+
+    columns: ColumnsConfig = ColumnsConfig()
+
+
+class StorageConfig(_Section):
+    """fsspec options per protocol for remote inputs, outputs and image references, e.g.
+    ``{s3: {endpoint_url: http://minio:9000}}``; values whose name looks secret (``key``,
+    ``secret``, ``token``...) are masked wherever settings are printed."""
+
+    options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            if name == "options":
+                value = {proto: redact_client(opts) for proto, opts in value.items()}
+            yield name, value
 
 
 class EncoderConfig(_Section):
@@ -319,8 +405,12 @@ class Settings(BaseSettings):
     snapshot: SnapshotConfig = SnapshotConfig()
     kafka: KafkaConfig = KafkaConfig()
     serve: ServeConfig = ServeConfig()
-    outputs_include_image: bool = True
-    """Copy image bytes into accepted / relabeled / rejected records on Kafka."""
+    inputs: InputsConfig = InputsConfig()
+    storage: StorageConfig = StorageConfig()
+    outputs_include_image: ImageMode = True
+    """Image in accepted / relabeled / rejected records on Kafka: ``true`` the bytes (and the
+    ``image_uri``), ``reference`` only the ``image_uri`` (records stay small whatever the image
+    size), ``false`` neither."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = False
 

@@ -1,4 +1,5 @@
-"""The file runner behind ``infogrowth curate``: inputs → Curator → three JSONL outputs + report."""
+"""The file runner behind ``infogrowth curate``: inputs → Curator → three outputs (JSONL or
+Parquet, local or remote) + report."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from infogrowth.config import EncoderConfig, Settings, redacted_settings
-from infogrowth.files import OutputWriter, read_inputs, write_json_atomic
+from infogrowth.config import EncoderConfig, ImageMode, Settings, redacted_settings
+from infogrowth.files import OutputFormat, open_outputs, settings_inputs, write_json_atomic
+from infogrowth.locations import Location, OutputDir
 from infogrowth.pipeline import CaptionerLike, Curator, EncoderLike
 from infogrowth.records import output_record
 from infogrowth.schema import Malformed, Sample
@@ -101,22 +103,48 @@ def _batches(items: Iterator[Sample | Malformed], size: int) -> Iterator[list[Sa
 
 def curate(
     settings: Settings,
-    inputs: list[Path],
-    out_dir: Path,
+    inputs: list[Location],
+    out_dir: Location,
     *,
-    seed: Path | None = None,
-    include_images: bool = False,
+    seed: Location | None = None,
+    include_images: ImageMode = "reference",
     progress: Callable[[int], None] | None = None,
     models: tuple[EncoderLike | None, CaptionerLike | None] | None = None,
     image_root: Path | None = None,
+    fmt: OutputFormat = "jsonl",
 ) -> CurateResult:
-    """Curate ``inputs`` into ``out_dir``; returns counts and the report also written there.
+    """Curate ``inputs`` into ``out_dir`` (a folder or a URL); returns counts and the report
+    also written there.
 
-    ``image_root`` confines image paths in JSONL lines (default: each file's own folder)."""
+    ``image_root`` confines image paths in JSONL lines and tables (default: each file's own
+    folder); ``include_images``: image bytes (``True``), only ``image_uri`` or nothing."""
+    target = OutputDir(out_dir, settings.storage)
+    try:
+        result = _curate(
+            settings, inputs, target.local, seed, include_images, progress, models, image_root, fmt
+        )
+        result.report["out"] = str(out_dir)
+        write_json_atomic(target.local / "report.json", result.report)
+        target.publish()
+    finally:
+        target.close()
+    return result
+
+
+def _curate(
+    settings: Settings,
+    inputs: list[Location],
+    out_dir: Path,
+    seed: Location | None,
+    include_images: ImageMode,
+    progress: Callable[[int], None] | None,
+    models: tuple[EncoderLike | None, CaptionerLike | None] | None,
+    image_root: Path | None,
+    fmt: OutputFormat,
+) -> CurateResult:
     start = time.time()
-    limits = settings.limits
-    seed_items = list(read_inputs([seed], limits, image_root)) if seed else []
-    probe = _first_valid(seed_items) or _first_valid(read_inputs(inputs, limits, image_root))
+    seed_items = list(settings_inputs(settings, [seed], image_root)) if seed else []
+    probe = _first_valid(seed_items) or _first_valid(settings_inputs(settings, inputs, image_root))
     encoder, captioner = models if models is not None else build_models(settings, probe)
     cur = Curator(settings, encoder, captioner)
     seed_info: dict[str, Any] | None = None
@@ -131,8 +159,8 @@ def curate(
         }
 
     result = CurateResult()
-    with OutputWriter(out_dir) as writer:
-        items = read_inputs(inputs, limits, image_root)
+    with open_outputs(out_dir, fmt) as writer:
+        items = settings_inputs(settings, inputs, image_root)
         for batch in _batches(items, settings.select.batch_size):
             outcomes = cur.process(batch)
             assert cur.thresholds is not None or all(o.decision == "rejected" for o in outcomes)
@@ -165,7 +193,8 @@ def curate(
         "samples_per_s": round(result.inputs / elapsed, 1) if elapsed > 0 else None,
         "stage_samples_per_s": cur.times.rates(),
         "stage_seconds": {k: round(v, 3) for k, v in cur.times.seconds.items()},
+        "format": fmt,
         "config": redacted_config(settings),
     }
-    write_json_atomic(out_dir / "report.json", result.report)
+    cur.embed.close()
     return result

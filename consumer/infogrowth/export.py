@@ -10,7 +10,14 @@ captured when the export starts, topic by topic and partition by partition) and 
   ``KEY.json`` (the record without its image), ``KEY.txt`` (text) and the image bytes as
   ``KEY.jpg`` (or ``png``, ``webp``, ``gif``, ``bmp``, ``bin`` by magic number); manifest records
   then carry ``image: null`` and ``export: {shard, key}``.
+* with ``--format parquet``, also ``accepted.parquet``, ``relabeled.parquet`` (and
+  ``rejected.parquet`` when that topic is exported): one table per decision with the output
+  schema as typed columns (:mod:`infogrowth.parquet_out`), images included; manifest records
+  then carry ``image: null`` and ``export: {table, row}``.
 * ``export.json`` (written last): format, counts, per-partition offset ranges, g_scale, shards.
+
+``--out`` may be a URL (``s3://bucket/export/``): the export is staged locally and uploaded,
+``export.json`` last.
 
 Idempotent: every run rewrites the whole export from the topics into a temporary directory and
 moves it into place (stale shards removed), so re-running never duplicates a record; on
@@ -36,7 +43,7 @@ import click
 from infogrowth.config import ConfigError, Settings, load_settings
 from infogrowth.sampling.records import EXPORT_INFO, MANIFEST, recorded_g_scale
 
-Format = Literal["jsonl", "webdataset"]
+Format = Literal["jsonl", "webdataset", "parquet"]
 EXPORT_GROUP = "infogrowth-export"
 """Group id of the export's consumer (it assigns partitions itself and never commits)."""
 SHARD_PATTERN = "shard-{:06d}.tar"
@@ -44,13 +51,14 @@ SHARD_PATTERN = "shard-{:06d}.tar"
 
 @dataclass
 class ExportResult:
-    out_dir: Path
+    out_dir: Path | str
     format: Format
     records: int = 0
     decisions: Counter[str] = field(default_factory=Counter)
     offsets: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     """topic -> partition -> [first offset, end offset) read."""
     shards: list[str] = field(default_factory=list)
+    tables: list[str] = field(default_factory=list)
     g_scale: float | None = None
 
 
@@ -86,10 +94,28 @@ class _Writer:
         self.shards: list[str] = []
         self._manifest: IO[str] = (tmp / MANIFEST).open("w", encoding="utf-8")
         self._tar: tarfile.TarFile | None = None
+        self._tables: Any = None
+        if fmt == "parquet":
+            from infogrowth.parquet_out import ParquetWriter
+
+            self._tables = ParquetWriter(tmp)
+
+    @property
+    def tables(self) -> list[str]:
+        """The Parquet tables written (``--format parquet``)."""
+        if self._tables is None:
+            return []
+        return [f"{name}.parquet" for name, n in self._tables.counts.items() if n]
 
     def write(self, rec: dict[str, Any]) -> None:
         if self.fmt == "jsonl":
             self._manifest.write(_json_line(rec))
+        elif self.fmt == "parquet":
+            name = str(rec["decision"])
+            row = self._tables.counts[name]
+            self._tables.write(rec)
+            pointer = {"table": f"{name}.parquet", "row": row}
+            self._manifest.write(_json_line({**rec, "image": None, "export": pointer}))
         else:
             self._write_sample(rec)
         self.count += 1
@@ -128,6 +154,8 @@ class _Writer:
 
     def close(self) -> None:
         self._close_tar()
+        if self._tables is not None:
+            self._tables.close()
         self._manifest.flush()
         os.fsync(self._manifest.fileno())
         self._manifest.close()
@@ -144,17 +172,18 @@ class _Writer:
         self.close()
 
 
-def _install(tmp: Path, out_dir: Path, shards: list[str], info: dict[str, Any]) -> None:
+def _install(tmp: Path, out_dir: Path, files: list[str], info: dict[str, Any]) -> None:
     """Move a finished export into ``out_dir``: drop the old marker, replace the files, remove
-    stale shards, write the new ``export.json`` last."""
+    stale shards and tables, write the new ``export.json`` last."""
     (out_dir / EXPORT_INFO).unlink(missing_ok=True)
     os.replace(tmp / MANIFEST, out_dir / MANIFEST)
-    for name in shards:
+    for name in files:
         os.replace(tmp / name, out_dir / name)
-    keep = set(shards)
-    for old in out_dir.glob("shard-*.tar"):
-        if old.name not in keep:
-            old.unlink()
+    keep = set(files)
+    for pattern in ("shard-*.tar", "*.parquet"):
+        for old in out_dir.glob(pattern):
+            if old.name not in keep:
+                old.unlink()
     marker = tmp / EXPORT_INFO
     marker.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(marker, out_dir / EXPORT_INFO)
@@ -162,7 +191,7 @@ def _install(tmp: Path, out_dir: Path, shards: list[str], info: dict[str, Any]) 
 
 def export(
     settings: Settings,
-    out_dir: Path,
+    out_dir: Path | str,
     *,
     fmt: Format = "jsonl",
     shard_size: int = 10_000,
@@ -171,11 +200,36 @@ def export(
     on_total: Callable[[int], None] | None = None,
     timeout_s: float = 60.0,
 ) -> ExportResult:
-    """Export the curated topics (default: accepted, relabeled) into ``out_dir``.
+    """Export the curated topics (default: accepted, relabeled) into ``out_dir`` (a folder or
+    a URL).
 
     ``on_total`` receives the number of offsets to read (records plus transaction markers) once
     the end offsets are known; ``progress`` then receives offsets as they are passed.
     """
+    from infogrowth.locations import OutputDir
+
+    target = OutputDir(out_dir, settings.storage)
+    try:
+        result = _export(
+            settings, target.local, fmt, shard_size, topics, progress, on_total, timeout_s
+        )
+        target.publish(last=(EXPORT_INFO,))
+    finally:
+        target.close()
+    result.out_dir = out_dir
+    return result
+
+
+def _export(
+    settings: Settings,
+    out_dir: Path,
+    fmt: Format,
+    shard_size: int,
+    topics: Sequence[str] | None,
+    progress: Callable[[int], None] | None,
+    on_total: Callable[[int], None] | None,
+    timeout_s: float,
+) -> ExportResult:
     from infogrowth.sampling.kafka import (
         decode_record,
         list_partitions,
@@ -225,6 +279,7 @@ def export(
                     progress(r.end - passed)
                 result.offsets.setdefault(r.topic, {})[str(r.partition)] = [r.start, r.end]
             writer_count, result.shards = writer.count, list(writer.shards)
+        result.tables = writer.tables
         result.records = writer_count
         result.g_scale = recorded_g_scale(recorded)
         info = {
@@ -237,8 +292,9 @@ def export(
             "g_scale": result.g_scale,
             "manifest": MANIFEST,
             "shards": result.shards,
+            "tables": result.tables,
         }
-        _install(tmp, out_dir, result.shards, info)
+        _install(tmp, out_dir, result.shards + result.tables, info)
     finally:
         consumer.close()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -246,21 +302,20 @@ def export(
 
 
 @click.command("export")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", required=True, help="Output folder, local or a URL (s3://bucket/export/).")
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["jsonl", "webdataset"]),
+    type=click.Choice(["jsonl", "webdataset", "parquet"]),
     default="jsonl",
     show_default=True,
-    help="jsonl: manifest.jsonl with every record; webdataset: also tar shards with images.",
+    help="jsonl: manifest.jsonl with every record; webdataset: also tar shards with images; "
+    "parquet: also one Parquet table per decision.",
 )
 @click.option("--shard-size", default=10_000, show_default=True, help="Samples per shard.")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--no-progress", is_flag=True)
-def command(
-    out: Path, fmt: Format, shard_size: int, config: Path | None, no_progress: bool
-) -> None:
+def command(out: str, fmt: Format, shard_size: int, config: Path | None, no_progress: bool) -> None:
     """Materialise the accepted and relabeled topics into DIR for offline training.
 
     Re-running rewrites the export (never duplicates): the files reflect the topics up to the
@@ -288,16 +343,19 @@ def command(
     with progress:
         task = progress.add_task("export", total=None)
         try:
+            from infogrowth.locations import as_location
+
             res = export(
                 settings,
-                out,
+                as_location(out),
                 fmt=fmt,
                 shard_size=shard_size,
                 progress=lambda n: progress.advance(task, n),
                 on_total=lambda n: progress.update(task, total=n),
             )
-        except (LookupError, TimeoutError, ValueError) as exc:
+        except (LookupError, TimeoutError, ValueError, OSError) as exc:
             raise click.ClickException(str(exc)) from None
     decisions = ", ".join(f"{k} {v}" for k, v in sorted(res.decisions.items())) or "none"
     shards = f", {len(res.shards)} shards" if res.shards else ""
+    shards += f", tables {', '.join(res.tables)}" if res.tables else ""
     console.print(f"exported {res.records} records ({decisions}{shards}) to {out}")

@@ -1,20 +1,26 @@
-"""File sources (JSONL, WebDataset tar shards as img2dataset writes them) and JSONL sinks."""
+"""File sources (JSONL, WebDataset tar shards as img2dataset writes them, Parquet and other
+tables via :mod:`infogrowth.tabular`), local or remote, and the JSONL sinks."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tarfile
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import msgpack
 
-from infogrowth.config import LimitsConfig
+from infogrowth.config import ColumnsConfig, LimitsConfig, Settings, StorageConfig
 from infogrowth.imaging import ImageError, load_image_field
+from infogrowth.locations import Location, base_name, exists, is_dir, open_stream
 from infogrowth.schema import Malformed, Sample, parse_json_sample, sample_from_obj, to_json_safe
+from infogrowth.tabular import count_rows, read_folder, read_parquet
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 TEXT_EXTS = (".txt", ".caption")
@@ -44,11 +50,17 @@ def read_jsonl(
     """
     loader = _image_loader(path.parent, image_root or path.parent, limits.max_image_bytes)
     with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            line = raw.rstrip(b"\r\n")
-            if not line.strip():
-                continue
-            yield parse_json_sample(line, limits, loader, {"file": path.name, "line": lineno})
+        yield from _jsonl_lines(fh, path.name, limits, loader)
+
+
+def _jsonl_lines(
+    fh: IO[bytes], name: str, limits: LimitsConfig, loader: Any
+) -> Iterator[Sample | Malformed]:
+    for lineno, raw in enumerate(fh, start=1):
+        line = raw.rstrip(b"\r\n")
+        if not line.strip():
+            continue
+        yield parse_json_sample(line, limits, loader, {"file": name, "line": lineno})
 
 
 def _split_key(name: str) -> tuple[str, str]:
@@ -59,10 +71,14 @@ def _split_key(name: str) -> tuple[str, str]:
     return name[: len(name) - len(base) + dot], base[dot:].lower()
 
 
-def read_tar(path: Path, limits: LimitsConfig) -> Iterator[Sample | Malformed]:
+def read_tar(
+    path: Path, limits: LimitsConfig, name: str | None = None
+) -> Iterator[Sample | Malformed]:
     """Samples of a WebDataset shard: members sharing a key (``key.jpg``, ``key.txt``, ``key.json``,
     ``key.cls``) form one sample whose id is the key (img2dataset writes the same key into
-    ``key.json``). A truncated or corrupt shard yields a malformed record for the key being read."""
+    ``key.json``). A truncated or corrupt shard yields a malformed record for the key being read.
+    ``name`` is the shard's name in sources (default: the file's)."""
+    shard = name or path.name
     current: str | None = None
     parts: dict[str, bytes] = {}
     errors: list[str] = []
@@ -70,7 +86,7 @@ def read_tar(path: Path, limits: LimitsConfig) -> Iterator[Sample | Malformed]:
     def flush() -> Sample | Malformed | None:
         if current is None:
             return None
-        source: dict[str, str | int] = {"file": path.name, "key": current}
+        source: dict[str, str | int] = {"file": shard, "key": current}
         obj: dict[str, Any] = {"id": current}
         meta: dict[str, Any] | None = None
         try:
@@ -123,7 +139,7 @@ def read_tar(path: Path, limits: LimitsConfig) -> Iterator[Sample | Malformed]:
     except (tarfile.TarError, OSError, EOFError) as exc:
         # The key being read may be incomplete: report it (and the rest of the shard) as bad.
         key = current if current is not None else "EOF"
-        yield Malformed(current, f"corrupt tar shard: {exc}", b"", {"file": path.name, "key": key})
+        yield Malformed(current, f"corrupt tar shard: {exc}", b"", {"file": shard, "key": key})
 
 
 def _has_end_marker(path: Path, offset: int) -> bool:
@@ -134,25 +150,113 @@ def _has_end_marker(path: Path, offset: int) -> bool:
     return len(tail) == 1024 and not tail.strip(b"\0")
 
 
+OutputFormat = Literal["jsonl", "parquet"]
+TAR_EXTS = (".tar", ".tar.gz", ".tgz")
+TABLE_EXTS = (".parquet",)
+
+
 def read_inputs(
-    paths: list[Path], limits: LimitsConfig, image_root: Path | None = None
+    paths: Sequence[Location],
+    limits: LimitsConfig,
+    image_root: Path | None = None,
+    *,
+    columns: ColumnsConfig | None = None,
+    storage: StorageConfig | None = None,
 ) -> Iterator[Sample | Malformed]:
-    """Samples of JSONL files and tar shards in order; see :func:`read_jsonl` for ``image_root``."""
-    for p in paths:
-        if not p.exists():
-            raise FileNotFoundError(f"input not found: {p}")
-        name = p.name.lower()
-        if name.endswith((".tar", ".tar.gz", ".tgz")):
-            yield from read_tar(p, limits)
+    """Samples of JSONL files, tar shards, Parquet files and table folders (Parquet files, a
+    Hugging Face ``save_to_disk`` folder, clip-retrieval embeddings), local or URLs, in order.
+
+    See :func:`read_jsonl` for ``image_root``; ``columns`` maps table columns to fields."""
+    cols = columns or ColumnsConfig()
+    for loc in paths:
+        if not exists(loc, storage):
+            raise FileNotFoundError(f"input not found: {loc}")
+        name = base_name(loc).lower()
+        local = loc if isinstance(loc, Path) else None
+        if is_dir(loc, storage):
+            loader = _table_images(local, image_root or local, limits)
+            yield from read_folder(loc, limits, cols, storage, loader)
+        elif name.endswith(TABLE_EXTS):
+            base = None if local is None else local.parent
+            loader = _table_images(base, image_root or base, limits)
+            yield from read_parquet(loc, limits, cols, storage, loader)
+        elif name.endswith(TAR_EXTS):
+            with _local_copy(loc, storage) as path:
+                yield from read_tar(path, limits, name=base_name(loc))
+        elif local is not None:
+            yield from read_jsonl(local, limits, image_root)
         else:
-            yield from read_jsonl(p, limits, image_root)
+            with open_stream(loc, storage) as fh:
+                yield from _jsonl_lines(fh, base_name(loc), limits, _inline_images(limits))
 
 
-def count_inputs(paths: list[Path]) -> int | None:
-    """Number of JSONL lines (for the progress bar); None when a tar shard is among the inputs."""
+def settings_inputs(
+    settings: Settings, paths: Sequence[Location], image_root: Path | None = None
+) -> Iterator[Sample | Malformed]:
+    """:func:`read_inputs` with the column mapping and storage options of ``settings``."""
+    return read_inputs(
+        paths,
+        settings.limits,
+        image_root,
+        columns=settings.inputs.columns,
+        storage=settings.storage,
+    )
+
+
+def open_outputs(out_dir: Path, fmt: OutputFormat) -> OutputWriter | Any:
+    """The three outputs of a curate run as JSONL files or Parquet tables."""
+    if fmt == "parquet":
+        from infogrowth.parquet_out import ParquetWriter
+
+        return ParquetWriter(out_dir)
+    return OutputWriter(out_dir)
+
+
+def _table_images(base: Path | None, root: Path | None, limits: LimitsConfig) -> Any:
+    """Image paths in a local table resolve from its folder and stay under ``root``."""
+    if base is None or root is None:
+        return _inline_images(limits)
+    return _image_loader(base, root, limits.max_image_bytes)
+
+
+def _inline_images(limits: LimitsConfig) -> Any:
+    """For remote inputs: ``image`` text must be a data: URI or base64, never a local path."""
+
+    def load(value: str) -> bytes:
+        try:
+            return load_image_field(value, None, max_bytes=limits.max_image_bytes, paths=False)
+        except ImageError as exc:
+            raise ValueError(f"image: {exc}") from None
+
+    return load
+
+
+@contextmanager
+def _local_copy(loc: Location, storage: StorageConfig | None) -> Iterator[Path]:
+    """``loc`` as a local file (a remote shard is copied to a temporary file first)."""
+    if isinstance(loc, Path):
+        yield loc
+        return
+    with tempfile.TemporaryDirectory(prefix="infogrowth-in-") as tmp:
+        path = Path(tmp) / base_name(loc)
+        with open_stream(loc, storage) as src, path.open("wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        yield path
+
+
+def count_inputs(paths: Sequence[Location], storage: StorageConfig | None = None) -> int | None:
+    """Number of JSONL lines and Parquet rows (for the progress bar); None when a tar shard,
+    a folder or a remote JSONL file is among the inputs."""
     total = 0
     for p in paths:
-        if p.name.lower().endswith((".tar", ".tar.gz", ".tgz")):
+        name = base_name(p).lower()
+        if name.endswith(TABLE_EXTS):
+            rows = count_rows(p, storage)
+            if rows is None:
+                return None
+            total += rows
+            continue
+        if not isinstance(p, Path) or p.is_dir() or name.endswith(TAR_EXTS):
             return None
         with p.open("rb") as fh:
             total += sum(1 for line in fh if line.strip())

@@ -19,7 +19,7 @@ from urllib.parse import unquote_to_bytes
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageError", "decode_image", "load_image_field"]
+__all__ = ["ImageError", "decode_image", "load_image_field", "read_regular_file"]
 
 # A value this long cannot be a file path on any common filesystem; skip the stat() for it.
 _MAX_PATH_CHARS = 4096
@@ -115,6 +115,7 @@ def load_image_field(
     *,
     max_bytes: int | None = None,
     root: Path | None = None,
+    paths: bool = True,
 ) -> bytes:
     """Return the raw bytes an image field of a JSONL record refers to.
 
@@ -127,6 +128,7 @@ def load_image_field(
     outside ``root``, a ``~`` path, or anything but a regular file is an :class:`ImageError`, and
     the file is opened without following a final symlink, so untrusted records cannot read
     ``/proc/self/environ``, ``../../etc/passwd``, a FIFO or a device. Input readers always pass it.
+    ``paths=False`` (records from a remote input) never reads a file: data URI or base64 only.
     """
     if not isinstance(value, str):
         raise ImageError(f"image field must be a string, not {type(value).__name__}")
@@ -135,11 +137,11 @@ def load_image_field(
         raise ImageError("image field is empty")
     if text[:5].lower() == "data:":
         return _from_data_uri(text, max_bytes)
-    if root is not None:
+    if paths and root is not None:
         path = _confined_file(text, base_dir if base_dir is not None else root, root)
         if path is not None:
             return _read_file(path, max_bytes, confined=True)
-    else:
+    elif paths:
         path = _existing_file(text, base_dir)
         if path is not None:
             return _read_file(path, max_bytes)
@@ -250,6 +252,13 @@ def _read_file(path: Path, max_bytes: int | None, *, confined: bool = False) -> 
     if not raw:
         raise ImageError(f"image file {path} is empty")
     return raw
+
+
+def read_regular_file(path: Path, max_bytes: int) -> bytes:
+    """The bytes of ``path`` (already resolved and checked against its allowed root by the
+    caller) if it is still a regular file of at most ``max_bytes``: no final symlink is
+    followed and a FIFO or device never blocks the read."""
+    return _read_file(path, max_bytes, confined=True)
 
 
 def _check_size(n: int, max_bytes: int | None) -> None:

@@ -8,9 +8,10 @@ its batch (verdicts, records, produce) while hnswlib inserts. Anything that read
 graph (a query, a save) first waits for the index's pending insert, so every graph is identical
 to a sequential build.
 
-Every index keeps a float32 mirror of its vectors: the selector recomputes decision distances from
-the stored vectors, and hnswlib's ``get_items`` goes through Python lists (tens of microseconds a
-vector). The mirror costs ``4 * dim`` bytes an item, next to hnswlib's ``4 * dim + 8 * M + 16``.
+Every index keeps a float32 mirror of its vectors (:mod:`infogrowth.mirror`): the selector
+recomputes decision distances from the stored vectors, and hnswlib's ``get_items`` costs tens of
+microseconds a vector. The mirror costs ``4 * dim`` bytes an item, next to hnswlib's
+``4 * dim + 8 * M + 16`` and its bookkeeping; it grows in blocks, so growing never copies it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import hnswlib
 import numpy as np
 
 from infogrowth.config import IndexConfig
+from infogrowth.mirror import VectorMirror
 from infogrowth.online import OnlineState
 
 _HEADER = struct.Struct("<QQQQQQiIQQQdQ")
@@ -46,16 +48,23 @@ def _threads(cfg: IndexConfig) -> int:
     return cfg.threads if cfg.threads > 0 else max(1, os.cpu_count() or 1)
 
 
-def read_vectors(
-    path: str, dim: int, chunk_bytes: int = 32 << 20, capacity: int = 0
-) -> np.ndarray | None:
-    """Vectors of a saved hnswlib index, row = label, read straight from the file.
+def read_vectors(path: str, dim: int, chunk_bytes: int = 32 << 20) -> np.ndarray | None:
+    """Vectors of a saved hnswlib index, row = label (see :func:`read_vectors_into`)."""
+    mirror = VectorMirror(dim)
+    n = read_vectors_into(path, mirror, chunk_bytes)
+    if n is None:
+        return None
+    return mirror.take(np.arange(n, dtype=np.int64))
 
-    ``None`` when the file does not look like an hnswlib 0.8 index of ``dim`` float32 vectors with
-    labels ``0..count-1``; callers then fall back to ``get_items``. Reads sequentially in chunks
-    of about ``chunk_bytes``. The array has room for ``capacity`` rows; the first ``count`` hold
-    the vectors.
+
+def read_vectors_into(path: str, mirror: VectorMirror, chunk_bytes: int = 32 << 20) -> int | None:
+    """Copy the vectors of a saved hnswlib index into ``mirror`` (row = label); their count.
+
+    ``None`` when the file does not look like an hnswlib 0.8 index of ``mirror.dim`` float32
+    vectors with labels ``0..count-1``; callers then fall back to ``get_items``. Reads
+    sequentially in chunks of about ``chunk_bytes``.
     """
+    dim = mirror.dim
     p = Path(path)
     size = p.stat().st_size
     if size < _HEADER.size:
@@ -64,14 +73,14 @@ def read_vectors(
         head = _HEADER.unpack(fh.read(_HEADER.size))
         _, _, count, per_elem, label_off, data_off = head[:6]
         if count == 0:
-            return np.empty((0, dim), dtype=np.float32)
+            return 0
         if (
             data_off + 4 * dim > label_off
             or label_off + 8 > per_elem
             or _HEADER.size + count * per_elem > size
         ):
             return None
-        vecs = np.empty((max(count, capacity), dim), dtype=np.float32)
+        mirror.reserve(count)
         seen = np.zeros(count, dtype=bool)
         rows = max(1, chunk_bytes // per_elem)
         buf = np.empty((min(rows, count), per_elem), dtype=np.uint8)
@@ -84,9 +93,9 @@ def read_vectors(
             if int(labels.max()) >= count:
                 return None
             at = labels.astype(np.int64)
-            vecs[at] = part[:, data_off : data_off + 4 * dim].copy().view(np.float32)
+            mirror.scatter(at, part[:, data_off : data_off + 4 * dim].copy().view(np.float32))
             seen[at] = True
-    return vecs[:count] if bool(seen.all()) else None
+    return int(count) if bool(seen.all()) else None
 
 
 class SpaceIndex:
@@ -105,7 +114,7 @@ class SpaceIndex:
         )
         self._index.set_ef(cfg.ef)
         self._query_threads = _threads(cfg)
-        self._vectors = np.empty((cap, dim), dtype=np.float32)
+        self._vectors = VectorMirror(dim, min_rows=cfg.exact_below)
         self._n = 0
         self._exact = True
         self._pending: Future[None] | None = None
@@ -147,7 +156,7 @@ class SpaceIndex:
     def _knn_exact(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Brute force: float32 scores pick candidates, float64 re-ranks them (ties by id)."""
         n = self.count
-        mat = self._vectors[:n]
+        mat = self._vectors.head(n)
         scores = queries @ mat.T
         c = min(n, max(2 * k, k + 8))
         if c < n:
@@ -166,10 +175,7 @@ class SpaceIndex:
         self.wait()
         if capacity > self.capacity:
             self._index.resize_index(capacity)
-        if capacity > len(self._vectors):
-            grown = np.empty((capacity, self.dim), dtype=np.float32)
-            grown[: self._n] = self._vectors[: self._n]
-            self._vectors = grown
+        self._vectors.reserve(capacity)
 
     def add(
         self, vectors: np.ndarray, ids: np.ndarray, *, threads: int = 1, background: bool = False
@@ -190,7 +196,9 @@ class SpaceIndex:
             self._index.resize_index(new_cap)
         start = self.count
         self._mirror(start, vectors)
-        rows = self._vectors[start : start + len(vectors)]  # the mirror's copy: no extra one
+        rows = self._vectors.rows_view(start, start + len(vectors))
+        if rows is None:  # spans two blocks: hnswlib gets its own contiguous copy
+            rows = np.array(vectors, dtype=np.float32)
         if background:
             self._pending = _pool().submit(self._index.add_items, rows, ids, threads)
         else:
@@ -198,12 +206,7 @@ class SpaceIndex:
 
     def _mirror(self, start: int, vectors: np.ndarray) -> None:
         end = start + len(vectors)
-        if end > len(self._vectors):
-            cap = max(end, self.capacity)
-            grown = np.empty((cap, self.dim), dtype=np.float32)
-            grown[:start] = self._vectors[:start]
-            self._vectors = grown
-        self._vectors[start:end] = vectors
+        self._vectors.write(start, vectors)
         self._n = end
         if end > self.cfg.exact_below:
             self._exact = False  # large partition: HNSW from here on
@@ -212,7 +215,22 @@ class SpaceIndex:
         """Stored vectors for ``ids`` as a float32 (n, dim) array."""
         if len(ids) == 0:
             return np.empty((0, self.dim), dtype=np.float32)
-        return self._vectors[np.asarray(ids, dtype=np.int64)]
+        return self._vectors.take(np.asarray(ids, dtype=np.int64))
+
+    @property
+    def mirror_bytes(self) -> int:
+        """Bytes allocated for the float32 mirror (resident as far as rows are written)."""
+        return self._vectors.nbytes
+
+    def memory_bytes(self) -> int:
+        """Estimated resident bytes: hnswlib's per-item data and links, its bookkeeping, and the
+        mirror's rows in use (an estimate from hnswlib's layout, not a measurement)."""
+        m = self.cfg.m
+        n = self._n
+        level0 = 4 * self.dim + 4 * (2 * m + 1) + 8
+        upper = 4 * (m + 1) / max(m - 1, 1)  # links above level 0: 1/(M-1) levels expected
+        bookkeeping = 8 + 4 + 40 + 56  # link-list pointer, level, lock, label map entry
+        return int(n * (level0 + upper + bookkeeping + 4 * self.dim))
 
     def save(self, path: str) -> None:
         self.wait()
@@ -228,32 +246,29 @@ class SpaceIndex:
         obj._index.set_ef(cfg.ef)
         obj._query_threads = _threads(cfg)
         n = int(obj._index.get_current_count())
-        cap = max(obj.capacity, n, 1)
-        vecs = read_vectors(path, dim, capacity=cap)
+        obj._vectors = VectorMirror(dim, min_rows=cfg.exact_below)
         obj._n = 0
         obj._exact = True
         obj._pending = None
-        if vecs is not None and len(vecs) == n and _spot_check(obj._index, vecs):
-            # read_vectors allocated room for ``cap`` rows: keep its whole buffer as the mirror.
-            obj._vectors = vecs.base if isinstance(vecs.base, np.ndarray) else vecs
+        got_n = read_vectors_into(path, obj._vectors)
+        if got_n is not None and got_n == n and _spot_check(obj._index, obj._vectors, n):
             obj._n = n
             obj._exact = n <= cfg.exact_below
             return obj
-        obj._vectors = np.empty((cap, dim), dtype=np.float32)
+        obj._vectors = VectorMirror(dim, min_rows=cfg.exact_below)
         if n:
             got = obj._index.get_items(np.arange(n), return_type="numpy")
             obj._mirror(0, np.asarray(got, dtype=np.float32))
         return obj
 
 
-def _spot_check(index: hnswlib.Index, vecs: np.ndarray) -> bool:
+def _spot_check(index: hnswlib.Index, vecs: VectorMirror, n: int) -> bool:
     """The file parse agrees with hnswlib on a few items."""
-    n = len(vecs)
     if n == 0:
         return True
     probe = np.unique(np.linspace(0, n - 1, num=min(n, 8)).astype(np.int64))
     got = np.asarray(index.get_items(probe, return_type="numpy"), dtype=np.float32)
-    return bool(np.array_equal(got, vecs[probe]))
+    return bool(np.array_equal(got, vecs.take(probe)))
 
 
 @dataclass
@@ -293,6 +308,11 @@ class PartitionState:
     @property
     def count(self) -> int:
         return len(self.ids)
+
+    def memory_bytes(self) -> int:
+        """Estimated resident bytes of this state: the indexes (see
+        :meth:`SpaceIndex.memory_bytes`) plus the id map (about 160 bytes an item)."""
+        return sum(idx.memory_bytes() for idx in self.indexes.values()) + 160 * self.count
 
     def __contains__(self, sample_id: object) -> bool:
         return sample_id in self.id_pos

@@ -162,6 +162,18 @@ class Metrics:
             ["partition"],
             registry=reg,
         )
+        self.index_bytes: Gauge = Gauge(
+            "infogrowth_index_bytes",
+            "Estimated resident bytes of the partition's selection state (indexes, vector "
+            "mirror, id map).",
+            ["partition"],
+            registry=reg,
+        )
+        self.memory_budget: Gauge = Gauge(
+            "infogrowth_memory_budget_bytes",
+            "Resident memory above which the process reports not ready (0: no budget).",
+            registry=reg,
+        )
         self.keep_rate: Gauge = Gauge(
             "infogrowth_keep_rate",
             "Share of the items reaching the keep policy that it kept (realised keep rate).",
@@ -309,9 +321,11 @@ class Metrics:
         """Set a partition's consumer lag in messages (negative values clamp to 0)."""
         self.consumer_lag.labels(stage, str(partition)).set(max(0, lag))
 
-    def set_index_items(self, partition: int | str, items: int) -> None:
-        """Set how many items a partition's index holds."""
+    def set_index_items(self, partition: int | str, items: int, nbytes: int | None = None) -> None:
+        """Set how many items a partition's index holds (and its estimated bytes)."""
         self.index_items.labels(str(partition)).set(items)
+        if nbytes is not None:
+            self.index_bytes.labels(str(partition)).set(nbytes)
 
     def mark_snapshot(
         self,
@@ -371,6 +385,8 @@ class Metrics:
                 if labels["partition"] == p:
                     self.epsilon.remove(p, labels["space"])
             self.index_items.remove(p)
+            if {"partition": p} in _labelsets(self.index_bytes):
+                self.index_bytes.remove(p)
             self.snapshot_bytes.remove(p)
             self._snapshot_age.drop(p)
 

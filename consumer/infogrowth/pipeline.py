@@ -18,9 +18,9 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from PIL import Image
@@ -33,6 +33,9 @@ from infogrowth.prefetch import prefetch
 from infogrowth.records import Outcome
 from infogrowth.schema import SPACES, Embedded, Malformed, Sample
 from infogrowth.select import Selector, Thresholds
+
+if TYPE_CHECKING:
+    from infogrowth.fetch import ImageFetcher
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +130,8 @@ class EmbedStage:
         self.times = StageTimes()
         self.threads = cpu_threads()
         self._pool: ThreadPoolExecutor | None = None
+        self._fetcher: ImageFetcher | None = None
+        self._fetch_deadline = 0.0
         if encoder is not None:
             self.spaces: tuple[str, ...] | None = tuple(encoder.spaces)
             self.dims: dict[str, int] | None = dict(encoder.dims)
@@ -170,10 +175,66 @@ class EmbedStage:
         on its device, decoded images exist only for the batches in its prefetch queue, so
         only the bytes bound applies.
         """
-        out: list[Embedded | Outcome] = []
-        for part in self._parts(items):
-            out += self._process(part, clean=clean)
+        fetches = self._start_fetches(items)
+        if not fetches:
+            out: list[Embedded | Outcome] = []
+            for part in self._parts(items):
+                out += self._process(part, clean=clean)
+            return out
+        # Referenced images: every fetch is in flight already; each window waits only for its
+        # own, so later windows keep downloading while the model embeds earlier ones.
+        window = max(1, int(getattr(self.encoder, "batch_size", 0) or 64))
+        out = []
+        for lo in range(0, len(items), window):
+            hi = min(lo + window, len(items))
+            chunk = [self._fetched(i, items[i], fetches) for i in range(lo, hi)]
+            for part in self._parts(chunk):
+                out += self._process(part, clean=clean)
         return out
+
+    def _wants_image(self, sample: Sample) -> bool:
+        """Whether the model needs this sample's image (recaptioning, or an image tower
+        without a precomputed image vector)."""
+        if self.encoder is None:
+            return False
+        has_vector = sample.embedding is not None and "image" in sample.embedding
+        return self.recaption or ("image" in self.encoder.spaces and not has_vector)
+
+    def _start_fetches(self, items: Sequence[Sample | Malformed]) -> dict[int, Future[bytes]]:
+        """Start fetching the ``image_uri`` of samples that need an image and carry no bytes."""
+        todo = [
+            (pos, it.image_uri)
+            for pos, it in enumerate(items)
+            if isinstance(it, Sample)
+            and it.image is None
+            and it.image_uri is not None
+            and self._wants_image(it)
+        ]
+        if not todo:
+            return {}
+        if self._fetcher is None:
+            from infogrowth.fetch import ImageFetcher
+
+            self._fetcher = ImageFetcher(self.settings.limits, self.settings.storage)
+        futures = self._fetcher.submit([uri for _, uri in todo])
+        self._fetch_deadline = time.monotonic() + self._fetcher.batch_timeout(len(todo))
+        return {pos: f for (pos, _), f in zip(todo, futures, strict=True)}
+
+    def _fetched(
+        self, pos: int, item: Sample | Malformed, fetches: dict[int, Future[bytes]]
+    ) -> Sample | Malformed:
+        """``item`` with its referenced image filled in, or malformed with the fetch error."""
+        future = fetches.get(pos)
+        if future is None or not isinstance(item, Sample):
+            return item
+        from infogrowth.fetch import FetchError
+
+        assert self._fetcher is not None
+        try:
+            data = self._fetcher.result(future, self._fetch_deadline - time.monotonic())
+        except FetchError as exc:
+            return Malformed(item.id, str(exc), b"", item.source)
+        return replace(item, image=data)
 
     def _parts(self, items: Sequence[Sample | Malformed]) -> list[Sequence[Sample | Malformed]]:
         lim = self.settings.limits
@@ -181,8 +242,7 @@ class EmbedStage:
         start, pixels, size = 0, 0, 0
         held = not self._decodes_on_device()
         for i, it in enumerate(items):
-            p, b = self._cost(it)
-            p = p if held else 0
+            p, b = self._cost(it, count_pixels=held)
             if i > start and (pixels + p > lim.max_batch_pixels or size + b > lim.max_batch_bytes):
                 parts.append(items[start:i])
                 start, pixels, size = i, 0, 0
@@ -191,13 +251,14 @@ class EmbedStage:
         parts.append(items[start:])
         return parts
 
-    def _cost(self, it: Sample | Malformed) -> tuple[int, int]:
+    def _cost(self, it: Sample | Malformed, *, count_pixels: bool = True) -> tuple[int, int]:
         """(decoded pixels at the model's scale, image + text bytes) of one item, from the
-        image header only (unreadable headers cost nothing: decoding rejects them)."""
+        image header only (unreadable headers cost nothing: decoding rejects them); pixels
+        are not counted (0) with ``count_pixels=False``."""
         if isinstance(it, Malformed):
             return 0, 0
         size = len(it.image or b"") + len(it.text or "")
-        if it.image is None:
+        if it.image is None or not count_pixels:
             return 0, size
         try:
             with warnings.catch_warnings():
@@ -266,6 +327,7 @@ class EmbedStage:
                 image=sample.image,
                 meta=sample.meta,
                 source=sample.source,
+                image_uri=sample.image_uri,
             )
             if "image" in vecs and "text" in vecs and vecs["image"].shape == vecs["text"].shape:
                 emb.alignment = round(float(np.dot(vecs["image"], vecs["text"])), 9)
@@ -481,6 +543,9 @@ class EmbedStage:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
             self._pool = None
+        if self._fetcher is not None:
+            self._fetcher.close()
+            self._fetcher = None
 
     # -- cleaning -------------------------------------------------------------------------
 

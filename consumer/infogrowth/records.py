@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from infogrowth.config import ImageMode
 from infogrowth.schema import Embedded, Malformed
 from infogrowth.select import Decision, Thresholds, Verdict
 
@@ -41,6 +42,7 @@ class Outcome:
     vote: dict[str, float] | None = None
     payload: bytes | None = None
     source: dict[str, str | int] | None = None
+    image_uri: str | None = None
 
     @classmethod
     def malformed(cls, m: Malformed) -> Outcome:
@@ -87,6 +89,7 @@ class Outcome:
             alignment=e.alignment,
             original_alignment=e.original_alignment,
             source=e.source,
+            image_uri=e.image_uri,
         )
 
 
@@ -94,8 +97,9 @@ def too_large(o: Outcome, what: str, size: int, limit: int) -> Outcome:
     """A trimmed ``rejected/too_large`` outcome in place of ``o``, whose record (``what``, of
     ``size`` bytes) would exceed the ``limit`` topics and producers accept.
 
-    Only bounded fields survive (id, label, scores, source): the image, meta, texts and the
-    original bytes are dropped, so the record always fits and the input keeps its one output.
+    Only bounded fields survive (id, label, scores, source, image_uri): the image, meta, texts
+    and the original bytes are dropped, so the record always fits and the input keeps its one
+    output.
     """
     was = o.decision if o.reason is None else f"{o.decision}/{o.reason}"
     return Outcome(
@@ -107,11 +111,15 @@ def too_large(o: Outcome, what: str, size: int, limit: int) -> Outcome:
         alignment=o.alignment,
         original_alignment=o.original_alignment,
         source=o.source,
+        image_uri=o.image_uri,
     )
 
 
-def output_record(o: Outcome, thresholds: Thresholds, *, include_image: bool) -> dict[str, Any]:
-    """The schema ``output`` record for an outcome."""
+def output_record(
+    o: Outcome, thresholds: Thresholds, *, include_image: ImageMode
+) -> dict[str, Any]:
+    """The schema ``output`` record for an outcome. ``include_image``: ``True`` carries the
+    image bytes and ``image_uri``, ``"reference"`` only ``image_uri``, ``False`` neither."""
     rec: dict[str, Any] = {
         "v": 1,
         "id": o.id,
@@ -133,7 +141,8 @@ def output_record(o: Outcome, thresholds: Thresholds, *, include_image: bool) ->
         "original_text": o.original_text,
         "original_label": o.original_label,
         "meta": o.meta,
-        "image": o.image if include_image else None,
+        "image": o.image if include_image is True else None,
+        "image_uri": o.image_uri if include_image in (True, "reference") else None,
         "payload": o.payload,
         "source": o.source,
     }

@@ -47,6 +47,7 @@ class Sample:
     image: bytes | None = None
     label: str | None = None
     embedding: Mapping[str, np.ndarray] | None = None
+    image_uri: str | None = None
     meta: dict[str, Any] | None = None
     source: dict[str, str | int] | None = None
 
@@ -78,6 +79,7 @@ class Embedded:
     fix: str | None = None
     cell: int = 0
     source: dict[str, str | int] | None = None
+    image_uri: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -135,7 +137,7 @@ def validate(kind: str, obj: Any) -> None:
 _BINARY = (bytes, bytearray, memoryview)
 _TEXTUAL = (str, *_BINARY)
 _NUMBER_TYPES = frozenset({float, int})
-_INGEST_KEYS = frozenset({"v", "id", "text", "image", "label", "embedding", "meta"})
+_INGEST_KEYS = frozenset({"v", "id", "text", "image", "image_uri", "label", "embedding", "meta"})
 _SPACE_KEYS = frozenset(SPACES)
 _EMBEDDED_KEYS = frozenset(
     {
@@ -144,6 +146,7 @@ _EMBEDDED_KEYS = frozenset(
         "text",
         "label",
         "image",
+        "image_uri",
         "meta",
         "vectors",
         "alignment",
@@ -157,7 +160,15 @@ _EMBEDDED_KEYS = frozenset(
     }
 )
 _EMBEDDED_REQUIRED = frozenset({"v", "id", "vectors", "cell"})
-_EMBEDDED_OPT_TEXT = ("text", "label", "image", "original_text", "original_label", "fix")
+_EMBEDDED_OPT_TEXT = (
+    "text",
+    "label",
+    "image",
+    "image_uri",
+    "original_text",
+    "original_label",
+    "fix",
+)
 
 
 def _is_one(x: Any) -> bool:
@@ -201,6 +212,9 @@ def _ingest_ok(obj: Any) -> bool:
         return False
     image = obj.get("image")
     if image is not None and not isinstance(image, _TEXTUAL):
+        return False
+    uri = obj.get("image_uri")
+    if uri is not None and not (isinstance(uri, str) and 1 <= len(uri) <= 4096):
         return False
     label = obj.get("label")
     if label is not None and not isinstance(label, _TEXTUAL) and not _is_integer(label):
@@ -357,13 +371,14 @@ def sample_from_obj(
             raise SchemaError(
                 f"image of {len(image_bytes)} bytes exceeds {limits.max_image_bytes} bytes"
             )
+        image_uri = obj.get("image_uri")
         label = obj.get("label")
         if isinstance(label, bool):
             raise SchemaError("label: must be a string or integer")
         label_str = None if label is None else str(label)
         emb = _parse_embedding(obj.get("embedding"), limits)
-        if text is None and image_bytes is None and emb is None:
-            raise SchemaError("sample has no text, image or embedding")
+        if text is None and image_bytes is None and emb is None and image_uri is None:
+            raise SchemaError("sample has no text, image, image_uri or embedding")
         meta = obj.get("meta")
         if meta is not None:
             check_meta(meta, limits)
@@ -375,6 +390,7 @@ def sample_from_obj(
             embedding=emb,
             meta=meta,
             source=source,
+            image_uri=image_uri,
         )
     except (SchemaError, ValueError, OSError) as exc:
         return Malformed(id=sid, detail=str(exc), payload=payload, source=source)
@@ -484,6 +500,8 @@ def sample_to_obj(sample: Sample) -> dict[str, Any]:
         obj["text"] = sample.text
     if sample.image is not None:
         obj["image"] = sample.image
+    if sample.image_uri is not None:
+        obj["image_uri"] = sample.image_uri
     if sample.label is not None:
         obj["label"] = sample.label
     if sample.embedding is not None:

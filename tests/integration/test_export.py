@@ -158,3 +158,57 @@ def test_readme_training_example_runs(curated: Curated, monkeypatch: pytest.Monk
     assert len(lines) == 4, lines
     assert [line.split()[1] for line in lines] == ["0:", "1:", "2:", "3:"]
     assert len({line.split()[2] for line in lines}) == 1  # every epoch holds N draws
+
+
+def test_parquet_export_loads_with_datasets_locally_and_from_s3(
+    curated: Curated, tmp_path: Path
+) -> None:
+    import datasets
+    import s3fs
+
+    from infogrowth.config import StorageConfig
+    from tests.fixtures.servers import moto_s3, s3_options
+
+    manifest = by_id(read_jsonl(_export_dir(curated, tmp_path / "jsonl") / "manifest.jsonl"))
+    out = tmp_path / "pq"
+    res = CliRunner().invoke(
+        main,
+        ["export", "--out", str(out), "--format", "parquet", "--config", str(curated.config)],
+    )
+    assert res.exit_code == 0, res.output
+    info = json.loads((out / "export.json").read_text())
+    assert info["format"] == "parquet"
+    assert info["tables"] == sorted(p.name for p in out.glob("*.parquet"))
+    assert set(info["tables"]) <= {"accepted.parquet", "relabeled.parquet"}
+    files = [str(out / t) for t in info["tables"]]
+    ds = datasets.load_dataset(
+        "parquet", data_files=files, split="train", cache_dir=str(tmp_path / "hf")
+    )
+    assert sorted(ds["id"]) == sorted(manifest)
+    for row in ds:
+        assert row["gain"] == manifest[row["id"]]["gain"]
+        assert row["decision"] == manifest[row["id"]]["decision"]
+    pointers = read_jsonl(out / "manifest.jsonl")
+    first = pointers[0]["export"]
+    table = datasets.load_dataset(
+        "parquet",
+        data_files=str(out / first["table"]),
+        split="train",
+        cache_dir=str(tmp_path / "hf1"),
+    )
+    assert table[first["row"]]["id"] == pointers[0]["id"]
+
+    with moto_s3({"exports": {}}) as endpoint:
+        storage = StorageConfig(options={"s3": s3_options(endpoint)})
+        settings = curated.settings.model_copy(update={"storage": storage})
+        remote = export(settings, "s3://exports/run1/", fmt="parquet")
+        fs = s3fs.S3FileSystem(**s3_options(endpoint))
+        listed = sorted(p.rsplit("/", 1)[1] for p in fs.ls("exports/run1/"))
+        assert listed == sorted(["export.json", "manifest.jsonl", *remote.tables])
+        got = fs.cat_file(f"exports/run1/{remote.tables[0]}")
+        assert got == (out / remote.tables[0]).read_bytes()
+
+
+def _export_dir(curated: Curated, out: Path) -> Path:
+    export(curated.settings, out)
+    return out

@@ -78,7 +78,7 @@ def test_scrape_over_http_moves_counters(metrics: Metrics, server: MetricsServer
     metrics.record_transaction("select", "committed")
     metrics.record_transaction("select", "aborted")
     metrics.set_lag("select", 0, 17)
-    metrics.set_index_items(0, 1234)
+    metrics.set_index_items(0, 1234, 5678)
     metrics.observe_restore(1.5, replayed=40)
 
     after = _samples(_request(server, "/metrics")[2])
@@ -96,6 +96,7 @@ def test_scrape_over_http_moves_counters(metrics: Metrics, server: MetricsServer
     assert after['infogrowth_transactions_total{result="aborted",stage="select"}'] == 1.0
     assert after['infogrowth_consumer_lag{partition="0",stage="select"}'] == 17.0
     assert after['infogrowth_index_items{partition="0"}'] == 1234.0
+    assert after['infogrowth_index_bytes{partition="0"}'] == 5678.0
     assert after["infogrowth_restore_duration_seconds_count"] == 1.0
     assert after["infogrowth_replayed_items_total"] == 40.0
 
@@ -127,7 +128,7 @@ def test_drop_partition_removes_its_series() -> None:
     for p in (0, 1):
         m.set_lag("embed", p, 5)
         m.set_lag("select", p, 7)
-        m.set_index_items(p, 10)
+        m.set_index_items(p, 10, 1000)
         m.mark_snapshot(p, size_bytes=100)
     m.drop_partition(1, "embed", state=False)
     s = _samples(m.exposition().decode())
@@ -138,7 +139,7 @@ def test_drop_partition_removes_its_series() -> None:
     m.drop_partition(1)
     text = m.exposition().decode()
     assert 'partition="1"' not in text
-    assert text.count('partition="0"') == 5  # 2 lags, items, bytes, age
+    assert text.count('partition="0"') == 6  # 2 lags, items, index bytes, snapshot bytes, age
     m.drop_partition(7)  # unknown partitions are a no-op
 
 

@@ -185,6 +185,8 @@ def test_curated_sample_from_msgpack_and_json_records() -> None:
     assert not CuratedSample.from_record({**rec, "thresholds": {"policy": "all"}}).sampled_online
     j = CuratedSample.from_record({**rec, "image": base64.b64encode(rec["image"]).decode()})
     assert j.image == rec["image"] and j.position is None
+    ref = CuratedSample.from_record({**rec, "image": None, "image_uri": "s3://b/a.jpg"})
+    assert ref.image is None and ref.image_uri == "s3://b/a.jpg"
 
 
 # -- static -------------------------------------------------------------------------------

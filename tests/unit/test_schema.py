@@ -54,7 +54,7 @@ BAD: list[tuple[str, Any, str]] = [
     ("wrong type", {"id": "a", "text": 5}, "text"),
     ("unknown field", {"id": "a", "text": "x", "colour": 1}, "must not contain"),
     ("unknown version", {"v": 2, "id": "a", "text": "x"}, "version 2"),
-    ("nothing to embed", {"id": "a"}, "no text, image or embedding"),
+    ("nothing to embed", {"id": "a"}, "no text, image, image_uri or embedding"),
     ("nan", {"id": "a", "embedding": {"text": [1.0, math.nan]}}, "NaN"),
     ("inf", {"id": "a", "embedding": {"text": [math.inf, 1.0]}}, "NaN or Inf"),
     ("zero", {"id": "a", "embedding": {"text": [0.0, 0.0]}}, "zero"),

@@ -1,9 +1,10 @@
-"""Peak RSS per indexed item vs the raw hnswlib index size.
+"""Resident memory per indexed item vs hnswlib's own for the same items.
 
-Runs in a fresh interpreter so that nothing else's memory counts: it imports the package, builds
-a :class:`~infogrowth.index.PartitionState` of N items (2 spaces) in chunks, the way a partition
-grows, and reports the resident set before and after, the peak (VmHWM), and what hnswlib itself
-holds (its saved index size) next to the vector mirror.
+Each measurement runs in a fresh interpreter so that nothing else's memory counts. One builds a
+:class:`~infogrowth.index.PartitionState` of N items (2 spaces) in chunks, the way a partition
+grows; the other builds bare hnswlib indexes with the same parameters, items and capacity
+doubling (hnswlib's own). Both report the resident set before and after and the peak (VmHWM),
+next to hnswlib's saved index size and the vector mirror.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ _CHILD = r"""
 import json, os, sys, tempfile, gc
 import numpy as np
 
+def reset_peak():
+    # VmHWM would otherwise hold the input generation's peak: "5" resets it (Linux >= 4.0).
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
 def status():
     out = {}
     for line in open("/proc/self/status"):
@@ -32,13 +38,36 @@ def status():
 from infogrowth.bench import synth
 from infogrowth.config import load_settings
 from infogrowth.index import PartitionState
-n, dim, chunk = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+n, dim, chunk, mode = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 cfg = load_settings(None).index
 vec = synth.make(0, n, dim=dim, dup_rate=0.0, seed=5)
+threads = os.cpu_count() or 1
+if mode == "raw":
+    import hnswlib
+    gc.collect()
+    reset_peak()
+    before = status()
+    raw = {}
+    for s in ("image", "text"):
+        raw[s] = hnswlib.Index(space="ip", dim=dim)
+        raw[s].init_index(max_elements=cfg.initial_capacity, M=cfg.m,
+                          ef_construction=cfg.ef_construction, random_seed=cfg.random_seed)
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        for s, idx in raw.items():
+            cap = idx.get_max_elements()
+            while cap < hi:
+                cap = int(cap * cfg.growth) + 1
+            if cap > idx.get_max_elements():
+                idx.resize_index(cap)
+            idx.add_items(vec.stream[s][lo:hi], np.arange(lo, hi), num_threads=threads)
+    gc.collect()
+    print(json.dumps({"before": before, "after": status()}))
+    sys.exit(0)
 gc.collect()
+reset_peak()
 before = status()
 st = PartitionState.empty(("image", "text"), {"image": dim, "text": dim}, cfg)
-threads = os.cpu_count() or 1
 for lo in range(0, n, chunk):
     hi = min(n, lo + chunk)
     for s in st.spaces:
@@ -57,7 +86,7 @@ for s in st.spaces:
     hnsw += os.path.getsize(p)
     os.remove(p)
 mirror = sum(st.indexes[s].count * st.indexes[s].dim * 4 for s in st.spaces)
-mirror_alloc = sum(st.indexes[s]._vectors.nbytes for s in st.spaces)
+mirror_alloc = sum(st.indexes[s].mirror_bytes for s in st.spaces)
 print(json.dumps({"before": before, "after": after, "hnsw_bytes": hnsw, "mirror_bytes": mirror,
                   "mirror_allocated_bytes": mirror_alloc,
                   "vectors_bytes": int(vec.stream["image"].nbytes * 2)}))
@@ -71,17 +100,12 @@ def bench(
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         script = Path(tmp) / "child.py"
         script.write_text(_CHILD)
-        out = subprocess.run(
-            [sys.executable, str(script), str(n), str(dim), str(chunk)],
-            capture_output=True,
-            text=True,
-            check=True,
-            env={**os.environ},
-        )
-    r = json.loads(out.stdout.strip().splitlines()[-1])
-    # The generated input vectors live in the child too: subtract them from the growth.
+        r, raw = (_child(script, n, dim, chunk, mode) for mode in ("state", "raw"))
+    # The input vectors are generated before the first reading: growth is the index alone.
     grown = r["after"]["VmRSS"] - r["before"]["VmRSS"]
     peak = r["after"]["VmHWM"] - r["before"]["VmRSS"]
+    raw_grown = raw["after"]["VmRSS"] - raw["before"]["VmRSS"]
+    raw_peak = raw["after"]["VmHWM"] - raw["before"]["VmRSS"]
     per = 1_000_000 / n
     return {
         "params": {"n": n, "dim": dim, "spaces": 2, "chunk": chunk},
@@ -97,9 +121,24 @@ def bench(
             "hnsw_gib": round(r["hnsw_bytes"] * per / 2**30, 2),
             "mirror_gib": round(r["mirror_bytes"] * per / 2**30, 2),
         },
+        "raw_rss_growth_bytes": raw_grown,
+        "raw_peak_growth_bytes": raw_peak,
         "ratio_rss_vs_hnsw": round(grown / r["hnsw_bytes"], 3),
         "ratio_peak_vs_hnsw": round(peak / r["hnsw_bytes"], 3),
+        "ratio_rss_vs_raw_rss": round(grown / raw_grown, 3),
+        "ratio_peak_vs_raw_peak": round(peak / raw_peak, 3),
     }
+
+
+def _child(script: Path, n: int, dim: int, chunk: int, mode: str) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, str(script), str(n), str(dim), str(chunk), mode],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ},
+    )
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 def tables(res: dict[str, Any]) -> list[Table]:
@@ -122,4 +161,22 @@ def tables(res: dict[str, Any]) -> list[Table]:
     )
     t.add("RSS growth", f"{pm['rss_gib']:.2f}", f"{res['ratio_rss_vs_hnsw']:.2f}")
     t.add("peak RSS growth", f"{pm['peak_rss_gib']:.2f}", f"{res['ratio_peak_vs_hnsw']:.2f}")
-    return [t]
+    scale = 1_000_000 / p["n"] / 2**30
+    u = Table(
+        "memory: the partition state vs bare hnswlib indexes (same items, parameters, growth)",
+        ["measure", "state GiB / 1M", "hnswlib GiB / 1M", "state / hnswlib"],
+        note="hnswlib's own = a fresh process holding only the two hnswlib indexes",
+    )
+    u.add(
+        "RSS growth",
+        f"{res['rss_growth_bytes'] * scale:.2f}",
+        f"{res['raw_rss_growth_bytes'] * scale:.2f}",
+        f"{res['ratio_rss_vs_raw_rss']:.2f}",
+    )
+    u.add(
+        "peak RSS growth",
+        f"{res['peak_growth_bytes'] * scale:.2f}",
+        f"{res['raw_peak_growth_bytes'] * scale:.2f}",
+        f"{res['ratio_peak_vs_raw_peak']:.2f}",
+    )
+    return [t, u]

@@ -24,12 +24,14 @@ adds to its output record (gains, thresholds, vote), so a record that passes her
 
 
 def embedded_record(e: Embedded, include_image: bool) -> dict[str, Any]:
+    """The embedded-topic record; image bytes only when the outputs will carry them."""
     return {
         "v": 1,
         "id": e.id,
         "text": e.text,
         "label": e.label,
         "image": e.image if include_image else None,
+        "image_uri": e.image_uri,
         "meta": e.meta,
         "vectors": {s: v2b(v) for s, v in e.vectors.items()},
         "alignment": e.alignment,
@@ -124,7 +126,8 @@ class EmbedProcessor:
         limit = record_limit(lim)
         for r in results:
             if isinstance(r, Embedded):
-                value = pack("embedded", embedded_record(r, include_image=True), check=False)
+                rec = embedded_record(r, include_image=self.include_image is True)
+                value = pack("embedded", rec, check=False)
                 key = str(r.cell).encode()
                 if fits(lim, value, key, DECISION_HEADROOM):
                     out.produce(

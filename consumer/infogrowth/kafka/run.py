@@ -20,6 +20,7 @@ from infogrowth.kafka.control import read_calibration
 from infogrowth.kafka.embed import EmbedProcessor
 from infogrowth.kafka.loop import TransactionalLoop
 from infogrowth.kafka.select import SelectProcessor
+from infogrowth.membudget import MemoryBudget, resolve_budget
 from infogrowth.pipeline import EmbedStage
 from infogrowth.schema import SPACES
 
@@ -40,6 +41,15 @@ class Runtime:
     metrics: Any = None
     server: Any = None
     watchdog_started: bool = False
+    memory: MemoryBudget | None = None
+
+    def __post_init__(self) -> None:
+        if self.memory is None:
+            self.memory = MemoryBudget(resolve_budget(self.settings.limits))
+        if self.metrics is not None:
+            self.metrics.memory_budget.set(self.memory.budget or 0)
+        if self.memory.budget is not None:
+            log.info("memory budget: %.2f GiB resident", self.memory.budget / 2**30)
 
     def ready(self) -> bool:
         return self.ready_status()[0]
@@ -56,6 +66,9 @@ class Runtime:
         stuck = [lp.stuck for lp in self.loops if lp.stuck]
         if stuck:
             return False, f"stuck: {stuck[0]}"
+        over = self.memory.check() if self.memory is not None else None
+        if over:
+            return False, over
         return True, "ready"
 
     def healthy(self) -> tuple[bool, str]:

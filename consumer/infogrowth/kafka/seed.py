@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from confluent_kafka import Producer
@@ -13,10 +12,11 @@ from infogrowth.calibrate import Calibration
 from infogrowth.cells import Cells, kmeans
 from infogrowth.config import Settings
 from infogrowth.curate import build_models
-from infogrowth.files import read_inputs
+from infogrowth.files import settings_inputs
 from infogrowth.kafka.clients import instance_id, producer_config
 from infogrowth.kafka.control import CALIBRATION_KEY, read_calibration
 from infogrowth.kafka.select import changelog_record, replica_partitions
+from infogrowth.locations import Location
 from infogrowth.pipeline import Curator
 from infogrowth.schema import Sample, pack
 
@@ -35,7 +35,7 @@ class CalibrationExists(ValueError):
     """The control topic already holds a calibration and ``reset`` was not asked for."""
 
 
-def seed(settings: Settings, path: Path, *, reset: bool = False) -> SeedResult:
+def seed(settings: Settings, path: Location, *, reset: bool = False) -> SeedResult:
     """Calibrate on ``path``, publish the calibration and write the seed into the changelog.
 
     Refuses when a calibration is already published, unless ``reset``: a second seed adds its
@@ -52,7 +52,7 @@ def seed(settings: Settings, path: Path, *, reset: bool = False) -> SeedResult:
                 "changes thresholds under running stages. Stop the stages and pass --reset to "
                 "replace it."
             )
-    items = list(read_inputs([path], settings.limits))
+    items = list(settings_inputs(settings, [path]))
     probe = next((i for i in items if isinstance(i, Sample)), None)
     encoder, captioner = build_models(settings, probe)
     cur = Curator(settings, encoder, captioner)

@@ -66,6 +66,7 @@ def embedded_from_record(rec: dict[str, Any], dims: dict[str, int] | None) -> Em
         fix=rec.get("fix"),
         cell=rec.get("cell", 0),
         source=rec.get("source"),
+        image_uri=rec.get("image_uri"),
     )
 
 
@@ -192,7 +193,7 @@ class SelectProcessor:
             state, self.t, self.settings.select, self.settings.clean, self.neighbour_fixer
         )
         if self.metrics is not None:
-            self.metrics.index_items.labels(partition=str(p)).set(state.count)
+            self.metrics.set_index_items(p, state.count, state.memory_bytes())
             self.metrics.observe_thresholds(str(p), self.t, state.spaces)
             self.metrics.observe_online(str(p), state.online)
 
@@ -367,7 +368,8 @@ class SelectProcessor:
                 self.states[p].changelog_offset = max(self.states[p].changelog_offset, offset)
         for p in list(self.states):
             if self.metrics is not None:
-                self.metrics.index_items.labels(partition=str(p)).set(self.states[p].count)
+                st = self.states[p]
+                self.metrics.set_index_items(p, st.count, st.memory_bytes())
             self._maybe_snapshot(p)
 
     def close(self) -> None:

@@ -15,21 +15,23 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from infogrowth.config import Settings
-from infogrowth.files import read_inputs
+from infogrowth.files import settings_inputs
 from infogrowth.kafka.clients import base_config, consumer_config, producer_config
+from infogrowth.locations import Location
 from infogrowth.records import source_key
 from infogrowth.schema import Malformed, pack, sample_to_obj
 
 
 def produce(
     settings: Settings,
-    paths: list[Path],
+    paths: list[Location],
     topic: str | None = None,
     progress: Callable[[int], None] | None = None,
     raw: list[bytes] | None = None,
     image_root: Path | None = None,
 ) -> int:
-    """Load JSONL / WebDataset samples (as msgpack) into the ingest topic; returns the count.
+    """Load samples of JSONL, WebDataset shards, Parquet and table folders (local or URLs; see
+    :func:`~infogrowth.files.read_inputs`) as msgpack into the ingest topic; returns the count.
 
     Lines that fail validation are sent as they are, so the curator rejects them: a producer
     never filters what the pipeline must account for. Image paths are confined to ``image_root``
@@ -57,7 +59,7 @@ def produce(
         if progress is not None and n % 500 == 0:
             progress(500)
 
-    for item in read_inputs(paths, settings.limits, image_root):
+    for item in settings_inputs(settings, paths, image_root):
         if isinstance(item, Malformed):
             send(item.payload, item.id.encode() if item.id else None)
         else:

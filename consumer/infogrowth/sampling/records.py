@@ -53,6 +53,9 @@ class CuratedSample:
     policy: str | None = None
     vote: dict[str, float] | None = None
     """Label shares of the voting neighbours (why a sample was relabelled)."""
+    image_uri: str | None = None
+    """Where the image is, when the input referred to it (``outputs_include_image: reference``
+    records carry this instead of ``image``)."""
 
     @property
     def relabeled(self) -> bool:
@@ -105,6 +108,7 @@ class CuratedSample:
             position=position,
             policy=None if policy is None else str(policy),
             vote=rec.get("vote"),
+            image_uri=rec.get("image_uri"),
         )
 
 
