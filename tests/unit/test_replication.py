@@ -44,6 +44,7 @@ class Msg:
 class Out:
     records: list[tuple[str, int | None, dict[str, Any]]] = field(default_factory=list)
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    first: dict[tuple[str, int], int] = field(default_factory=dict)
 
     def produce(
         self, topic: str, value: bytes, key: bytes | None = None, partition: int | None = None

@@ -49,7 +49,7 @@ class Runtime:
             return False, "starting"
         if not all(lp.assigned_once.is_set() for lp in self.loops):
             return False, "waiting for a partition assignment"
-        if self.select is not None and self.select.restoring:
+        if any(lp.restoring for lp in self.loops) or (self.select and self.select.restoring):
             return False, "restoring state"
         if self.stop.is_set():
             return False, "draining"
@@ -119,6 +119,7 @@ def build(settings: Settings, role: str, rt: Runtime | None = None) -> Runtime:
         proc = EmbedProcessor(
             settings, stage, thresholds, cells, k.topics.embedded_partitions, rt.metrics
         )
+        proc.epoch = cal.epoch if cal else 0
         rt.loops.append(_loop(settings, rt, proc, k.embed_group, k.topics.ingest, prefix, inst))
     if role in ("select", "all"):
         fingerprint = cal.fingerprint if cal and cal.fingerprint else _config_fingerprint(settings)
