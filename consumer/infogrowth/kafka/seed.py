@@ -35,8 +35,13 @@ class CalibrationExists(ValueError):
     """The control topic already holds a calibration and ``reset`` was not asked for."""
 
 
-def seed(settings: Settings, path: Path, *, reset: bool = False) -> SeedResult:
+def seed(
+    settings: Settings, path: Path, *, reset: bool = False, image_root: Path | None = None
+) -> SeedResult:
     """Calibrate on ``path``, publish the calibration and write the seed into the changelog.
+
+    Image paths in JSONL lines are confined to ``image_root`` (default: the file's folder),
+    as for ``curate`` and ``produce``: anything outside is a malformed seed item.
 
     Refuses when a calibration is already published, unless ``reset``. A reset publishes the
     next calibration epoch: its seed records carry the new epoch, running stages notice it on
@@ -53,7 +58,7 @@ def seed(settings: Settings, path: Path, *, reset: bool = False) -> SeedResult:
             "it: a new calibration epoch, whose select state starts again from this seed"
         )
     epoch = existing.epoch + 1 if existing is not None else 1
-    items = list(read_inputs([path], settings.limits))
+    items = list(read_inputs([path], settings.limits, image_root))
     probe = next((i for i in items if isinstance(i, Sample)), None)
     encoder, captioner = build_models(settings, probe)
     cur = Curator(settings, encoder, captioner)
