@@ -179,10 +179,13 @@ def test_a_newer_epoch_aborts_the_batch_and_changes_epoch_first(
     proc.on_abort([TopicPartition(EMBEDDED, 0)])
     assert 0 not in proc.states, "no rebuild under the old epoch: the change rebuilds"
     assert proc.maintain() == [0] and proc.epoch == 2 and not proc.states
-    monkeypatch.setattr(select_mod, "read_calibration", lambda s: _cal(2))
+    lookups: list[int] = []
+    monkeypatch.setattr(select_mod, "read_calibration", lambda s: lookups.append(1) or _cal(2))
     out = Out()
-    proc.process([_msg(_items(1, "c")[0], 4, epoch=3)], out)  # type: ignore[list-item]
-    assert [r["reason"] for _, r in out.on("rejected")] == ["stale_epoch"]
+    unknown = [_msg(e, 4 + i, epoch=3) for i, e in enumerate(_items(3, "c"))]
+    proc.process(unknown, out)  # type: ignore[arg-type]
+    assert [r["reason"] for _, r in out.on("rejected")] == ["stale_epoch"] * 3
+    assert "not published" in out.on("rejected")[0][1]["detail"] and lookups == [1]
 
 
 def test_a_new_calibration_on_the_control_topic_drops_every_state(tmp_path: Path) -> None:

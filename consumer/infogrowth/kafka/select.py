@@ -152,6 +152,8 @@ class SelectProcessor:
         """Embedded records rejected (or replicas dropped) for an older calibration epoch."""
         self.watcher: ControlWatcher | None = None
         self._next_cal: Calibration | None = None
+        self._unpublished: set[int] = set()
+        """Epochs newer than this stage's that the control topic did not know when looked up."""
         self._changelog_id: str | None = None
         self._changelog_id_known = False
         self._calibrate(thresholds, calibration, fingerprint)
@@ -341,6 +343,7 @@ class SelectProcessor:
         self.last_snapshot.clear()
         fingerprint = cal.fingerprint or self.fingerprint
         self._calibrate(cal.thresholds, cal, fingerprint)
+        self._unpublished.clear()
 
     def _check_epoch(self, rec: dict[str, Any]) -> str | None:
         """None if ``rec`` belongs to this stage's epoch, else why it is stale. A newer epoch
@@ -349,12 +352,12 @@ class SelectProcessor:
         if epoch == self.epoch:
             return None
         if epoch > self.epoch:
-            cal = read_calibration(self.settings)
-            if cal is not None and cal.epoch > self.epoch:
-                self._next_cal = cal
-                raise EpochAhead(
-                    f"embedded record of calibration epoch {epoch}, stage at {self.epoch}"
-                )
+            if epoch not in self._unpublished:  # looked up once per epoch, not per record
+                cal = read_calibration(self.settings)
+                if cal is not None and cal.epoch > self.epoch:
+                    self._next_cal = cal
+                    raise EpochAhead(f"record of calibration epoch {epoch}, stage at {self.epoch}")
+                self._unpublished.add(epoch)
             return f"calibration epoch {epoch} is not published on {self.topics.control}"
         return (
             f"embedded under calibration epoch {epoch}, replaced by epoch {self.epoch} "
