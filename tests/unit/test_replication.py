@@ -26,9 +26,16 @@ class Msg:
     _partition: int
     _offset: int
     _topic: str = EMBEDDED
+    _key: bytes | None = None
 
     def value(self) -> bytes:
         return self._value
+
+    def key(self) -> bytes | None:
+        return self._key
+
+    def error(self) -> None:
+        return None
 
     def topic(self) -> str:
         return self._topic

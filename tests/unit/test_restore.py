@@ -283,3 +283,24 @@ def test_state_records_carry_the_epoch(tmp_path: Path) -> None:
     states = [r for _, r in out.on("changelog") if "state" in r]
     assert states and all(r["epoch"] == 4 for r in states)
     assert STATE_KEY == b"\x00state"
+
+
+def test_read_calibration_waits_for_a_just_committed_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Right after a seed commits, its markers may not be in the log yet and a read_committed
+    read ends before them: the read is repeated until it reaches the high watermark, so a second
+    seed sees the first one's epoch (and --reset moves to the next)."""
+    records = [pack("calibration", _cal(e).as_record()) for e in (1, 2)]
+    reads: list[int] = []
+
+    class Settling:
+        def __init__(self, settings: Any, topic: str, partition: int) -> None:
+            reads.append(1)
+            self.high, self.end = 3, (1 if len(reads) == 1 else 3)
+
+        def __iter__(self) -> Any:
+            for i, value in enumerate(records[: 1 if self.end == 1 else 2]):
+                yield Msg(value, 0, i, "infogrowth.control", control.CALIBRATION_KEY)
+
+    monkeypatch.setattr(control, "PartitionReader", Settling)
+    cal = control.read_calibration(make_settings())
+    assert cal is not None and cal.epoch == 2 and len(reads) == 2

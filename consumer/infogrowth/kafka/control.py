@@ -64,6 +64,9 @@ class PartitionReader:
         self.settings, self.topic, self.partition = settings, topic, partition
         self.start, self.timeout_s, self.batch = start, timeout_s, batch
         self.end: int | None = None
+        self.high: int | None = None
+        """The high watermark when the read began: above :attr:`end` while a transaction that
+        wrote before it is open or its markers are not written yet."""
 
     def __iter__(self) -> Generator[Message, None, None]:
         conf = consumer_config(
@@ -74,7 +77,7 @@ class PartitionReader:
         topic, partition = self.topic, self.partition
         c = Consumer(conf)
         try:
-            high = _high_watermark(c, TopicPartition(topic, partition), self.timeout_s)
+            high = self.high = _high_watermark(c, TopicPartition(topic, partition), self.timeout_s)
             if high <= 0 or (self.start >= 0 and self.start >= high):
                 self.end = max(high, 0)
                 return
@@ -130,16 +133,28 @@ def calibration_id(cal: Calibration | None) -> str | None:
     return hashlib.sha256(pack("calibration", cal.as_record(), check=False)).hexdigest()[:16]
 
 
-def read_calibration(settings: Settings) -> Calibration | None:
-    """The latest calibration on the control topic, or None when nothing was seeded."""
-    latest: dict[str, Any] | None = None
-    for m in read_partition_to_end(settings, settings.kafka.topics.control, 0):
-        value = m.value()
-        if m.key() == CALIBRATION_KEY and value:
-            latest = unpack("calibration", value, max_bytes=256 * 1024 * 1024)
-    if latest is None:
-        return None
-    return Calibration.from_record(latest)
+def read_calibration(settings: Settings, settle_s: float = 30.0) -> Calibration | None:
+    """The latest calibration on the control topic, or None when nothing was seeded.
+
+    A seed's transaction counts once it has committed, but its commit markers reach the log a
+    moment after ``commit_transaction`` returns; until then a read_committed reader ends before
+    it. So the read is repeated (up to ``settle_s``) until it reaches the high watermark seen
+    when it began: a seed run right after another one must see the first one's epoch.
+    """
+    deadline = time.monotonic() + settle_s
+    while True:
+        latest: dict[str, Any] | None = None
+        reader = PartitionReader(settings, settings.kafka.topics.control, 0)
+        for m in reader:
+            value = m.value()
+            if m.key() == CALIBRATION_KEY and value:
+                latest = unpack("calibration", value, max_bytes=256 * 1024 * 1024)
+        settled = reader.end is None or reader.high is None or reader.end >= reader.high
+        if settled or time.monotonic() > deadline:
+            if not settled:
+                log.warning("control topic: a transaction is still open; using what committed")
+            return None if latest is None else Calibration.from_record(latest)
+        time.sleep(0.2)
 
 
 class ControlWatcher:
