@@ -492,12 +492,20 @@ class Calibration:
     seed_count: int = 0
     fingerprint: str | None = None
     cells: dict[str, Any] | None = None
+    epoch: int = 0
+    """Bumped by every ``seed --reset``; embedded and changelog records and snapshots carry the
+    epoch they were made under (0: no calibration, or one published before epochs existed)."""
 
     def as_record(self) -> dict[str, Any]:
         rec: dict[str, Any] = {"v": 1, "spaces": list(self.spaces), "dims": dict(self.dims)}
         rec.update(self.thresholds.as_record())
         rec.update(
-            {"seed_count": self.seed_count, "fingerprint": self.fingerprint, "cells": self.cells}
+            {
+                "seed_count": self.seed_count,
+                "fingerprint": self.fingerprint,
+                "cells": self.cells,
+                "epoch": self.epoch,
+            }
         )
         return rec
 
@@ -510,4 +518,5 @@ class Calibration:
             seed_count=int(rec.get("seed_count", 0)),
             fingerprint=rec.get("fingerprint"),
             cells=rec.get("cells"),
+            epoch=int(rec.get("epoch", 0)),
         )

@@ -293,18 +293,25 @@ def run(role: str, config: Path | None, exit_when_idle: float | None) -> None:
 @click.option(
     "--reset",
     is_flag=True,
-    help="Replace a calibration already on the control topic (stop the stages first).",
+    help="Replace a published calibration: a new calibration epoch (running stages follow it).",
 )
-def seed(input_: Any, config: Path | None, reset: bool) -> None:
+@click.option(
+    "--image-root",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Image paths in JSONL lines must stay under this folder (default: the file's folder).",
+)
+def seed(input_: Any, config: Path | None, reset: bool, image_root: Path | None) -> None:
     """Calibrate on known-clean samples, publish the calibration and seed the changelog.
 
-    Refuses when a calibration is already published, unless --reset."""
+    Refuses when a calibration is already published, unless --reset (a new calibration epoch:
+    running stages change to it cleanly)."""
     from infogrowth.kafka.seed import seed as run_seed
 
     settings = _settings(config)
     _setup_logging(settings)
     try:
-        res = run_seed(settings, input_, reset=reset)
+        res = run_seed(settings, input_, reset=reset, image_root=image_root)
     except ValueError as exc:
         raise _failure(exc, settings) from None
     rec = res.calibration.as_record()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -234,6 +234,11 @@ class EncoderConfig(_Section):
                 f"encoder.batch_size ({self.batch_size})"
             )
         return self
+
+    dims: dict[Literal["image", "text"], Annotated[int, Field(gt=0)]] | None = None
+    """Dimensions of precomputed vectors per space, e.g. ``{image: 512, text: 512}``. Required
+    by ``run`` on precomputed embeddings without a seeded calibration, so that no sample fixes
+    them for the process; a sample with other spaces or dimensions is malformed."""
 
 
 class CleanConfig(_Section):

@@ -155,6 +155,7 @@ _EMBEDDED_KEYS = frozenset(
         "original_label",
         "fix",
         "cell",
+        "epoch",
         "replica",
         "source",
     }
@@ -260,6 +261,8 @@ def _embedded_ok(obj: Any) -> bool:
     if meta is not None and not isinstance(meta, dict):
         return False
     if "replica" in obj and not isinstance(obj["replica"], bool):
+        return False
+    if "epoch" in obj and not (_is_integer(obj["epoch"]) and obj["epoch"] >= 0):
         return False
     source = obj.get("source")
     if source is None:

@@ -78,11 +78,12 @@ def save(
     *,
     topic_id: str | None = None,
     calibration: str | None = None,
+    epoch: int = 0,
 ) -> SnapshotInfo:
     """Write a snapshot of ``state`` and make it current; prune older ones beyond ``keep``.
 
-    ``topic_id`` names the changelog topic the state's offset refers to and ``calibration`` the
-    calibration it was decided under: a snapshot is only valid against both.
+    ``topic_id`` names the changelog topic the state's offset refers to, ``calibration`` and
+    ``epoch`` the calibration it was decided under: a snapshot is only valid against all three.
     """
     directory.mkdir(parents=True, exist_ok=True)
     name = f"snap-{state.count:012d}-{state.changelog_offset + 1:012d}"
@@ -125,6 +126,7 @@ def save(
         "changelog_offset": state.changelog_offset,
         "changelog_topic_id": topic_id,
         "calibration": calibration,
+        "epoch": epoch,
         "created": created,
         "files": files,
     }
@@ -162,14 +164,15 @@ def load(
     dims: dict[str, int],
     topic_id: str | None = None,
     calibration: str | None = None,
+    epoch: int = 0,
     end_offset: int | None = None,
 ) -> PartitionState:
     """Load and verify the current snapshot; raise :class:`SnapshotError` on any mismatch.
 
     A snapshot belongs to one changelog topic (``topic_id``: topics recreated under the same
-    name get a new id) and one calibration; it is refused when either differs, or when its
-    offset is not below ``end_offset`` (the changelog partition's end), since then the log it
-    was taken from is gone.
+    name get a new id) and one calibration (digest and ``epoch``); it is refused when either
+    differs, or when its offset is not below ``end_offset`` (the changelog partition's end),
+    since then the log it was taken from is gone.
     """
     cur = directory / "CURRENT"
     if not cur.is_file():
@@ -201,6 +204,11 @@ def load(
         raise SnapshotError(
             f"{snap}: made under calibration {manifest.get('calibration')!r}, "
             f"this run uses {calibration!r}"
+        )
+    if manifest.get("epoch", 0) != epoch:
+        raise SnapshotError(
+            f"{snap}: made under calibration epoch {manifest.get('epoch', 0)!r}, "
+            f"this run is at epoch {epoch}"
         )
     offset = manifest.get("changelog_offset")
     if not isinstance(offset, int):

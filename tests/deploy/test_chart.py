@@ -187,9 +187,12 @@ def test_acceptance_command_renders_valid_manifests(helm: Helm) -> None:
         (("config.serve.port=1",), "use metrics.port"),
         (("config.snapshot.directory=/x",), "config.snapshot.directory is set by the chart"),
         (("autoscaling.hpa.enabled=true", "autoscaling.keda.enabled=true"), "exclusive"),
+        (("autoscaling.hpa.enabled=true",), "embed Deployment of mode: split only"),
+        (("autoscaling.keda.enabled=true",), "embed Deployment of mode: split only"),
+        (("config.kafka.static_membership=true",), "config.kafka.static_membership is set by"),
         (("kafka.secretKeys.sasl\\.password=pw",), "needs kafka.existingSecret"),
         (
-            ("autoscaling.keda.enabled=true", "autoscaling.keda.trigger=prometheus"),
+            ("mode=split", "autoscaling.keda.enabled=true", "autoscaling.keda.trigger=prometheus"),
             "needs autoscaling.keda.prometheus.serverAddress",
         ),
         (("autoscaling.minReplicas=5", "autoscaling.maxReplicas=2"), "must not exceed"),
@@ -261,6 +264,8 @@ def test_defaults_one_hardened_statefulset(rendered: dict[str, Rendered]) -> Non
         "fieldRef": {"fieldPath": "metadata.name"}
     }
     assert env["HF_HUB_OFFLINE"]["value"] == "1"
+    # Static membership on: the StatefulSet's pod names are stable group.instance.ids.
+    assert env["INFOGROWTH_KAFKA__STATIC_MEMBERSHIP"]["value"] == "true"
     # The pods roll when the config changes.
     cm = out.one("ConfigMap")
     digest = hashlib.sha256(cm["data"]["config.yaml"].rstrip("\n").encode()).hexdigest()
@@ -269,24 +274,25 @@ def test_defaults_one_hardened_statefulset(rendered: dict[str, Rendered]) -> Non
 
 def test_gpu_keda_servicemonitor(rendered: dict[str, Rendered]) -> None:
     out = rendered["gpu"]
-    sts = out.one("StatefulSet")
-    pod, c = _pod(sts), _container(sts)
+    dep, sts = out.one("Deployment"), out.one("StatefulSet")
+    pod, c = _pod(dep), _container(dep)
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert c["resources"]["limits"]["memory"] == "24Gi"
     assert pod["runtimeClassName"] == "nvidia"
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert "nodeSelector" not in _pod(sts) and "runtimeClassName" not in _pod(sts)
     assert "podAntiAffinity" in pod["affinity"]
     assert pod["priorityClassName"] == "ml-streaming"
     assert pod["terminationGracePeriodSeconds"] == 60 + 15
-    # KEDA owns the replica count: no `replicas`, no HPA of ours.
-    assert "replicas" not in sts["spec"]
+    # KEDA owns the embed Deployment's replica count, never the select StatefulSet's.
+    assert "replicas" not in dep["spec"] and sts["spec"]["replicas"] == 3
     assert out.of("HorizontalPodAutoscaler") == []
     so = out.one("ScaledObject")
     assert so["spec"]["scaleTargetRef"] == {
         "apiVersion": "apps/v1",
-        "kind": "StatefulSet",
-        "name": sts["metadata"]["name"],
+        "kind": "Deployment",
+        "name": dep["metadata"]["name"],
     }
     (trigger,) = so["spec"]["triggers"]
     assert trigger["type"] == "kafka"
@@ -374,6 +380,9 @@ def test_split_embed_deployment_and_select_statefulset(rendered: dict[str, Rende
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 8)
     assert "replicas" not in embed["spec"]
     assert select["spec"]["replicas"] == 4
+    # Static membership for the select pods (stable names), never for the embed Deployment's.
+    assert _env(sc)["INFOGROWTH_KAFKA__STATIC_MEMBERSHIP"]["value"] == "true"
+    assert _env(ec)["INFOGROWTH_KAFKA__STATIC_MEMBERSHIP"]["value"] == "false"
     pdbs = {p["metadata"]["name"]: p["spec"] for p in out.of("PodDisruptionBudget")}
     assert pdbs["ig-infogrowth-select"]["minAvailable"] == 3
     assert pdbs["ig-infogrowth-embed"]["maxUnavailable"] == 1

@@ -101,7 +101,7 @@ def test_fenced_select_mid_stream_drops_uncommitted_state(
         _stop(rt)
     assert any(isinstance(e, FatalStageError) for e in rt.errors), rt.errors
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="infogrowth.kafka.select"):
+    with caplog.at_level(logging.INFO, logger="infogrowth.kafka.restore"):
         _drain(settings)
     assert "snapshot with" in caplog.text, "the restart restores from the committed snapshot"
     _check(settings, both, seed_file, tmp_path, n=N + LATE)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from infogrowth.config import ConfigError, load_settings
@@ -59,3 +60,31 @@ def test_missing_and_invalid_files(tmp_path: Path) -> None:
     p.write_text("a: [1,\n")
     with pytest.raises(ConfigError, match="YAML"):
         load_settings(p)
+
+
+def test_an_unseeded_precomputed_run_needs_encoder_dims(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a seeded calibration the dimensions of precomputed vectors come from config, not
+    from whichever sample happens to come first; a sample of other dimensions is malformed."""
+    from infogrowth.kafka import run
+    from infogrowth.pipeline import EmbedStage
+    from infogrowth.records import Outcome
+    from infogrowth.schema import Embedded, parse_msgpack_sample
+
+    monkeypatch.setattr(run, "read_calibration", lambda settings: None)
+    with pytest.raises(ValueError, match=r"^encoder\.dims: "):
+        run.build(load_settings(None), "select")
+    with pytest.raises(ConfigError, match=r"encoder\.dims"):
+        load_settings(None, **{"encoder.dims": {"image": 0}})
+    settings = load_settings(None, **{"encoder.dims": {"text": 4, "image": 3}})
+    rt = run.build(settings, "all")
+    assert rt.select is not None and rt.select.dims == {"image": 3, "text": 4}
+    stage = rt.loops[0].processor.stage  # type: ignore[attr-defined]
+    assert isinstance(stage, EmbedStage) and stage.dims == {"image": 3, "text": 4}
+    raw = [
+        msgpack.packb({"id": i, "embedding": {"image": [1.0] * d, "text": [1.0] * 4}})
+        for i, d in (("wide", 5), ("ok", 3))
+    ]
+    items = [parse_msgpack_sample(r, settings.limits, {"topic": "t"}) for r in raw]
+    wide, ok = stage.process(items)
+    assert isinstance(wide, Outcome) and wide.reason == "malformed" and wide.id == "wide"
+    assert isinstance(ok, Embedded)

@@ -10,6 +10,7 @@ import pytest
 from confluent_kafka import TopicPartition
 
 from infogrowth import snapshot
+from infogrowth.kafka.restore import Layout, apply_items
 from infogrowth.kafka.select import SelectProcessor
 from infogrowth.schema import Embedded
 from infogrowth.select import Thresholds
@@ -154,7 +155,8 @@ def test_replay_skips_an_id_repeated_within_one_chunk(tmp_path: Path) -> None:
     enters the index once."""
     proc = _proc(tmp_path)
     a, b = _items(2, "r")
-    state = proc._apply(None, [(a, 0), (b, 1), (a, 2)])
+    layout = Layout("test", spaces=("image",), dims={"image": 8})
+    state = apply_items(None, [(a, 0), (b, 1), (a, 2)], layout, proc.settings)
     assert state.ids == [a.id, b.id] and state.changelog_offset == 2
-    state = proc._apply(state, [(b, 3), (a, 4)])
+    state = apply_items(state, [(b, 3), (a, 4)], layout, proc.settings)
     assert state.count == 2 and state.changelog_offset == 4

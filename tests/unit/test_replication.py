@@ -26,9 +26,16 @@ class Msg:
     _partition: int
     _offset: int
     _topic: str = EMBEDDED
+    _key: bytes | None = None
 
     def value(self) -> bytes:
         return self._value
+
+    def key(self) -> bytes | None:
+        return self._key
+
+    def error(self) -> None:
+        return None
 
     def topic(self) -> str:
         return self._topic
@@ -44,6 +51,7 @@ class Msg:
 class Out:
     records: list[tuple[str, int | None, dict[str, Any]]] = field(default_factory=list)
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    first: dict[tuple[str, int], int] = field(default_factory=dict)
 
     def produce(
         self, topic: str, value: bytes, key: bytes | None = None, partition: int | None = None

@@ -114,6 +114,11 @@ EMBEDDED_CORPUS: list[Any] = [
     {**EMB, "alignment": True},
     {**EMB, "alignment": "0.5"},
     {**EMB, "replica": 1},
+    {**EMB, "epoch": 0},
+    {**EMB, "epoch": 3.0},
+    {**EMB, "epoch": -1},
+    {**EMB, "epoch": True},
+    {**EMB, "epoch": "1"},
     {**EMB, "label": 3},
     {**EMB, "image_uri": "s3://b/k.jpg"},
     {**EMB, "image_uri": None},
@@ -185,6 +190,7 @@ embedded_like = st.fixed_dictionaries(
         )
         | json_values,
         "cell": st.integers(-2, 5) | st.floats(-2, 5) | st.booleans() | st.text(max_size=2),
+        "epoch": st.integers(-2, 5) | st.floats(-2, 5) | st.booleans() | st.text(max_size=2),
         "text": scalars,
         "label": scalars,
         "image": scalars,
@@ -342,7 +348,7 @@ def _rules(o: Any) -> Any:
 
 
 @pytest.mark.parametrize(
-    ("kind", "digest"), [("ingest", "3912a8a5fef11542"), ("embedded", "89567536244ee953")]
+    ("kind", "digest"), [("ingest", "3912a8a5fef11542"), ("embedded", "4c58d141e6105c24")]
 )
 def test_fast_checks_were_written_for_these_schemas(kind: str, digest: str) -> None:
     """A change to a schema's rules must come with the same change to its fast check

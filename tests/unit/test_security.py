@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from click.testing import CliRunner
@@ -423,3 +423,59 @@ def test_metrics_server_drops_a_slow_drip() -> None:
                 closed = True
         sock.close()
         assert closed and time.monotonic() - start < 6
+
+
+class _FakeProducer:
+    """Takes the place of the seed's transactional producer: records what would be produced."""
+
+    records: ClassVar[list[tuple[str, bytes]]] = []
+
+    def __init__(self, conf: dict[str, Any]) -> None:
+        _FakeProducer.records = []
+
+    def init_transactions(self, timeout: float) -> None: ...
+    def begin_transaction(self) -> None: ...
+    def commit_transaction(self, timeout: float) -> None: ...
+    def poll(self, timeout: float) -> int:
+        return 0
+
+    def produce(self, topic: str, value: bytes, **kw: Any) -> None:
+        self.records.append((topic, value))
+
+
+@pytest.mark.parametrize("root", [None, "tree"])
+def test_seed_confines_image_paths_like_curate_and_produce(
+    tree: Path, monkeypatch: pytest.MonkeyPatch, root: str | None
+) -> None:
+    """``infogrowth seed`` reads JSONL image paths under the same rule: outside the file's
+    folder (or ``--image-root``) a seed item is malformed and never reaches the changelog."""
+    from infogrowth.kafka import seed as seed_mod
+    from infogrowth.synthetic import clustered
+    from tests.fixtures.helpers import make_settings
+
+    rows = clustered(40, seed=5, prefix="seed").samples
+    rows[0] = rows[0] | {"image": "../outside/secret.jpg"}
+    path = write_jsonl(tree / "data" / "seed.jsonl", rows)
+    monkeypatch.setattr(seed_mod, "read_calibration", lambda settings: None)
+    monkeypatch.setattr(seed_mod, "Producer", _FakeProducer)
+    settings = make_settings(**{"clean.enabled": False})
+    res = seed_mod.seed(settings, path, image_root=tree if root else None)
+    assert res.malformed == (0 if root else 1)
+    changelog = [v for t, v in _FakeProducer.records if t == settings.kafka.topics.changelog]
+    assert len(changelog) == res.items == (40 if root else 39)
+    assert res.calibration.epoch == 1
+
+
+def test_seed_cli_passes_the_image_root(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from infogrowth.kafka import seed as seed_mod
+
+    seen: dict[str, Any] = {}
+
+    def fake_seed(settings: Any, path: Path, **kw: Any) -> Any:
+        seen.update(kw)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(seed_mod, "seed", fake_seed)
+    path = write_jsonl(tree / "data" / "seed.jsonl", [{"id": "x", "text": "t"}])
+    res = CliRunner().invoke(main, ["seed", "--input", str(path), "--image-root", str(tree)])
+    assert res.exit_code != 0 and seen == {"reset": False, "image_root": tree}

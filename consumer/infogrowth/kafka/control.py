@@ -6,9 +6,10 @@ import hashlib
 import logging
 import time
 import uuid
+from collections.abc import Generator, Iterator
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from infogrowth.calibrate import Calibration
 from infogrowth.config import Settings
@@ -43,6 +44,65 @@ def _high_watermark(c: Consumer, tp: TopicPartition, timeout_s: float) -> int:
             time.sleep(0.2)
 
 
+class PartitionReader:
+    """Committed messages of one partition from ``start`` (-2 = beginning) to its end.
+
+    Iterate once; afterwards :attr:`end` is the offset the partition ended at for this reader
+    (its last stable offset: records of a transaction still open lie at or beyond it). Closing
+    the iterator early (``close()``) releases the consumer at once.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        topic: str,
+        partition: int,
+        start: int = -2,
+        timeout_s: float = 60.0,
+        batch: int = 1000,
+    ) -> None:
+        self.settings, self.topic, self.partition = settings, topic, partition
+        self.start, self.timeout_s, self.batch = start, timeout_s, batch
+        self.end: int | None = None
+        self.high: int | None = None
+        """The high watermark when the read began: above :attr:`end` while a transaction that
+        wrote before it is open or its markers are not written yet."""
+
+    def __iter__(self) -> Generator[Message, None, None]:
+        conf = consumer_config(
+            self.settings,
+            f"infogrowth-reader-{uuid.uuid4().hex[:8]}",
+            **{"enable.partition.eof": True, "partition.assignment.strategy": "range"},
+        )
+        topic, partition = self.topic, self.partition
+        c = Consumer(conf)
+        try:
+            high = self.high = _high_watermark(c, TopicPartition(topic, partition), self.timeout_s)
+            if high <= 0 or (self.start >= 0 and self.start >= high):
+                self.end = max(high, 0)
+                return
+            c.assign([TopicPartition(topic, partition, self.start)])
+            deadline = time.monotonic() + self.timeout_s
+            while True:
+                msgs = c.consume(self.batch, 0.5)
+                for m in msgs:
+                    err = m.error()
+                    if err is None:
+                        yield m
+                    elif err.code() == KafkaError._PARTITION_EOF:
+                        self.end = int(m.offset() or 0)
+                    else:
+                        raise RuntimeError(f"reading {topic}[{partition}]: {err}")
+                if self.end is not None:
+                    return
+                if msgs:
+                    deadline = time.monotonic() + self.timeout_s
+                elif time.monotonic() > deadline:
+                    raise TimeoutError(f"reading {topic}[{partition}] timed out")
+        finally:
+            c.close()
+
+
 def read_partition_to_end(
     settings: Settings,
     topic: str,
@@ -50,39 +110,9 @@ def read_partition_to_end(
     start: int = -2,
     timeout_s: float = 60.0,
     batch: int = 1000,
-) -> Any:
+) -> Iterator[Message]:
     """Yield committed messages of one partition from ``start`` (-2 = beginning) to its end."""
-    conf = consumer_config(
-        settings,
-        f"infogrowth-reader-{uuid.uuid4().hex[:8]}",
-        **{"enable.partition.eof": True, "partition.assignment.strategy": "range"},
-    )
-    c = Consumer(conf)
-    try:
-        high = _high_watermark(c, TopicPartition(topic, partition), timeout_s)
-        if high <= 0 or (start >= 0 and start >= high):
-            return
-        c.assign([TopicPartition(topic, partition, start)])
-        deadline = time.monotonic() + timeout_s
-        while True:
-            msgs = c.consume(batch, 0.5)
-            done = False
-            for m in msgs:
-                err = m.error()
-                if err is None:
-                    yield m
-                elif err.code() == KafkaError._PARTITION_EOF:
-                    done = True
-                else:
-                    raise RuntimeError(f"reading {topic}[{partition}]: {err}")
-            if done:
-                return
-            if msgs:
-                deadline = time.monotonic() + timeout_s
-            elif time.monotonic() > deadline:
-                raise TimeoutError(f"reading {topic}[{partition}] timed out")
-    finally:
-        c.close()
+    return iter(PartitionReader(settings, topic, partition, start, timeout_s, batch))
 
 
 def end_offset(settings: Settings, topic: str, partition: int, timeout_s: float = 30.0) -> int:
@@ -103,12 +133,55 @@ def calibration_id(cal: Calibration | None) -> str | None:
     return hashlib.sha256(pack("calibration", cal.as_record(), check=False)).hexdigest()[:16]
 
 
-def read_calibration(settings: Settings) -> Calibration | None:
-    """The latest calibration on the control topic, or None when nothing was seeded."""
-    latest: dict[str, Any] | None = None
-    for m in read_partition_to_end(settings, settings.kafka.topics.control, 0):
-        if m.key() == CALIBRATION_KEY and m.value():
-            latest = unpack("calibration", m.value(), max_bytes=256 * 1024 * 1024)
-    if latest is None:
-        return None
-    return Calibration.from_record(latest)
+def read_calibration(settings: Settings, settle_s: float = 30.0) -> Calibration | None:
+    """The latest calibration on the control topic, or None when nothing was seeded.
+
+    A seed's transaction counts once it has committed, but its commit markers reach the log a
+    moment after ``commit_transaction`` returns; until then a read_committed reader ends before
+    it. So the read is repeated (up to ``settle_s``) until it reaches the high watermark seen
+    when it began: a seed run right after another one must see the first one's epoch.
+    """
+    deadline = time.monotonic() + settle_s
+    while True:
+        latest: dict[str, Any] | None = None
+        reader = PartitionReader(settings, settings.kafka.topics.control, 0)
+        for m in reader:
+            value = m.value()
+            if m.key() == CALIBRATION_KEY and value:
+                latest = unpack("calibration", value, max_bytes=256 * 1024 * 1024)
+        settled = reader.end is None or reader.high is None or reader.end >= reader.high
+        if settled or time.monotonic() > deadline:
+            if not settled:
+                log.warning("control topic: a transaction is still open; using what committed")
+            return None if latest is None else Calibration.from_record(latest)
+        time.sleep(0.2)
+
+
+class ControlWatcher:
+    """Follows the control topic while a stage runs and reports a newly published calibration.
+
+    Assigned (not subscribed) to the topic's single partition from its beginning; read_committed,
+    so a seed's calibration shows only once its changelog records are committed with it.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        conf = consumer_config(settings, f"infogrowth-control-{uuid.uuid4().hex[:8]}")
+        self.consumer = Consumer(conf)
+        self.consumer.assign([TopicPartition(settings.kafka.topics.control, 0, -2)])
+
+    def poll(self) -> Calibration | None:
+        """The latest calibration published since the last poll (None: nothing new)."""
+        latest: Calibration | None = None
+        for m in self.consumer.consume(100, 0):
+            value = m.value()
+            if m.error() is not None or m.key() != CALIBRATION_KEY or not value:
+                continue
+            try:
+                rec = unpack("calibration", value, max_bytes=256 * 1024 * 1024)
+                latest = Calibration.from_record(rec)
+            except (ValueError, KeyError) as exc:
+                log.error("control topic: unreadable calibration at offset %s: %s", m.offset(), exc)
+        return latest
+
+    def close(self) -> None:
+        self.consumer.close()

@@ -7,10 +7,12 @@ from typing import Any
 
 from confluent_kafka import Message, TopicPartition
 
+from infogrowth.calibrate import Calibration
 from infogrowth.cells import Cells, random_centroids
 from infogrowth.config import Settings
 from infogrowth.kafka.clients import fits, record_limit, source_of
-from infogrowth.kafka.loop import Output
+from infogrowth.kafka.control import ControlWatcher
+from infogrowth.kafka.loop import FatalStageError, Output
 from infogrowth.pipeline import EmbedStage
 from infogrowth.records import Outcome, output_record, source_key, too_large
 from infogrowth.schema import Embedded, Malformed, Sample, pack, parse_msgpack_sample
@@ -23,7 +25,7 @@ DECISION_HEADROOM = 16 * 1024
 adds to its output record (gains, thresholds, vote), so a record that passes here fits there."""
 
 
-def embedded_record(e: Embedded, include_image: bool) -> dict[str, Any]:
+def embedded_record(e: Embedded, include_image: bool, epoch: int = 0) -> dict[str, Any]:
     """The embedded-topic record; image bytes only when the outputs will carry them."""
     return {
         "v": 1,
@@ -41,13 +43,16 @@ def embedded_record(e: Embedded, include_image: bool) -> dict[str, Any]:
         "fix": e.fix,
         "cell": e.cell,
         "source": e.source,
+        "epoch": epoch,
     }
 
 
 class EmbedProcessor:
-    """Stateless: nothing to restore on assign, nothing to rebuild after an abort."""
+    """Stateless: nothing to restore on assign, nothing to rebuild after an abort. A new
+    calibration epoch on the control topic only replaces its thresholds and cells."""
 
     name = "embed"
+    stateful = False
 
     def __init__(
         self,
@@ -67,6 +72,9 @@ class EmbedProcessor:
         self.topics = settings.kafka.topics
         self.include_image = settings.outputs_include_image
         stage.router = self._route
+        self.epoch = 0
+        self.watcher: Any = None
+        """The control topic's follower (a ControlWatcher), made on the first maintain()."""
         self.pending = 0
         self.committed_outputs = 0
         """Rejections this stage committed (its other results are the select stage's input)."""
@@ -90,6 +98,38 @@ class EmbedProcessor:
     def on_lost(self, partitions: list[TopicPartition]) -> None:
         pass
 
+    def maintain(self) -> list[int]:
+        if self.watcher is None:
+            self.watcher = ControlWatcher(self.settings)
+        cal = self.watcher.poll()
+        if cal is not None and cal.epoch != self.epoch:
+            self.calibrate(cal)
+        return []
+
+    def calibrate(self, cal: Calibration) -> None:
+        """Take up ``cal`` (its epoch, thresholds, layout and cells) between batches."""
+        stage = self.stage
+        if stage.encoder is not None and cal.fingerprint not in (None, stage.encoder.fingerprint):
+            raise FatalStageError(
+                f"calibration epoch {cal.epoch} was seeded with model {cal.fingerprint!r}, this "
+                f"stage runs {stage.encoder.fingerprint!r}: restart it with that model"
+            )
+        log.warning("embed: calibration epoch %d -> %d: thresholds reloaded", self.epoch, cal.epoch)
+        self.epoch = cal.epoch
+        self.thresholds = cal.thresholds
+        stage.delta = cal.thresholds.delta
+        stage.alignment_reference = cal.thresholds.alignment_quartiles
+        if stage.encoder is None:
+            stage.spaces, stage.dims = cal.spaces, dict(cal.dims)
+        n_cells = self.settings.kafka.cells or self.partitions
+        self.cells = Cells.from_record(cal.cells, n_cells) if cal.cells else None
+
+    def begin_restore(self, partition: int) -> None:
+        pass
+
+    def restore_step(self, budget_s: float) -> list[int]:
+        return []
+
     def on_abort(self, partitions: list[TopicPartition]) -> None:
         self.pending = 0
 
@@ -98,7 +138,9 @@ class EmbedProcessor:
         self.pending = 0
 
     def close(self) -> None:
-        pass
+        if self.watcher is not None:
+            self.watcher.close()
+            self.watcher = None
 
     def reject(self, message: Message, reason: str, detail: str, out: Output) -> None:
         """A trimmed rejection for an ingest message that no transaction could carry."""
@@ -126,7 +168,7 @@ class EmbedProcessor:
         limit = record_limit(lim)
         for r in results:
             if isinstance(r, Embedded):
-                rec = embedded_record(r, include_image=self.include_image is True)
+                rec = embedded_record(r, self.include_image is True, self.epoch)
                 value = pack("embedded", rec, check=False)
                 key = str(r.cell).encode()
                 if fits(lim, value, key, DECISION_HEADROOM):

@@ -5,6 +5,13 @@ Kafka transaction: the batch's outputs, its changelog records and its input offs
 together or not at all. After an abort the consumer is rewound to the committed offsets and the
 processor rebuilds its state before the next batch. Rebalance callbacks run inside ``consume()``,
 so no transaction is ever open while partitions move.
+
+A stateful processor's newly assigned partitions are paused in the assign callback and restored
+in the main loop, in steps between ``consume()`` calls: the committed offsets are fetched first
+(a zombie's pending transaction resolves before that fetch returns, so its changelog records are
+in the restored state), then the state is rebuilt, then the partition is sought to those offsets
+and resumed. A long restore therefore never stalls a cooperative rebalance, and a revoke during
+the restore cancels it.
 """
 
 from __future__ import annotations
@@ -28,6 +35,9 @@ MAX_ABORTS = 3
 """Aborts of a batch starting at the same offsets before it is bisected for a culprit."""
 STUCK_PAUSE_S = 30.0
 """Wait before retrying a batch whose culprit could not be rejected either (unready meanwhile)."""
+RESTORE_STEP_S = 0.2
+"""Restore work done between two ``consume()`` calls while partitions restore."""
+SEEK_TRIES = 50
 
 
 @dataclass
@@ -38,6 +48,8 @@ class Output:
     errors: list[str] = field(default_factory=list)
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     """Highest delivered offset per (topic, partition)."""
+    first: dict[tuple[str, int], int] = field(default_factory=dict)
+    """Lowest delivered offset per (topic, partition)."""
     count: int = 0
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
@@ -46,6 +58,7 @@ class Output:
             return
         t, p, o = position(msg)
         self.offsets[(t, p)] = max(self.offsets.get((t, p), -1), o)
+        self.first[(t, p)] = min(self.first.get((t, p), o), o)
 
     def produce(
         self, topic: str, value: bytes, key: bytes | None = None, partition: int | None = None
@@ -66,6 +79,8 @@ class Processor(Protocol):
     """Stage logic plugged into :class:`TransactionalLoop`."""
 
     name: str
+    stateful: bool
+    """Whether assigned partitions are paused until :meth:`restore_step` reports them restored."""
 
     def on_assign(self, partitions: list[TopicPartition]) -> None: ...
 
@@ -76,6 +91,19 @@ class Processor(Protocol):
     def process(self, messages: list[Message], out: Output) -> None: ...
 
     def on_commit(self, out: Output) -> None: ...
+
+    def maintain(self) -> list[int]:
+        """Between batches (no transaction open): partitions whose state must be rebuilt now
+        (a new calibration epoch, a gap in the changelog); the loop restores them."""
+        ...
+
+    def begin_restore(self, partition: int) -> None:
+        """Start rebuilding ``partition`` (its committed input offsets are known by now)."""
+        ...
+
+    def restore_step(self, budget_s: float) -> list[int]:
+        """Advance the restores for about ``budget_s`` seconds; the partitions finished."""
+        ...
 
     def on_abort(self, partitions: list[TopicPartition]) -> None: ...
 
@@ -135,7 +163,9 @@ class TransactionalLoop:
         self._last_error: str | None = None
         self.started = threading.Event()
         self.assigned_once = threading.Event()
-        """Set after the first assignment (possibly empty) has been restored."""
+        """Set after the first assignment (possibly empty)."""
+        self.restoring: dict[tuple[str, int], int | None] = {}
+        """Paused partitions being restored -> their committed offset (None until fetched)."""
 
     # -- rebalance callbacks (run inside consume) ---------------------------------------
 
@@ -144,19 +174,93 @@ class TransactionalLoop:
         self.processor.on_assign(partitions)
         self.assigned |= {(tp.topic, tp.partition) for tp in partitions}
         self.rebalances += bool(partitions)
+        if partitions and self.processor.stateful:
+            # Assign here (the client would right after this callback) so that the partitions
+            # can be paused before a fetch starts; they are restored in the main loop.
+            consumer.incremental_assign(partitions)
+            self._queue_restore(partitions)
         self.assigned_once.set()
 
     def _revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("%s: revoked %s", self.processor.name, _fmt(partitions))
+        self._unqueue(partitions)
         self.processor.on_revoke(partitions)
         self.assigned -= {(tp.topic, tp.partition) for tp in partitions}
         self.rebalances += bool(partitions)
 
     def _lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.warning("%s: lost %s", self.processor.name, _fmt(partitions))
+        self._unqueue(partitions)
         self.processor.on_lost(partitions)
         self.assigned -= {(tp.topic, tp.partition) for tp in partitions}
         self.rebalances += bool(partitions)
+
+    # -- restores (main loop, between batches) ------------------------------------------
+
+    def _queue_restore(self, partitions: list[TopicPartition]) -> None:
+        """Pause ``partitions`` and restore them before they are read again."""
+        assert self.consumer is not None
+        tps = [TopicPartition(tp.topic, tp.partition) for tp in partitions]
+        self.consumer.pause(tps)
+        for tp in tps:
+            self.restoring[(tp.topic, tp.partition)] = None
+
+    def _unqueue(self, partitions: list[TopicPartition]) -> None:
+        cancelled = [tp for tp in partitions if (tp.topic, tp.partition) in self.restoring]
+        for tp in cancelled:
+            del self.restoring[(tp.topic, tp.partition)]
+        if cancelled:
+            log.info("%s: restore of %s cancelled", self.processor.name, _fmt(cancelled))
+
+    def _maintain(self) -> None:
+        """Rebuild what the processor asks for, then advance the restores in progress."""
+        assert self.consumer is not None
+        rebuild = set(self.processor.maintain())
+        again = [(t, p) for t, p in self.assigned if p in rebuild]
+        if again:
+            self._queue_restore([TopicPartition(t, p) for t, p in sorted(again)])
+        if not self.restoring:
+            return
+        unfetched = [TopicPartition(t, p) for (t, p), o in self.restoring.items() if o is None]
+        if unfetched:
+            # Committed offsets first: a read_committed fetch waits for pending transactional
+            # offset commits (a zombie's), whose changelog records the restore must then see.
+            committed = self._committed(unfetched)
+            for tp in committed:
+                self.restoring[(tp.topic, tp.partition)] = tp.offset
+                self.processor.begin_restore(tp.partition)
+        for p in self.processor.restore_step(RESTORE_STEP_S):
+            key = next(((t, q) for t, q in self.restoring if q == p), None)
+            if key is None:
+                continue
+            offset = self.restoring.pop(key)
+            start = offset if offset is not None and offset >= 0 else -2  # -2: the beginning
+            self._seek(TopicPartition(key[0], p, start))
+            self.consumer.resume([TopicPartition(key[0], p)])
+            log.info("%s: %s[%d] restored; resumed at %s", self.processor.name, key[0], p, offset)
+
+    def _committed(self, parts: list[TopicPartition]) -> list[TopicPartition]:
+        assert self.consumer is not None
+        consumer = self.consumer
+        box: list[list[TopicPartition]] = []
+        self._retriable(
+            lambda: box.append(consumer.committed(parts, timeout=TXN_TIMEOUT_S)), "committed"
+        )
+        return box[0]
+
+    def _seek(self, tp: TopicPartition) -> None:
+        """Seek, waiting out the moment right after an assignment when the client refuses."""
+        assert self.consumer is not None
+        for attempt in range(SEEK_TRIES):
+            try:
+                self.consumer.seek(tp)
+                return
+            except KafkaException as exc:
+                if attempt == SEEK_TRIES - 1:
+                    raise FatalStageError(
+                        f"{self.processor.name}: seek {tp} failed: {exc}"
+                    ) from exc
+                time.sleep(0.1)
 
     # -- main loop ----------------------------------------------------------------------
 
@@ -171,8 +275,10 @@ class TransactionalLoop:
         self.started.set()
         try:
             while not stop.is_set():
+                self._maintain()
                 generation = self.rebalances
-                msgs = self.consumer.consume(k.commit_max_messages, k.commit_interval_ms / 1000.0)
+                wait = 0.0 if self.restoring else k.commit_interval_ms / 1000.0
+                msgs = self.consumer.consume(k.commit_max_messages, wait)
                 batch = self._owned([m for m in msgs if self._keep(m)], generation)
                 self.last_progress = time.monotonic()
                 if batch:
@@ -218,10 +324,16 @@ class TransactionalLoop:
             self.discarded += len(batch)
             self._rewind([TopicPartition(t, p) for t, p in parts])
             return []
-        kept = [m for m in batch if position(m)[:2] in self.assigned]
+        # A restoring partition's messages were fetched before its pause; it is sought back to
+        # its committed offset once restored, so they come again.
+        kept = [
+            m
+            for m in batch
+            if position(m)[:2] in self.assigned and position(m)[:2] not in self.restoring
+        ]
         if len(kept) < len(batch):
             log.warning(
-                "%s: dropped %d messages of partitions not assigned to this member",
+                "%s: dropped %d messages of partitions not assigned to this member or restoring",
                 self.processor.name,
                 len(batch) - len(kept),
             )

@@ -14,7 +14,7 @@ from typing import Any
 from infogrowth.calibrate import Calibration, resolve_thresholds
 from infogrowth.cells import Cells
 from infogrowth.config import Settings
-from infogrowth.curate import build_models
+from infogrowth.curate import build_models, resolve_encoder_config
 from infogrowth.kafka.clients import instance_id
 from infogrowth.kafka.control import read_calibration
 from infogrowth.kafka.embed import EmbedProcessor
@@ -59,7 +59,7 @@ class Runtime:
             return False, "starting"
         if not all(lp.assigned_once.is_set() for lp in self.loops):
             return False, "waiting for a partition assignment"
-        if self.select is not None and self.select.restoring:
+        if any(lp.restoring for lp in self.loops) or (self.select and self.select.restoring):
             return False, "restoring state"
         if self.stop.is_set():
             return False, "draining"
@@ -111,14 +111,11 @@ def build(settings: Settings, role: str, rt: Runtime | None = None) -> Runtime:
     prefix = settings.kafka.transactional_id_prefix
     inst = instance_id(settings)
     k = settings.kafka
+    dims = cal.dims if cal else _configured_dims(settings)
     if role in ("embed", "all"):
         encoder, captioner = build_models(settings, None)
         stage = EmbedStage(
-            settings,
-            encoder,
-            captioner,
-            spaces=cal.spaces if cal else None,
-            dims=cal.dims if cal else None,
+            settings, encoder, captioner, spaces=tuple(dims) if dims else None, dims=dims
         )
         if cal is not None and encoder is not None and cal.fingerprint != encoder.fingerprint:
             raise ValueError(
@@ -132,13 +129,30 @@ def build(settings: Settings, role: str, rt: Runtime | None = None) -> Runtime:
         proc = EmbedProcessor(
             settings, stage, thresholds, cells, k.topics.embedded_partitions, rt.metrics
         )
+        proc.epoch = cal.epoch if cal else 0
         rt.loops.append(_loop(settings, rt, proc, k.embed_group, k.topics.ingest, prefix, inst))
     if role in ("select", "all"):
         fingerprint = cal.fingerprint if cal and cal.fingerprint else _config_fingerprint(settings)
         sel = SelectProcessor(settings, thresholds, cal, fingerprint, rt.metrics)
+        if cal is None and dims is not None:
+            sel.spaces, sel.dims = tuple(dims), dict(dims)
         rt.select = sel
         rt.loops.append(_loop(settings, rt, sel, k.select_group, k.topics.embedded, prefix, inst))
     return rt
+
+
+def _configured_dims(settings: Settings) -> dict[str, int] | None:
+    """``encoder.dims`` for an unseeded run; required when it runs on precomputed vectors,
+    where otherwise the first valid sample would fix the dimensions for the whole process."""
+    configured = settings.encoder.dims
+    if configured:
+        return {s: configured[s] for s in SPACES if s in configured}  # type: ignore[index]
+    if resolve_encoder_config(settings, None).kind == "precomputed":
+        raise ValueError(
+            "encoder.dims: an unseeded run on precomputed embeddings needs their dimensions per "
+            "space (e.g. encoder.dims: {image: 512, text: 512}), or run `infogrowth seed` first"
+        )
+    return None
 
 
 def _config_fingerprint(settings: Settings) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from confluent_kafka import Producer
@@ -35,24 +36,30 @@ class CalibrationExists(ValueError):
     """The control topic already holds a calibration and ``reset`` was not asked for."""
 
 
-def seed(settings: Settings, path: Location, *, reset: bool = False) -> SeedResult:
+def seed(
+    settings: Settings, path: Location, *, reset: bool = False, image_root: Path | None = None
+) -> SeedResult:
     """Calibrate on ``path``, publish the calibration and write the seed into the changelog.
 
-    Refuses when a calibration is already published, unless ``reset``: a second seed adds its
-    items to a changelog the running select stages own, and new thresholds and cells apply only
-    to stages started afterwards (their snapshots are then discarded: they name the old
-    calibration). With ``reset``, stop the stages first.
+    Image paths in JSONL lines are confined to ``image_root`` (default: the file's folder),
+    as for ``curate`` and ``produce``: anything outside is a malformed seed item.
+
+    Refuses when a calibration is already published, unless ``reset``. A reset publishes the
+    next calibration epoch: its seed records carry the new epoch, running stages notice it on
+    the control topic and change epoch cleanly (embed reloads thresholds and cells; select drops
+    its state and rebuilds it from the new epoch's changelog records, so the old seed and the
+    items kept under it no longer count; embedded records still in flight from the old epoch
+    are rejected as ``stale_epoch``).
     """
-    if not reset:
-        existing = read_calibration(settings)
-        if existing is not None:
-            raise CalibrationExists(
-                f"{settings.kafka.topics.control} already holds a calibration (seed of "
-                f"{existing.seed_count} items); re-seeding mixes two seeds in the changelog and "
-                "changes thresholds under running stages. Stop the stages and pass --reset to "
-                "replace it."
-            )
-    items = list(settings_inputs(settings, [path]))
+    existing = read_calibration(settings)
+    if not reset and existing is not None:
+        raise CalibrationExists(
+            f"{settings.kafka.topics.control} already holds a calibration (seed of "
+            f"{existing.seed_count} items, epoch {existing.epoch}); pass --reset to replace "
+            "it: a new calibration epoch, whose select state starts again from this seed"
+        )
+    epoch = existing.epoch + 1 if existing is not None else 1
+    items = list(settings_inputs(settings, [path], image_root))
     probe = next((i for i in items if isinstance(i, Sample)), None)
     encoder, captioner = build_models(settings, probe)
     cur = Curator(settings, encoder, captioner)
@@ -72,6 +79,7 @@ def seed(settings: Settings, path: Location, *, reset: bool = False) -> SeedResu
         seed_count=len(seeds),
         fingerprint=cur.embed.fingerprint,
         cells=cells.as_record(),
+        epoch=epoch,
     )
     producer = Producer(
         producer_config(
@@ -101,7 +109,7 @@ def seed(settings: Settings, path: Location, *, reset: bool = False) -> SeedResu
             per_part[p] = per_part.get(p, 0) + 1
             producer.produce(
                 settings.kafka.topics.changelog,
-                value=pack("changelog", changelog_record(e, seed=True)),
+                value=pack("changelog", changelog_record(e, seed=True, epoch=epoch)),
                 key=e.id.encode(),
                 partition=p,
                 on_delivery=on_delivery,
@@ -117,5 +125,5 @@ def seed(settings: Settings, path: Location, *, reset: bool = False) -> SeedResu
     producer.commit_transaction(120)
     if errors:
         raise RuntimeError(f"seeding failed: {errors[:3]}")
-    log.info("seeded %d items into %s", len(seeds), per_part)
+    log.info("seeded %d items into %s (calibration epoch %d)", len(seeds), per_part, epoch)
     return SeedResult(cal, len(seeds), len(cur.seed_rejected), per_part)

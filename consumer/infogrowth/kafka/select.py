@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -31,50 +32,24 @@ from infogrowth.config import Settings
 from infogrowth.index import PartitionState
 from infogrowth.kafka.admin import topic_id
 from infogrowth.kafka.clients import fits, position, record_limit, source_of
-from infogrowth.kafka.control import calibration_id, end_offset, read_partition_to_end
+from infogrowth.kafka.control import ControlWatcher, calibration_id, read_calibration
 from infogrowth.kafka.loop import Output, StaleBatch
-from infogrowth.online import OnlineState
+from infogrowth.kafka.restore import Layout, PartitionRestore, embedded_from_record, run_to_end
 from infogrowth.records import Outcome, output_record, source_key, too_large
-from infogrowth.schema import Embedded, Malformed, pack, unpack, vector_from_bytes
+from infogrowth.schema import Embedded, Malformed, pack, unpack
 from infogrowth.schema import vector_to_bytes as v2b
 from infogrowth.select import Selector, Thresholds
 
+__all__ = ["SelectProcessor", "changelog_record", "embedded_from_record", "replica_record"]
+
 log = logging.getLogger(__name__)
-
-
-def embedded_from_record(rec: dict[str, Any], dims: dict[str, int] | None) -> Embedded:
-    vecs = {
-        s: vector_from_bytes(b, None if dims is None else dims.get(s))
-        for s, b in rec["vectors"].items()
-    }
-    if dims is not None and set(vecs) != set(dims):
-        raise ValueError(f"vectors for {sorted(vecs)}, expected {sorted(dims)}")
-    for s, v in vecs.items():
-        if not np.all(np.isfinite(v)):
-            raise ValueError(f"vectors.{s}: NaN or Inf")
-    return Embedded(
-        id=rec["id"],
-        vectors=vecs,
-        text=rec.get("text"),
-        label=rec.get("label"),
-        image=rec.get("image"),
-        meta=rec.get("meta"),
-        alignment=rec.get("alignment"),
-        original_alignment=rec.get("original_alignment"),
-        original_text=rec.get("original_text"),
-        original_label=rec.get("original_label"),
-        fix=rec.get("fix"),
-        cell=rec.get("cell", 0),
-        source=rec.get("source"),
-        image_uri=rec.get("image_uri"),
-    )
 
 
 STATE_KEY = b"\x00state"
 """Changelog key of a partition's online state records (compaction keeps the latest)."""
 
 
-def replica_record(e: Embedded, cell: int) -> dict[str, Any]:
+def replica_record(e: Embedded, cell: int, epoch: int = 0) -> dict[str, Any]:
     """What the neighbouring cell's partition needs to index a kept item: id, label, vectors."""
     return {
         "v": 1,
@@ -84,6 +59,7 @@ def replica_record(e: Embedded, cell: int) -> dict[str, Any]:
         "cell": cell,
         "replica": True,
         "fix": e.fix,
+        "epoch": epoch,
     }
 
 
@@ -106,12 +82,13 @@ def replica_partitions(
     return out
 
 
-def changelog_record(e: Embedded, seed: bool = False) -> dict[str, Any]:
+def changelog_record(e: Embedded, seed: bool = False, epoch: int = 0) -> dict[str, Any]:
     rec: dict[str, Any] = {
         "v": 1,
         "id": e.id,
         "label": e.label,
         "vectors": {s: v2b(v) for s, v in e.vectors.items()},
+        "epoch": epoch,
     }
     if e.fix is not None:
         rec["fixed"] = True
@@ -120,12 +97,18 @@ def changelog_record(e: Embedded, seed: bool = False) -> dict[str, Any]:
     return rec
 
 
-def state_record(state: PartitionState) -> dict[str, Any]:
-    return {"v": 1, "state": state.online.as_record()}
+def state_record(state: PartitionState, epoch: int = 0) -> dict[str, Any]:
+    return {"v": 1, "state": state.online.as_record(), "epoch": epoch}
+
+
+class EpochAhead(StaleBatch):
+    """An embedded record of a calibration epoch newer than this stage's: abort the batch and
+    change epoch before deciding it."""
 
 
 class SelectProcessor:
     name = "select"
+    stateful = True
 
     def __init__(
         self,
@@ -136,9 +119,6 @@ class SelectProcessor:
         metrics: Any = None,
     ) -> None:
         self.settings = settings
-        self.t = thresholds
-        self.cal = calibration
-        self.fingerprint = fingerprint
         self.metrics = metrics
         self.topics = settings.kafka.topics
         self.states: dict[int, PartitionState] = {}
@@ -148,10 +128,15 @@ class SelectProcessor:
         self.uncommitted: set[int] = set()
         """Partitions whose state holds changes of a transaction that has not committed (yet)."""
         self.last_snapshot: dict[int, float] = {}
-        self.spaces: tuple[str, ...] | None = calibration.spaces if calibration else None
-        self.dims: dict[str, int] | None = dict(calibration.dims) if calibration else None
-        self.restoring = False
+        self.restores: dict[int, tuple[PartitionRestore, Generator[None, None, Any]]] = {}
+        """Partitions being restored in steps (see :meth:`restore_step`)."""
+        self._restoring_now = False
         self.restore_seconds: list[float] = []
+        self.next_offset: dict[int, int] = {}
+        """Where this stage's next changelog record should land per partition: a record found
+        beyond it means someone else wrote in between (a seed, a zombie), so the partition is
+        replayed."""
+        self.replay: set[int] = set()
         fixer = settings.clean.fixer
         self.neighbour_fixer = fixer in ("auto", "neighbours")
         self.pending = 0
@@ -161,14 +146,36 @@ class SelectProcessor:
         self.partitions = k.topics.embedded_partitions
         self.n_cells = k.cells or self.partitions
         self.margin = k.cells_replication_margin
+        self.replicas_sent = 0
+        self.replicas_applied = 0
+        self.stale_epoch = 0
+        """Embedded records rejected (or replicas dropped) for an older calibration epoch."""
+        self.watcher: ControlWatcher | None = None
+        self._next_cal: Calibration | None = None
+        self._unpublished: set[int] = set()
+        """Epochs newer than this stage's that the control topic did not know when looked up."""
+        self._changelog_id: str | None = None
+        self._changelog_id_known = False
+        self._calibrate(thresholds, calibration, fingerprint)
+
+    def _calibrate(
+        self, thresholds: Thresholds, calibration: Calibration | None, fingerprint: str
+    ) -> None:
+        """Take up a calibration (at start, or at an epoch change with all state dropped)."""
+        self.t = thresholds
+        self.cal = calibration
+        self.fingerprint = fingerprint
+        self.epoch = calibration.epoch if calibration else 0
+        self.spaces: tuple[str, ...] | None = calibration.spaces if calibration else None
+        self.dims: dict[str, int] | None = dict(calibration.dims) if calibration else None
         self.cells: Cells | None = None
         if calibration is not None and calibration.cells:
             self.cells = Cells.from_record(calibration.cells, self.n_cells)
-        self.replicas_sent = 0
-        self.replicas_applied = 0
         self.calibration_id = calibration_id(calibration)
-        self._changelog_id: str | None = None
-        self._changelog_id_known = False
+
+    @property
+    def restoring(self) -> bool:
+        return bool(self.restores) or self._restoring_now
 
     @property
     def changelog_id(self) -> str | None:
@@ -197,97 +204,73 @@ class SelectProcessor:
             self.metrics.observe_thresholds(str(p), self.t, state.spaces)
             self.metrics.observe_online(str(p), state.online)
 
+    def _layout(self) -> Layout:
+        return Layout(
+            fingerprint=self.fingerprint,
+            epoch=self.epoch,
+            spaces=self.spaces,
+            dims=self.dims,
+            topic_id=self.changelog_id,
+            calibration=self.calibration_id,
+        )
+
+    def _new_restore(self, p: int) -> PartitionRestore:
+        return PartitionRestore(self.settings, p, self.snapshot_dir(p), self._layout())
+
+    def _finish_restore(self, r: PartitionRestore, state: PartitionState | None) -> None:
+        """Adopt a finished restore's result: the state, where the changelog ended, metrics."""
+        p = r.partition
+        if self.dims is None and r.layout.dims is not None:
+            self.spaces, self.dims = r.layout.spaces, r.layout.dims
+        self.next_offset[p] = r.end if r.end is not None else 0
+        self.restore_seconds.append(r.seconds)
+        if self.metrics is not None:
+            self.metrics.restore_duration.observe(r.seconds)
+            self.metrics.replayed_items.inc(r.replayed)
+        if state is not None:
+            self._selector(p, state)
+            self.last_snapshot.setdefault(p, time.time())
+
     def restore(self, p: int) -> PartitionState | None:
-        """Snapshot (verified) + changelog replay; a bad snapshot falls back to a full replay."""
-        t0 = time.perf_counter()
-        self.restoring = True
+        """Snapshot (verified) + changelog replay in one go; the state is also installed."""
+        self._restoring_now = True
         try:
-            state: PartitionState | None = None
-            if self.spaces is not None and self.dims is not None:
-                try:
-                    state = snapshot.load(
-                        self.snapshot_dir(p),
-                        self.settings.index,
-                        fingerprint=self.fingerprint,
-                        spaces=self.spaces,
-                        dims=self.dims,
-                        topic_id=self.changelog_id,
-                        calibration=self.calibration_id,
-                        end_offset=end_offset(self.settings, self.topics.changelog, p),
-                    )
-                    log.info("partition %d: snapshot with %d items loaded", p, state.count)
-                except snapshot.SnapshotError as exc:
-                    log.warning("partition %d: %s; replaying the changelog", p, exc)
-                    state = None
-            start = state.changelog_offset + 1 if state is not None else -2
-            replayed = 0
-            buf: list[tuple[Embedded, int]] = []
-            online: dict[str, Any] | None = None
-            online_offset = -1
-            for m in read_partition_to_end(self.settings, self.topics.changelog, p, start):
-                rec = unpack("changelog", m.value(), max_bytes=1 << 30)
-                if "state" in rec:  # items never change the online state: the last one wins
-                    online, online_offset = rec["state"], m.offset()
-                    continue
-                e = embedded_from_record(rec, self.dims)
-                if rec.get("fixed"):
-                    e.fix = "replayed"
-                buf.append((e, m.offset()))
-                if len(buf) >= 4096:
-                    state = self._apply(state, buf)
-                    replayed += len(buf)
-                    buf = []
-            if buf:
-                state = self._apply(state, buf)
-                replayed += len(buf)
-            if online is not None:
-                if state is None and self.spaces is not None and self.dims is not None:
-                    # decisions happened but nothing was kept yet: the state is only online
-                    state = PartitionState.empty(self.spaces, self.dims, self.settings.index)
-                if state is not None:
-                    state.online = OnlineState.from_record(online)
-                    state.changelog_offset = max(state.changelog_offset, online_offset)
-            elapsed = time.perf_counter() - t0
-            self.restore_seconds.append(elapsed)
-            if self.metrics is not None:
-                self.metrics.restore_duration.observe(elapsed)
-                self.metrics.replayed_items.inc(replayed)
-            log.info(
-                "partition %d: restored %d items (%d replayed) in %.2fs",
-                p,
-                state.count if state else 0,
-                replayed,
-                elapsed,
-            )
+            r = self._new_restore(p)
+            state = run_to_end(r)
+            self._finish_restore(r, state)
             return state
         finally:
-            self.restoring = False
+            self._restoring_now = False
 
-    def _apply(
-        self, state: PartitionState | None, buf: list[tuple[Embedded, int]]
-    ) -> PartitionState:
-        if state is None:
-            first = buf[0][0]
-            if self.spaces is None:
-                self.spaces = tuple(s for s in ("image", "text") if s in first.vectors)
-                self.dims = {s: int(first.vectors[s].shape[0]) for s in self.spaces}
-            assert self.dims is not None
-            state = PartitionState.empty(self.spaces, self.dims, self.settings.index)
-        fresh: list[tuple[Embedded, int]] = []
-        seen: set[str] = set()
-        for e, o in buf:  # an id already applied, here or in an earlier chunk, is skipped
-            if e.id not in state and e.id not in seen:
-                seen.add(e.id)
-                fresh.append((e, o))
-        if fresh:
-            state.add(
-                [e.id for e, _ in fresh],
-                {s: np.stack([e.vectors[s] for e, _ in fresh]) for s in state.spaces},
-                [e.label for e, _ in fresh],
-                [e.fix is not None for e, _ in fresh],
-            )
-        state.changelog_offset = max(state.changelog_offset, buf[-1][1])
-        return state
+    def begin_restore(self, partition: int) -> None:
+        """Drop the partition's state and start rebuilding it (see :meth:`restore_step`)."""
+        self._cancel(partition)
+        self._drop(partition)
+        r = self._new_restore(partition)
+        self.restores[partition] = (r, r.steps())
+
+    def restore_step(self, budget_s: float) -> list[int]:
+        """Advance the restores in progress for about ``budget_s``; the partitions finished."""
+        deadline = time.monotonic() + budget_s
+        done: list[int] = []
+        for p in sorted(self.restores):
+            r, steps = self.restores[p]
+            try:
+                while time.monotonic() < deadline:
+                    next(steps)
+            except StopIteration as fin:
+                del self.restores[p]
+                self._finish_restore(r, fin.value)
+                done.append(p)
+                continue
+            break
+        return done
+
+    def _cancel(self, p: int) -> None:
+        entry = self.restores.pop(p, None)
+        if entry is not None:
+            entry[1].close()  # closes the changelog reader
+            log.info("partition %d: restore cancelled", p)
 
     def save_snapshot(self, p: int) -> None:
         state = self.states.get(p)
@@ -301,6 +284,7 @@ class SelectProcessor:
             keep=self.settings.snapshot.keep,
             topic_id=self.changelog_id,
             calibration=self.calibration_id,
+            epoch=self.epoch,
         )
         self.dirty[p] = 0
         self.last_snapshot[p] = time.time()
@@ -321,22 +305,76 @@ class SelectProcessor:
         self.selectors.pop(p, None)
         self.dirty.pop(p, None)
         self.uncommitted.discard(p)
+        self.next_offset.pop(p, None)
         if self.metrics is not None:
             self.metrics.drop_partition(str(p), "select")
+
+    # -- calibration epochs -------------------------------------------------------------
+
+    def maintain(self) -> list[int]:
+        """Between batches: a new calibration epoch on the control topic (every owned partition
+        is rebuilt under it) or a changelog gap seen at commit (that partition is replayed)."""
+        if self.watcher is None:
+            self.watcher = ControlWatcher(self.settings)
+        cal = self._next_cal or self.watcher.poll()
+        self._next_cal = None
+        if cal is not None and cal.epoch != self.epoch:
+            self.change_epoch(cal)
+            self.replay.clear()
+            return sorted(self.owned)
+        again, self.replay = sorted(self.replay & self.owned), set()
+        return again
+
+    def change_epoch(self, cal: Calibration) -> None:
+        """Drop every partition's state (no snapshot: it belongs to the old epoch) and take up
+        ``cal``; the loop then restores each owned partition from the changelog records of the
+        new epoch: the new seed and whatever was kept under it since."""
+        log.warning(
+            "calibration epoch %d -> %d (a seed --reset): dropping the state of partitions %s, "
+            "rebuilding it from the new epoch's changelog records",
+            self.epoch,
+            cal.epoch,
+            sorted(set(self.states) | set(self.restores)) or "-",
+        )
+        for p in list(self.restores):
+            self._cancel(p)
+        for p in list(self.states):
+            self._drop(p)
+        self.last_snapshot.clear()
+        fingerprint = cal.fingerprint or self.fingerprint
+        self._calibrate(cal.thresholds, cal, fingerprint)
+        self._unpublished.clear()
+
+    def _check_epoch(self, rec: dict[str, Any]) -> str | None:
+        """None if ``rec`` belongs to this stage's epoch, else why it is stale. A newer epoch
+        that the control topic confirms raises :class:`EpochAhead` (change first, then decide)."""
+        epoch = int(rec.get("epoch", 0))
+        if epoch == self.epoch:
+            return None
+        if epoch > self.epoch:
+            if epoch not in self._unpublished:  # looked up once per epoch, not per record
+                cal = read_calibration(self.settings)
+                if cal is not None and cal.epoch > self.epoch:
+                    self._next_cal = cal
+                    raise EpochAhead(f"record of calibration epoch {epoch}, stage at {self.epoch}")
+                self._unpublished.add(epoch)
+            return f"calibration epoch {epoch} is not published on {self.topics.control}"
+        return (
+            f"embedded under calibration epoch {epoch}, replaced by epoch {self.epoch} "
+            "(seed --reset): re-produce the sample"
+        )
 
     # -- Processor protocol -------------------------------------------------------------
 
     def on_assign(self, partitions: list[TopicPartition]) -> None:
+        """Nothing is restored here, inside the rebalance: the loop pauses the partitions and
+        calls :meth:`begin_restore` once their committed offsets are known."""
         self.owned |= {tp.partition for tp in partitions}
-        for tp in partitions:
-            state = self.restore(tp.partition)
-            if state is not None:
-                self._selector(tp.partition, state)
-                self.last_snapshot.setdefault(tp.partition, time.time())
 
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
         self.owned -= {tp.partition for tp in partitions}
         for tp in partitions:
+            self._cancel(tp.partition)
             if self.dirty.get(tp.partition) and tp.partition not in self.uncommitted:
                 self.save_snapshot(tp.partition)
             self._drop(tp.partition)
@@ -344,44 +382,63 @@ class SelectProcessor:
     def on_lost(self, partitions: list[TopicPartition]) -> None:
         self.owned -= {tp.partition for tp in partitions}
         for tp in partitions:
+            self._cancel(tp.partition)
             self._drop(tp.partition)
 
     def on_abort(self, partitions: list[TopicPartition]) -> None:
-        """State may hold items of the aborted batch: rebuild it from snapshot + changelog."""
+        """State may hold items of the aborted batch: rebuild it from snapshot + changelog
+        (unless an epoch change is due: then everything is rebuilt under the new epoch)."""
         self.pending = 0
         rebuild = {tp.partition for tp in partitions}
-        for p in self.uncommitted - rebuild:  # changed, but no longer ours to rebuild
+        for p in self.uncommitted | rebuild:
             self._drop(p)
-        for p in sorted(rebuild):
-            self._drop(p)
-            state = self.restore(p)
-            if state is not None:
-                self._selector(p, state)
         self.uncommitted.clear()
+        if self._next_cal is None:
+            for p in sorted(rebuild):
+                self.restore(p)
 
     def on_commit(self, out: Output) -> None:
         self.committed_outputs += self.pending
         self.pending = 0
         self.uncommitted.clear()
         for (topic, p), offset in out.offsets.items():
-            if topic == self.topics.changelog and p in self.states:
-                self.states[p].changelog_offset = max(self.states[p].changelog_offset, offset)
+            if topic != self.topics.changelog or p not in self.states:
+                continue
+            first = out.first.get((topic, p), offset)
+            expected = self.next_offset.get(p)
+            if expected is not None and first > expected:
+                log.warning(
+                    "partition %d: changelog records %d..%d were written by someone else "
+                    "(a seed, a zombie); replaying the partition",
+                    p,
+                    expected,
+                    first - 1,
+                )
+                self.replay.add(p)
+            self.states[p].changelog_offset = max(self.states[p].changelog_offset, offset)
+            self.next_offset[p] = offset + 2  # after this transaction's commit marker
         for p in list(self.states):
             if self.metrics is not None:
                 st = self.states[p]
                 self.metrics.set_index_items(p, st.count, st.memory_bytes())
-            self._maybe_snapshot(p)
+            if p not in self.replay:
+                self._maybe_snapshot(p)
 
     def close(self) -> None:
         """Snapshot what matches the committed changelog; drop state that a transaction which
         never committed has changed (a dirty close: fenced, fatal error, an abort that gave up).
         Kafka Streams likewise never checkpoints a task that closes dirty under EOS."""
+        for p in list(self.restores):
+            self._cancel(p)
         for p in list(self.states):
             if p in self.uncommitted:
                 log.warning("partition %d: closing with uncommitted changes; state dropped", p)
                 self._drop(p)
-            elif self.dirty.get(p):
+            elif self.dirty.get(p) and p not in self.replay:
                 self.save_snapshot(p)
+        if self.watcher is not None:
+            self.watcher.close()
+            self.watcher = None
 
     def reject(self, message: Message, reason: str, detail: str, out: Output) -> None:
         """A trimmed rejection for an embedded record that no transaction could carry; a
@@ -406,6 +463,9 @@ class SelectProcessor:
         stale = sorted(set(by_part) - self.owned)
         if stale:  # revoked or lost while these were in flight: their state is gone
             raise StaleBatch(f"partitions {stale} are no longer owned")
+        restoring = sorted(set(by_part) & set(self.restores))
+        if restoring:
+            raise StaleBatch(f"partitions {restoring} are still restoring")
         for p, msgs in sorted(by_part.items()):
             self._process_partition(p, msgs, out)
 
@@ -433,11 +493,12 @@ class SelectProcessor:
         for n, m in enumerate(msgs):
             try:
                 rec = unpack("embedded", m.value() or b"", max_bytes=1 << 30)
-                results.append(embedded_from_record(rec, self.dims))
-                replica[n] = bool(rec.get("replica"))
             except ValueError as exc:
                 src = source_of(m)
                 results.append(Outcome.malformed(Malformed(None, str(exc), m.value() or b"", src)))
+                continue
+            replica[n] = bool(rec.get("replica"))
+            results.append(self._item(rec, m))
         # Runs of ordinary records are decided as one batch; a replica between two runs enters
         # the state after the first run and before the second, as the input orders them.
         lo = 0
@@ -451,7 +512,29 @@ class SelectProcessor:
                 self._decide(p, results[lo:hi], out)
             lo = hi
 
+    def _item(self, rec: dict[str, Any], m: Message) -> Embedded | Outcome:
+        """The record's item, or its rejection: ``stale_epoch`` for another calibration epoch
+        (checked first: an old model's vectors are stale, not malformed), else malformed."""
+        stale = self._check_epoch(rec)
+        if stale is not None:
+            self.stale_epoch += 1
+            e = Embedded(
+                id=rec["id"],
+                vectors={},
+                text=rec.get("text"),
+                label=rec.get("label"),
+                image=rec.get("image"),
+                meta=rec.get("meta"),
+                source=rec.get("source") or source_of(m),
+            )
+            return Outcome.rejected(e, "stale_epoch", stale)
+        try:
+            return embedded_from_record(rec, self.dims)
+        except ValueError as exc:
+            return Outcome.malformed(Malformed(None, str(exc), m.value() or b"", source_of(m)))
+
     def _apply_replicas(self, p: int, items: list[Embedded], out: Output) -> None:
+        """Index replicas of this epoch (a stale one came back as an Outcome: dropped)."""
         if not items:
             return
         self._ensure_selector(p, items[0])
@@ -473,7 +556,7 @@ class SelectProcessor:
         for e in fresh:
             out.produce(
                 self.topics.changelog,
-                pack("changelog", changelog_record(e), check=False),
+                pack("changelog", changelog_record(e, epoch=self.epoch), check=False),
                 key=e.id.encode(),
                 partition=p,
             )
@@ -498,7 +581,7 @@ class SelectProcessor:
                 if v.decision != "rejected":
                     out.produce(
                         self.topics.changelog,
-                        pack("changelog", changelog_record(v.item), check=False),
+                        pack("changelog", changelog_record(v.item, epoch=self.epoch), check=False),
                         key=v.item.id.encode(),
                         partition=p,
                     )
@@ -522,7 +605,7 @@ class SelectProcessor:
             state = self.states[p]
             out.produce(
                 self.topics.changelog,
-                pack("changelog", state_record(state), check=False),
+                pack("changelog", state_record(state, self.epoch), check=False),
                 key=STATE_KEY,
                 partition=p,
             )
@@ -535,7 +618,7 @@ class SelectProcessor:
                 for c, q in tq:
                     out.produce(
                         self.topics.embedded,
-                        pack("embedded", replica_record(e, c), check=False),
+                        pack("embedded", replica_record(e, c, self.epoch), check=False),
                         key=str(c).encode(),
                         partition=q,
                     )

@@ -80,10 +80,11 @@ The roles this release runs.
 {{- end }}
 
 {{/*
-The role that autoscaling targets: embed in split mode, all otherwise.
+The role that autoscaling targets: only ever the stateless embed Deployment (mode split). A
+stateful pod added or removed moves select partitions, each restored on its new owner.
 */}}
 {{- define "infogrowth.scaledRole" -}}
-{{- if eq .Values.mode "split" }}embed{{ else }}all{{ end }}
+embed
 {{- end }}
 
 {{- define "infogrowth.serviceAccountName" -}}
@@ -116,9 +117,9 @@ Keys of `config` that the chart sets itself; setting them in `config` fails the 
 {{- define "infogrowth.validateConfig" -}}
 {{- $c := .Values.config | default dict }}
 {{- $k := get $c "kafka" | default dict }}
-{{- range $key := list "bootstrap_servers" "drain_timeout_s" "instance_id" }}
+{{- range $key := list "bootstrap_servers" "drain_timeout_s" "instance_id" "static_membership" }}
 {{- if hasKey $k $key }}
-{{- fail (printf "config.kafka.%s is set by the chart: use kafka.bootstrapServers / kafka.drainTimeoutSeconds (instance_id is the pod name)" $key) }}
+{{- fail (printf "config.kafka.%s is set by the chart: use kafka.bootstrapServers / kafka.drainTimeoutSeconds / kafka.staticMembership (instance_id is the pod name)" $key) }}
 {{- end }}
 {{- end }}
 {{- if hasKey $c "serve" }}
@@ -129,6 +130,9 @@ Keys of `config` that the chart sets itself; setting them in `config` fails the 
 {{- end }}
 {{- if and .Values.autoscaling.hpa.enabled .Values.autoscaling.keda.enabled }}
 {{- fail "autoscaling.hpa.enabled and autoscaling.keda.enabled are exclusive: KEDA creates and owns the HPA" }}
+{{- end }}
+{{- if and (ne .Values.mode "split") (or .Values.autoscaling.hpa.enabled .Values.autoscaling.keda.enabled) }}
+{{- fail "autoscaling scales the stateless embed Deployment of mode: split only; the StatefulSet of mode: all holds select state (every scale step would move and restore partitions): set mode: split or turn autoscaling off" }}
 {{- end }}
 {{- if and .Values.kafka.secretKeys (not .Values.kafka.existingSecret) }}
 {{- fail "kafka.secretKeys needs kafka.existingSecret (the Secret holding those keys)" }}
@@ -306,6 +310,11 @@ spec:
         {{- end }}
       env:
         {{- include "infogrowth.env" $root | nindent 8 }}
+        {{- /* Static membership (group.instance.id = <group>-<pod name>) for the StatefulSet
+        pods, whose names survive a restart; never for the Deployment's random pod names, whose
+        dead members would hold partitions until the session timeout. */}}
+        - name: INFOGROWTH_KAFKA__STATIC_MEMBERSHIP
+          value: {{ and $stateful $v.kafka.staticMembership | quote }}
       {{- with $v.extraEnvFrom }}
       envFrom:
         {{- toYaml . | nindent 8 }}

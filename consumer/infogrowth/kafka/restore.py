@@ -1,0 +1,254 @@
+"""Rebuilding one select partition's state: verified snapshot, then the changelog from its offset.
+
+The restore runs in steps (a generator that yields after every changelog record), so the
+transactional loop can interleave ``consume()`` calls and a long restore never stalls a
+rebalance; closing the generator cancels the restore and releases its reader at once.
+
+What a restore keeps: only changelog records of the running calibration epoch whose vectors have
+the expected spaces and dimensions. Records of another epoch (written before a ``seed --reset``)
+or another model's dimension are skipped, counted and logged once, never raised: a new model or a
+new seed must not make every restore fail.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from infogrowth import snapshot
+from infogrowth.config import Settings
+from infogrowth.index import PartitionState
+from infogrowth.kafka import control
+from infogrowth.kafka.clients import position
+from infogrowth.online import OnlineState
+from infogrowth.schema import Embedded, unpack, vector_from_bytes
+
+log = logging.getLogger(__name__)
+CHUNK = 4096
+"""Changelog items added to the index at once while replaying."""
+
+
+@dataclass
+class Layout:
+    """What a restored state must match. ``spaces``/``dims`` None: learnt from the first record
+    (an unseeded run whose model the select stage does not load)."""
+
+    fingerprint: str
+    epoch: int = 0
+    spaces: tuple[str, ...] | None = None
+    dims: dict[str, int] | None = None
+    topic_id: str | None = None
+    calibration: str | None = None
+
+    def learn(self, vectors: dict[str, Any]) -> None:
+        if self.dims is None:
+            self.spaces = tuple(s for s in ("image", "text") if s in vectors)
+            self.dims = {s: len(vectors[s]) // 4 for s in self.spaces}
+
+
+def embedded_from_record(rec: dict[str, Any], dims: dict[str, int] | None) -> Embedded:
+    """An embedded or changelog record's item; ValueError on wrong spaces, dims or NaN/Inf."""
+    vecs = {
+        s: vector_from_bytes(b, None if dims is None else dims.get(s))
+        for s, b in rec["vectors"].items()
+    }
+    if dims is not None and set(vecs) != set(dims):
+        raise ValueError(f"vectors for {sorted(vecs)}, expected {sorted(dims)}")
+    for s, v in vecs.items():
+        if not np.all(np.isfinite(v)):
+            raise ValueError(f"vectors.{s}: NaN or Inf")
+    return Embedded(
+        id=rec["id"],
+        vectors=vecs,
+        text=rec.get("text"),
+        label=rec.get("label"),
+        image=rec.get("image"),
+        meta=rec.get("meta"),
+        alignment=rec.get("alignment"),
+        original_alignment=rec.get("original_alignment"),
+        original_text=rec.get("original_text"),
+        original_label=rec.get("original_label"),
+        fix=rec.get("fix"),
+        cell=rec.get("cell", 0),
+        source=rec.get("source"),
+        image_uri=rec.get("image_uri"),
+    )
+
+
+def apply_items(
+    state: PartitionState | None,
+    buf: list[tuple[Embedded, int]],
+    layout: Layout,
+    settings: Settings,
+) -> PartitionState:
+    """Add replayed items in order; an id already present (here or earlier) is skipped."""
+    if state is None:
+        assert layout.spaces is not None and layout.dims is not None
+        state = PartitionState.empty(layout.spaces, layout.dims, settings.index)
+    fresh: list[tuple[Embedded, int]] = []
+    seen: set[str] = set()
+    for e, o in buf:
+        if e.id not in state and e.id not in seen:
+            seen.add(e.id)
+            fresh.append((e, o))
+    if fresh:
+        state.add(
+            [e.id for e, _ in fresh],
+            {s: np.stack([e.vectors[s] for e, _ in fresh]) for s in state.spaces},
+            [e.label for e, _ in fresh],
+            [e.fix is not None for e, _ in fresh],
+        )
+    state.changelog_offset = max(state.changelog_offset, buf[-1][1])
+    return state
+
+
+@dataclass
+class PartitionRestore:
+    """One partition's restore; iterate :meth:`steps`, its return value is the state."""
+
+    settings: Settings
+    partition: int
+    directory: Path
+    layout: Layout
+    end: int | None = None
+    """The changelog offset after the restored state (its reader's end; None if not read)."""
+    replayed: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def steps(self) -> Generator[None, None, PartitionState | None]:
+        t0 = time.perf_counter()
+        state = self._snapshot()
+        yield
+        start = state.changelog_offset + 1 if state is not None else -2
+        reader = control.PartitionReader(
+            self.settings, self.settings.kafka.topics.changelog, self.partition, start
+        )
+        records = reader.__iter__()
+        buf: list[tuple[Embedded, int]] = []
+        online: tuple[dict[str, Any], int] | None = None
+        try:
+            for m in records:
+                item, offset = self._read(m.value() or b""), position(m)[2]
+                if isinstance(item, dict):  # items never change the online state: last one wins
+                    online = (item, offset)
+                elif item is not None:
+                    buf.append((item, offset))
+                    if len(buf) >= CHUNK:
+                        state = self._apply(state, buf)
+                        buf = []
+                yield
+        finally:
+            records.close()
+        if buf:
+            state = self._apply(state, buf)
+        state = self._online(state, online)
+        self.end = reader.end
+        self.seconds = time.perf_counter() - t0
+        self._report(state)
+        return state
+
+    def _snapshot(self) -> PartitionState | None:
+        lay = self.layout
+        if lay.spaces is None or lay.dims is None:
+            return None
+        try:
+            state = snapshot.load(
+                self.directory,
+                self.settings.index,
+                fingerprint=lay.fingerprint,
+                spaces=lay.spaces,
+                dims=lay.dims,
+                topic_id=lay.topic_id,
+                calibration=lay.calibration,
+                epoch=lay.epoch,
+                end_offset=control.end_offset(
+                    self.settings, self.settings.kafka.topics.changelog, self.partition
+                ),
+            )
+        except snapshot.SnapshotError as exc:
+            log.warning("partition %d: %s; replaying the changelog", self.partition, exc)
+            return None
+        log.info("partition %d: snapshot with %d items loaded", self.partition, state.count)
+        return state
+
+    def _skip(self, why: str) -> None:
+        self.skipped[why] = self.skipped.get(why, 0) + 1
+
+    def _read(self, value: bytes) -> Embedded | dict[str, Any] | None:
+        """An item, an online-state record, or None for a record this state does not take."""
+        try:
+            rec = unpack("changelog", value, max_bytes=1 << 30)
+        except ValueError:
+            self._skip("unreadable")
+            return None
+        if int(rec.get("epoch", 0)) != self.layout.epoch:
+            self._skip(f"calibration epoch {rec.get('epoch', 0)}")
+            return None
+        if "state" in rec:
+            state: dict[str, Any] = rec["state"]
+            return state
+        self.layout.learn(rec["vectors"])
+        try:
+            e = embedded_from_record(rec, self.layout.dims)
+        except ValueError as exc:
+            self._skip(f"vectors not matching {self.layout.dims} ({exc})")
+            return None
+        if rec.get("fixed"):
+            e.fix = "replayed"
+        return e
+
+    def _apply(
+        self, state: PartitionState | None, buf: list[tuple[Embedded, int]]
+    ) -> PartitionState:
+        self.replayed += len(buf)
+        return apply_items(state, buf, self.layout, self.settings)
+
+    def _online(
+        self, state: PartitionState | None, online: tuple[dict[str, Any], int] | None
+    ) -> PartitionState | None:
+        if online is None:
+            return state
+        lay = self.layout
+        if state is None and lay.spaces is not None and lay.dims is not None:
+            # decisions happened but nothing was kept yet: the state is only online
+            state = PartitionState.empty(lay.spaces, lay.dims, self.settings.index)
+        if state is not None:
+            state.online = OnlineState.from_record(online[0])
+            state.changelog_offset = max(state.changelog_offset, online[1])
+        return state
+
+    def _report(self, state: PartitionState | None) -> None:
+        p = self.partition
+        if self.skipped:
+            log.warning(
+                "partition %d: changelog records discarded (not this state's calibration epoch "
+                "%d / layout): %s",
+                p,
+                self.layout.epoch,
+                ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items())),
+            )
+        log.info(
+            "partition %d: restored %d items (%d replayed) in %.2fs",
+            p,
+            state.count if state else 0,
+            self.replayed,
+            self.seconds,
+        )
+
+
+def run_to_end(restore: PartitionRestore) -> PartitionState | None:
+    """Restore in one go (after an aborted transaction, in tests)."""
+    gen = restore.steps()
+    while True:
+        try:
+            next(gen)
+        except StopIteration as done:
+            state: PartitionState | None = done.value
+            return state
