@@ -26,9 +26,17 @@ class Msg:
     _partition: int
     _offset: int
     _topic: str = EMBEDDED
+    _headers: list[tuple[str, bytes]] | None = None
+    _key: bytes | None = None
 
     def value(self) -> bytes:
         return self._value
+
+    def key(self) -> bytes | None:
+        return self._key
+
+    def headers(self) -> list[tuple[str, bytes]] | None:
+        return self._headers
 
     def topic(self) -> str:
         return self._topic
@@ -44,14 +52,22 @@ class Msg:
 class Out:
     records: list[tuple[str, int | None, dict[str, Any]]] = field(default_factory=list)
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    headers: list[list[tuple[str, bytes]] | None] = field(default_factory=list)
+    """The headers of each record in ``records``."""
 
     def produce(
-        self, topic: str, value: bytes, key: bytes | None = None, partition: int | None = None
+        self,
+        topic: str,
+        value: bytes,
+        key: bytes | None = None,
+        partition: int | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
     ) -> None:
         kind = "embedded" if topic.endswith("embedded") else "changelog"
         if not topic.endswith(("embedded", "changelog")):
             kind = "output"
         self.records.append((topic, partition, unpack(kind, value, max_bytes=1 << 30)))
+        self.headers.append(headers)
 
     def on(self, suffix: str) -> list[tuple[int | None, dict[str, Any]]]:
         return [(p, r) for t, p, r in self.records if t.endswith(suffix)]

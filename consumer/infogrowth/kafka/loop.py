@@ -20,6 +20,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from infogrowth.config import Settings
 from infogrowth.kafka.clients import consumer_config, position, producer_config
+from infogrowth.kafka.headers import Headers
 
 log = logging.getLogger(__name__)
 TXN_TIMEOUT_S = 30.0
@@ -48,11 +49,18 @@ class Output:
         self.offsets[(t, p)] = max(self.offsets.get((t, p), -1), o)
 
     def produce(
-        self, topic: str, value: bytes, key: bytes | None = None, partition: int | None = None
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None = None,
+        partition: int | None = None,
+        headers: Headers | None = None,
     ) -> None:
         kwargs: dict[str, Any] = {"on_delivery": self._on_delivery}
         if partition is not None:
             kwargs["partition"] = partition
+        if headers:
+            kwargs["headers"] = headers
         while True:
             try:
                 self.producer.produce(topic, value=value, key=key, **kwargs)

@@ -32,6 +32,7 @@ from infogrowth.index import PartitionState
 from infogrowth.kafka.admin import topic_id
 from infogrowth.kafka.clients import fits, position, record_limit, source_of
 from infogrowth.kafka.control import calibration_id, end_offset, read_partition_to_end
+from infogrowth.kafka.headers import TRACEPARENT, record_headers, traceparent_of
 from infogrowth.kafka.loop import Output, StaleBatch
 from infogrowth.online import OnlineState
 from infogrowth.records import Outcome, output_record, source_key, too_large
@@ -70,6 +71,8 @@ def embedded_from_record(rec: dict[str, Any], dims: dict[str, int] | None) -> Em
 
 
 STATE_KEY = b"\x00state"
+CHANGELOG_HEADERS = record_headers("changelog")
+EMBEDDED_HEADERS = record_headers("embedded")
 """Changelog key of a partition's online state records (compaction keeps the latest)."""
 
 
@@ -395,7 +398,10 @@ class SelectProcessor:
         o = Outcome(id=sid, decision="rejected", reason=reason, detail=detail, source=src)
         self.pending += 1
         value = pack("output", output_record(o, self.t, include_image=False), check=False)
-        out.produce(self.topics.rejected, value, key=sid.encode())
+        hdrs = record_headers(
+            "output", decision="rejected", reason=reason, traceparent=traceparent_of(message)
+        )
+        out.produce(self.topics.rejected, value, key=sid.encode(), headers=hdrs)
 
     def process(self, messages: list[Message], out: Output) -> None:
         by_part: dict[int, list[Message]] = defaultdict(list)
@@ -431,7 +437,11 @@ class SelectProcessor:
         for n, m in enumerate(msgs):
             try:
                 rec = unpack("embedded", m.value() or b"", max_bytes=1 << 30)
-                results.append(embedded_from_record(rec, self.dims))
+                e = embedded_from_record(rec, self.dims)
+                trace = traceparent_of(m)
+                if trace is not None:
+                    e.extra[TRACEPARENT] = trace
+                results.append(e)
                 replica[n] = bool(rec.get("replica"))
             except ValueError as exc:
                 src = source_of(m)
@@ -474,6 +484,7 @@ class SelectProcessor:
                 pack("changelog", changelog_record(e), check=False),
                 key=e.id.encode(),
                 partition=p,
+                headers=CHANGELOG_HEADERS,
             )
         self.dirty[p] += len(fresh)
         self.uncommitted.add(p)
@@ -499,6 +510,7 @@ class SelectProcessor:
                         pack("changelog", changelog_record(v.item), check=False),
                         key=v.item.id.encode(),
                         partition=p,
+                        headers=CHANGELOG_HEADERS,
                     )
                     self.dirty[p] += 1
                     kept.append(v.item)
@@ -515,7 +527,9 @@ class SelectProcessor:
                 rec = output_record(o, self.t, include_image=False)
                 value = pack("output", rec, check=False)
                 outcomes[-1] = o
-            out.produce(getattr(self.topics, o.decision), value, key=o.id.encode())
+            trace = r.extra.get(TRACEPARENT) if isinstance(r, Embedded) else None
+            hdrs = record_headers("output", decision=o.decision, reason=o.reason, traceparent=trace)
+            out.produce(getattr(self.topics, o.decision), value, key=o.id.encode(), headers=hdrs)
         if batch:
             state = self.states[p]
             out.produce(
@@ -523,6 +537,7 @@ class SelectProcessor:
                 pack("changelog", state_record(state), check=False),
                 key=STATE_KEY,
                 partition=p,
+                headers=CHANGELOG_HEADERS,
             )
             self.dirty[p] += 1
         if kept:
@@ -536,6 +551,7 @@ class SelectProcessor:
                         pack("embedded", replica_record(e, c), check=False),
                         key=str(c).encode(),
                         partition=q,
+                        headers=EMBEDDED_HEADERS,
                     )
                     sent += 1
             self.replicas_sent += sent
