@@ -454,7 +454,8 @@ class TransactionalLoop:
                 self.on_lag(self.processor.name, p, max(0, high - off - 1))
 
     def _shutdown(self, clean: bool) -> None:
-        """Close the processor (it snapshots only committed state), then leave the group.
+        """Close the processor (it snapshots only committed state), leave the group and
+        destroy the clients.
 
         After an error the producer is not flushed: whatever it still holds belongs to a
         transaction that never committed, and a fenced producer raises from every call.
@@ -466,6 +467,10 @@ class TransactionalLoop:
                 self.consumer.close()  # leaves the group: revoke callbacks run here
             if self.producer is not None and clean:
                 self.producer.flush(5)
+            # Release the clients now: a handle kept alive (by whoever holds this loop) keeps
+            # reconnecting, and logs connection errors once the brokers go away.
+            self.consumer = None
+            self.producer = None
 
 
 def _starts(batch: list[Message]) -> tuple[tuple[str, int, int], ...]:

@@ -218,6 +218,11 @@ class SelectProcessor:
                         end_offset=end_offset(self.settings, self.topics.changelog, p),
                     )
                     log.info("partition %d: snapshot with %d items loaded", p, state.count)
+                except snapshot.NoSnapshot:
+                    log.info(
+                        "partition %d: first start (no snapshot yet); replaying the changelog", p
+                    )
+                    state = None
                 except snapshot.SnapshotError as exc:
                     log.warning("partition %d: %s; replaying the changelog", p, exc)
                     state = None
