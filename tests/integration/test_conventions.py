@@ -143,3 +143,38 @@ def test_clients_are_closed_before_the_broker_stops(
         assert rt.loops  # the runtime (and its loops) is still referenced here
     lines = [ln for ln in err.splitlines() if "rdkafka" in ln or "Connect to" in ln]
     assert not lines, "\n".join(lines[:10])
+
+
+def test_lag_in_seconds_follows_the_oldest_waiting_message(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """Input that waited before the stages started is reported with its age, per stage and
+    topic; once drained, both lag gauges read 0."""
+    settings, inp = _prepared(tmp_path, kafka_bootstrap, 30)
+    produced_at = time.time()
+    n = produce(settings, [inp])
+    time.sleep(2.0)
+    rt = build(settings, "all")
+    calls: list[tuple[str, str, int, float | None]] = []
+    record = rt.metrics.set_oldest_unprocessed
+
+    def spy(stage: str, topic: str, partition: int | str, ts: float | None) -> None:
+        calls.append((stage, topic, int(partition), ts))
+        record(stage, topic, partition, ts)
+
+    rt.metrics.set_oldest_unprocessed = spy
+    started = time.time()
+    run_until_drained(rt, n)
+    t = settings.kafka.topics
+    ingest = [ts for stage, topic, _, ts in calls if (stage, topic) == ("embed", t.ingest)]
+    assert ingest and ingest[0] is not None
+    assert produced_at - 1.0 <= ingest[0] <= started - 1.5  # waited at least the 2 s sleep
+    assert ingest[-1] is None  # caught up
+    selected = [ts for stage, topic, _, ts in calls if (stage, topic) == ("select", t.embedded)]
+    assert selected and selected[-1] is None
+    # The embed stage holds no partition state, so its series outlive the shutdown (the select
+    # stage drops its partitions' series when it releases them).
+    text = rt.metrics.exposition().decode()
+    labels = f'partition="0",stage="embed",topic="{t.ingest}"'
+    assert f"infogrowth_consumer_lag_seconds{{{labels}}} 0.0" in text, text
+    assert f"infogrowth_consumer_lag{{{labels}}} 0.0" in text
