@@ -107,6 +107,13 @@ def test_headers_traceparent_and_dead_letter_on_a_real_broker(
     assert sorted(r for r, _ in traced) == sorted(["embedded", result.decisions["traced"][0]])
     assert all(v == TRACE.encode() for _, v in traced)
 
+    # `produce` labels the samples it encodes; lines it could not parse go as they are.
+    ingest = list(read_topic(settings, t.ingest))
+    labelled = [m for m in ingest if header(m.headers(), "infogrowth.schema") == b"ingest-sample"]
+    assert len(labelled) == 60 and len(ingest) == n
+    assert all(header(m.headers(), "infogrowth.schema.version") == b"1" for m in labelled)
+    assert not any(header(m.headers(), "content-type") for m in ingest if m.value() in POISON)
+
     dlq = list(read_topic(settings, dead))
     assert len(dlq) == len(POISON) + 1
     by_value = {m.value() or b"": m for m in dlq}
