@@ -4,10 +4,14 @@
 #   helm      built from its Go module (no Helm package in Debian) into
 #             $INFOGROWTH_TOOLS_DIR/helm-<version>/helm (default ~/.cache/infogrowth/tools)
 #   promtool  and the prometheus server, from Debian's `prometheus` package when missing
+#   strimzi-crds  Strimzi's KafkaTopic and KafkaUser CustomResourceDefinitions, as Strimzi ships
+#             them in the test jar of io.strimzi:api (Maven Central, fetched with `mvn`), into
+#             $INFOGROWTH_TOOLS_DIR/strimzi-crds-<version>/
 #
 # hadolint and kubernetes-validate come from the project's `dev` extras (.venv), not from here.
-# Usage: scripts/install-tools.sh [helm|prometheus]...   (no argument: all of them)
-# `scripts/install-tools.sh --print-helm` prints the helm binary path and installs nothing.
+# Usage: scripts/install-tools.sh [helm|prometheus|strimzi-crds]...   (no argument: all of them)
+# `scripts/install-tools.sh --print-helm` prints the helm binary path and installs nothing;
+# `--print-strimzi-crds` the folder of the Strimzi CRDs.
 set -euo pipefail
 
 HELM_VERSION="${HELM_VERSION:-v3.22.0}"
@@ -15,6 +19,9 @@ HELM_KUBE_VERSION="${HELM_KUBE_VERSION:-1.37}"   # Kubernetes minor of that Helm
 CACHE_DIR="${INFOGROWTH_CACHE_DIR:-$HOME/.cache/infogrowth}"
 TOOLS_DIR="${INFOGROWTH_TOOLS_DIR:-$CACHE_DIR/tools}"
 HELM_BIN="$TOOLS_DIR/helm-$HELM_VERSION/helm"
+STRIMZI_VERSION="${STRIMZI_VERSION:-0.51.0}"   # its CRDs serve kafka.strimzi.io v1 and v1beta2
+STRIMZI_CRDS="$TOOLS_DIR/strimzi-crds-$STRIMZI_VERSION"
+STRIMZI_FILES=(043-Crd-kafkatopic.yaml 044-Crd-kafkauser.yaml)
 
 log() { echo "install-tools: $*" >&2; }
 
@@ -66,16 +73,49 @@ install_prometheus() {
   promtool --version 2>&1 | head -1 >&2
 }
 
+install_strimzi_crds() {
+  local f missing=0
+  for f in "${STRIMZI_FILES[@]}"; do [[ -s "$STRIMZI_CRDS/$f" ]] || missing=1; done
+  [[ $missing == 0 ]] && return 0
+  command -v mvn >/dev/null || { log "mvn is required to fetch io.strimzi:api:$STRIMZI_VERSION"; exit 1; }
+  log "fetching Strimzi $STRIMZI_VERSION CRDs (io.strimzi:api:$STRIMZI_VERSION:jar:tests)"
+  mkdir -p "$TOOLS_DIR"
+  local tmp
+  tmp="$(mktemp -d "$TOOLS_DIR/.strimzi.XXXXXX")"
+  if ! mvn -q -B -Dstyle.color=never dependency:copy \
+    -Dartifact="io.strimzi:api:$STRIMZI_VERSION:jar:tests" -DoutputDirectory="$tmp" -Dmdep.useBaseVersion=true; then
+    rm -rf "$tmp"
+    exit 1
+  fi
+  # crds/v1beta2/ holds every served version of each CRD (v1, v1beta2, ...).
+  python3 - "$tmp/api-$STRIMZI_VERSION-tests.jar" "$tmp/crds" "${STRIMZI_FILES[@]}" <<'PY'
+import sys, zipfile, pathlib
+jar, out, names = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3:]
+out.mkdir()
+with zipfile.ZipFile(jar) as z:
+    for name in names:
+        (out / name).write_bytes(z.read(f"crds/v1beta2/{name}"))
+PY
+  rm -rf "$STRIMZI_CRDS"
+  mv "$tmp/crds" "$STRIMZI_CRDS"
+  rm -rf "$tmp"
+}
+
+if [[ "${1:-}" == "--print-strimzi-crds" ]]; then
+  echo "$STRIMZI_CRDS"
+  exit 0
+fi
 if [[ "${1:-}" == "--print-helm" ]]; then
   echo "$HELM_BIN"
   exit 0
 fi
 targets=("$@")
-[[ ${#targets[@]} -gt 0 ]] || targets=(helm prometheus)
+[[ ${#targets[@]} -gt 0 ]] || targets=(helm prometheus strimzi-crds)
 for t in "${targets[@]}"; do
   case "$t" in
     helm) install_helm ;;
     prometheus) install_prometheus ;;
+    strimzi-crds) install_strimzi_crds ;;
     *) log "unknown tool: $t"; exit 2 ;;
   esac
 done

@@ -345,10 +345,31 @@ class TopicsConfig(_Section):
     accepted: str = "infogrowth.accepted"
     relabeled: str = "infogrowth.relabeled"
     rejected: str = "infogrowth.rejected"
+    dead_letter: str | None = Field(None, min_length=1)
+    """Dead-letter topic for malformed input (its original bytes and error headers); unset:
+    malformed input goes to ``rejected`` like every other rejection."""
     ingest_partitions: int = Field(1, gt=0)
     embedded_partitions: int = Field(1, gt=0)
     output_partitions: int = Field(1, gt=0)
     replication_factor: int = Field(1, gt=0)
+
+    @model_validator(mode="after")
+    def _own_dead_letter_topic(self) -> TopicsConfig:
+        others = (
+            self.ingest,
+            self.embedded,
+            self.changelog,
+            self.control,
+            self.accepted,
+            self.relabeled,
+            self.rejected,
+        )
+        if self.dead_letter is not None and self.dead_letter in others:
+            raise ValueError(
+                f"kafka.topics.dead_letter ({self.dead_letter!r}) must name a topic of its own: "
+                "its records are raw input, not output records"
+            )
+        return self
 
 
 class KafkaConfig(_Section):

@@ -3,9 +3,10 @@
 Every metric lives on a dedicated :class:`~prometheus_client.CollectorRegistry` owned by
 :class:`Metrics` (never the global one), so several instances can coexist in one process. Names
 carry the ``infogrowth_`` prefix and base units; labels are bounded (stage, decision, reason,
-step, partition, result, version), never per sample. With ``runtime=True`` the standard
-``process_*`` and ``python_*`` families are added; nothing else is exposed, in particular no
-configuration value.
+step, topic, partition, result, version), never per sample. ``/metrics`` answers in the
+OpenMetrics format when the scraper asks for it (Accept header), else in Prometheus text.
+With ``runtime=True`` the standard ``process_*`` and ``python_*`` families are added; nothing
+else is exposed, in particular no configuration value.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -32,9 +32,9 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
-    generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
 
 from infogrowth import __version__
 
@@ -100,6 +100,43 @@ class _SnapshotAge:
             marks = sorted(self._marks.items())
         for partition, ts in marks:
             family.add_metric([partition], max(0.0, now - ts))
+        yield family
+
+
+class _LagAge:
+    """Custom collector: ``infogrowth_consumer_lag_seconds{stage,topic,partition}``, the age of
+    the oldest message a stage has not processed yet, computed at scrape (so it keeps growing
+    while a stage is stuck); 0 once the stage has caught up with the partition."""
+
+    NAME = "infogrowth_consumer_lag_seconds"
+    HELP = "Age of the oldest message of the partition the stage has not processed (0: caught up)."
+    LABELS: Final = ["stage", "topic", "partition"]
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._oldest: dict[tuple[str, str, str], float | None] = {}
+
+    def set(self, key: tuple[str, str, str], ts: float | None) -> None:
+        with self._lock:
+            self._oldest[key] = ts
+
+    def drop(self, partition: str, stage: str | None) -> None:
+        with self._lock:
+            for key in [k for k in self._oldest if k[2] == partition]:
+                if stage is None or key[0] == stage:
+                    del self._oldest[key]
+
+    def describe(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(self.NAME, self.HELP, labels=self.LABELS)
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(self.NAME, self.HELP, labels=self.LABELS)
+        now = self._clock()
+        with self._lock:
+            items = sorted(self._oldest.items())
+        for key, ts in items:
+            family.add_metric(list(key), 0.0 if ts is None else max(0.0, now - ts))
         yield family
 
 
@@ -202,9 +239,11 @@ class Metrics:
         self.consumer_lag: Gauge = Gauge(
             "infogrowth_consumer_lag",
             "Messages between the consumer position and the partition's end offset.",
-            ["stage", "partition"],
+            ["stage", "topic", "partition"],
             registry=reg,
         )
+        self._lag_age = _LagAge(clock)
+        reg.register(self._lag_age)
         self.transactions: Counter = Counter(
             "infogrowth_transactions",
             "Kafka transactions ended, by result (committed|aborted).",
@@ -317,9 +356,17 @@ class Metrics:
             raise ValueError(f"unknown transaction result {result!r}")
         self.transactions.labels(stage, result).inc()
 
-    def set_lag(self, stage: str, partition: int | str, lag: int) -> None:
+    def set_lag(self, stage: str, topic: str, partition: int | str, lag: int) -> None:
         """Set a partition's consumer lag in messages (negative values clamp to 0)."""
-        self.consumer_lag.labels(stage, str(partition)).set(max(0, lag))
+        self.consumer_lag.labels(stage, topic, str(partition)).set(max(0, lag))
+
+    def set_oldest_unprocessed(
+        self, stage: str, topic: str, partition: int | str, ts: float | None
+    ) -> None:
+        """The timestamp (epoch seconds) of the oldest message of the partition that the stage
+        has not processed, or None when it has caught up; ``infogrowth_consumer_lag_seconds``
+        is its age at each scrape."""
+        self._lag_age.set((stage, topic, str(partition)), ts)
 
     def set_index_items(self, partition: int | str, items: int, nbytes: int | None = None) -> None:
         """Set how many items a partition's index holds (and its estimated bytes)."""
@@ -376,7 +423,8 @@ class Metrics:
         p = str(partition)
         for labels in _labelsets(self.consumer_lag):
             if labels["partition"] == p and (stage is None or labels["stage"] == stage):
-                self.consumer_lag.remove(labels["stage"], p)
+                self.consumer_lag.remove(labels["stage"], labels["topic"], p)
+        self._lag_age.drop(p, stage)
         if state:
             for gauge in (self.keep_rate, self.keep_scale):
                 if {"partition": p} in _labelsets(gauge):
@@ -390,9 +438,17 @@ class Metrics:
             self.snapshot_bytes.remove(p)
             self._snapshot_age.drop(p)
 
-    def exposition(self) -> bytes:
-        """The current scrape in Prometheus text format."""
-        return generate_latest(self.registry)
+    def exposition(self, accept: str | None = None) -> bytes:
+        """The current scrape in Prometheus text format, or OpenMetrics when ``accept`` (the
+        scraper's Accept header) asks for it."""
+        return self.negotiate(accept)[0]
+
+    def negotiate(self, accept: str | None) -> tuple[bytes, str]:
+        """(the scrape, its content type) in the format the Accept header ``accept`` prefers:
+        OpenMetrics 1.0 when it lists ``application/openmetrics-text``, else the Prometheus
+        text format 0.0.4."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type
 
 
 # ---------------------------------------------------------------------- HTTP
@@ -507,12 +563,12 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
             try:
-                body = self.server.metrics.exposition()
+                body, content_type = self.server.metrics.negotiate(self.headers.get("Accept"))
             except Exception:
                 log.exception("metrics exposition failed")
                 self._send(HTTPStatus.INTERNAL_SERVER_ERROR, b"exposition failed\n")
                 return
-            self._send(HTTPStatus.OK, body, CONTENT_TYPE_LATEST)
+            self._send(HTTPStatus.OK, body, content_type)
         elif path == "/healthz":
             self._probe(self.server.health, "health", echo=False)
         elif path == "/readyz":

@@ -36,6 +36,10 @@ class SnapshotError(RuntimeError):
     """A snapshot is missing, damaged or from an incompatible configuration."""
 
 
+class NoSnapshot(SnapshotError):
+    """No snapshot was ever completed in the directory (a first start on this volume)."""
+
+
 @dataclass(frozen=True)
 class SnapshotInfo:
     path: Path
@@ -176,7 +180,7 @@ def load(
     """
     cur = directory / "CURRENT"
     if not cur.is_file():
-        raise SnapshotError(f"no snapshot in {directory}")
+        raise NoSnapshot(f"no snapshot in {directory}")
     snap = directory / cur.read_text().strip()
     try:
         manifest = json.loads((snap / "manifest.json").read_text())

@@ -5,13 +5,22 @@ prometheus-operator (monitoring.coreos.com/v1) and KEDA (keda.sh/v1alpha1) CRDs 
 types, required fields and enums, and reject unknown fields, so a typo or a wrong type (an
 integer where KEDA wants a string) fails here rather than at `kubectl apply`. The rules inside a
 PrometheusRule are additionally checked by promtool (test_alerts.py).
+
+Strimzi's KafkaTopic and KafkaUser are checked against Strimzi's own CRDs (every version they
+serve), cached by `make tools` (scripts/install-tools.sh strimzi-crds), read strictly as
+`kubectl apply --validate=strict` reads them: unknown fields fail instead of being pruned.
 """
 
 from __future__ import annotations
 
+import subprocess
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 import jsonschema
+import pytest
+import yaml
 
 _DURATION = {
     "type": "string",
@@ -266,9 +275,81 @@ SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
 }
 
 
+_ROOT = Path(__file__).resolve().parents[2]
+STRIMZI_GROUP = "kafka.strimzi.io"
+STRIMZI_CRDS = ("043-Crd-kafkatopic.yaml", "044-Crd-kafkauser.yaml")
+_DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
+
+def strimzi_crd_dir() -> Path:
+    """Where `make tools` caches Strimzi's CRDs; fails (never skips) when they are missing."""
+    out = subprocess.run(
+        ["bash", str(_ROOT / "scripts" / "install-tools.sh"), "--print-strimzi-crds"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    path = Path(out)
+    if not all((path / f).is_file() for f in STRIMZI_CRDS):
+        pytest.fail("Strimzi CRDs are not installed: run `make tools` (install-tools.sh)")
+    return path
+
+
+def _strict_openapi(node: Any) -> Any:
+    """An OpenAPI v3 CRD schema as a JSON Schema that refuses unknown fields."""
+    if isinstance(node, list):
+        return [_strict_openapi(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {
+        k: _strict_openapi(v)
+        for k, v in node.items()
+        if not k.startswith("x-kubernetes-") and k != "description"
+    }
+    if node.get("nullable"):
+        out.pop("nullable")
+        if "type" in out:
+            out["type"] = [out["type"], "null"]
+    preserve = node.get("x-kubernetes-preserve-unknown-fields")
+    if node.get("type") == "object" and "properties" in node and not preserve:
+        out.setdefault("additionalProperties", False)
+    return out
+
+
+@cache
+def strimzi_schemas() -> dict[tuple[str, str], dict[str, Any]]:
+    """(apiVersion, kind) -> strict schema, for every version the cached CRDs serve."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for name in STRIMZI_CRDS:
+        crd = yaml.safe_load((strimzi_crd_dir() / name).read_text())
+        assert crd["spec"]["group"] == STRIMZI_GROUP, name
+        kind = crd["spec"]["names"]["kind"]
+        for version in crd["spec"]["versions"]:
+            if not version.get("served"):
+                continue
+            schema = _strict_openapi(version["schema"]["openAPIV3Schema"])
+            schema["properties"]["metadata"] = _strict(
+                {
+                    "name": {"type": "string", "maxLength": 253, "pattern": _DNS_SUBDOMAIN},
+                    "namespace": _STR,
+                    "labels": _STRMAP,
+                    "annotations": _STRMAP,
+                },
+                ("name",),
+            )
+            schema["required"] = sorted({*schema.get("required", ()), "metadata", "spec"})
+            out[(f"{STRIMZI_GROUP}/{version['name']}", kind)] = schema
+    return out
+
+
 def validate_custom(doc: dict[str, Any]) -> bool:
     """Validate ``doc`` if it is one of the custom kinds above; False for any other kind."""
-    schema = SCHEMAS.get((doc.get("apiVersion", ""), doc.get("kind", "")))
+    key = (doc.get("apiVersion", ""), doc.get("kind", ""))
+    schema = SCHEMAS.get(key)
+    if schema is None and key[0].startswith(STRIMZI_GROUP + "/"):
+        schema = strimzi_schemas().get(key)
+        if schema is None:
+            pytest.fail(f"{key}: no such version of the kind in Strimzi's CRDs")
     if schema is None:
         return False
     jsonschema.Draft202012Validator(schema).validate(doc)

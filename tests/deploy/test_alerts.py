@@ -18,6 +18,7 @@ pytestmark = pytest.mark.deploy
 REQUIRED = {
     "InfoGrowthConsumerLagGrowing",  # consumer lag growing
     "InfoGrowthNoProgress",  # no progress
+    "InfoGrowthInputWaitingTooLong",  # lag in seconds (the oldest waiting message)
     "InfoGrowthTransactionAborts",  # transaction aborts rate
     "InfoGrowthSnapshotTooOld",  # snapshot too old
     "InfoGrowthRestoreSlow",  # restore taking too long (completed restores)

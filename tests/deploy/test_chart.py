@@ -105,6 +105,8 @@ def test_every_manifest_is_valid(rendered: dict[str, Rendered]) -> None:
         "Deployment",
         "HorizontalPodAutoscaler",
         "Job",
+        "KafkaTopic",
+        "KafkaUser",
         "NetworkPolicy",
         "Pod",
         "PodDisruptionBudget",
@@ -197,6 +199,14 @@ def test_acceptance_command_renders_valid_manifests(helm: Helm) -> None:
         ),
         (("autoscaling.minReplicas=5", "autoscaling.maxReplicas=2"), "must not exceed"),
         (("model.offline=false",), "needs a writable model.volume"),
+        (("topics.mode=operator",), "/topics/mode"),
+        (("topics.mode=strimzi",), "topics.mode=strimzi needs topics.strimzi.cluster"),
+        (
+            ("topics.mode=strimzi", "topics.strimzi.cluster=c", "topics.strimzi.apiVersion=v2"),
+            "/topics/strimzi/apiVersion",
+        ),
+        (("topics.strimzi.user.authentication=plain",), "/topics/strimzi/user/authentication"),
+        (("topicsJob.enabled=true",), "'topicsJob' not allowed"),
     ],
 )
 def test_bad_values_fail_at_install(helm: Helm, sets: tuple[str, ...], message: str) -> None:

@@ -142,9 +142,13 @@ def _stop(proc: subprocess.Popen[bytes], timeout_s: float = 30) -> int:
 def test_prometheus_scrape_matches_audit(
     bootstrap: str, prometheus_bin: str, tmp_path: Path
 ) -> None:
-    # a keep budget, so the keep-scale series exists too
+    # a keep budget, so the keep-scale series exists too; a memory budget (far above what the
+    # run needs: it stays ready) so the budget series does
     conf, settings, _inp, _seed = _prepare(
-        tmp_path, bootstrap, n=N, **{"select.keep_fraction": 0.5}
+        tmp_path,
+        bootstrap,
+        n=N,
+        **{"select.keep_fraction": 0.5, "limits.memory_budget_bytes": 64 << 30},
     )
     port = settings.serve.port
     service = _start(conf, log=tmp_path / "run.log")

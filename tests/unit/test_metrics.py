@@ -77,7 +77,7 @@ def test_scrape_over_http_moves_counters(metrics: Metrics, server: MetricsServer
     metrics.observe_step("select", "embed", 0.01)
     metrics.record_transaction("select", "committed")
     metrics.record_transaction("select", "aborted")
-    metrics.set_lag("select", 0, 17)
+    metrics.set_lag("select", "ig.embedded", 0, 17)
     metrics.set_index_items(0, 1234, 5678)
     metrics.observe_restore(1.5, replayed=40)
 
@@ -94,7 +94,7 @@ def test_scrape_over_http_moves_counters(metrics: Metrics, server: MetricsServer
     assert after['infogrowth_stage_duration_seconds_count{stage="select",step="embed"}'] == 1.0
     assert after['infogrowth_transactions_total{result="committed",stage="select"}'] == 1.0
     assert after['infogrowth_transactions_total{result="aborted",stage="select"}'] == 1.0
-    assert after['infogrowth_consumer_lag{partition="0",stage="select"}'] == 17.0
+    assert after['infogrowth_consumer_lag{partition="0",stage="select",topic="ig.embedded"}'] == 17
     assert after['infogrowth_index_items{partition="0"}'] == 1234.0
     assert after['infogrowth_index_bytes{partition="0"}'] == 5678.0
     assert after["infogrowth_restore_duration_seconds_count"] == 1.0
@@ -123,23 +123,77 @@ def test_snapshot_age_is_computed_at_scrape() -> None:
     assert _samples(m.exposition().decode())['infogrowth_snapshot_age_seconds{partition="2"}'] == 0
 
 
+def test_consumer_lag_seconds_is_the_age_of_the_oldest_unprocessed_message() -> None:
+    now = [1000.0]
+    m = Metrics(runtime=False, clock=lambda: now[0])
+    key = 'infogrowth_consumer_lag_seconds{partition="3",stage="select",topic="emb"}'
+    assert key not in _samples(m.exposition().decode())  # no series before the first batch
+    m.set_oldest_unprocessed("select", "emb", 3, 940.0)
+    assert _samples(m.exposition().decode())[key] == 60.0
+    now[0] = 1030.0  # stuck: the age keeps growing between updates
+    assert _samples(m.exposition().decode())[key] == 90.0
+    m.set_oldest_unprocessed("select", "emb", 3, 2000.0)  # a producer clock ahead of ours
+    assert _samples(m.exposition().decode())[key] == 0.0
+    m.set_oldest_unprocessed("select", "emb", 3, None)  # caught up
+    assert _samples(m.exposition().decode())[key] == 0.0
+
+
+def _request_accept(server: MetricsServer, accept: str | None) -> tuple[str, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.request("GET", "/metrics", headers={"Accept": accept} if accept else {})
+        resp = conn.getresponse()
+        return resp.getheader("Content-Type") or "", resp.read().decode()
+    finally:
+        conn.close()
+
+
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+    "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+"""What Prometheus sends by default."""
+
+
+def test_metrics_answer_openmetrics_when_asked(metrics: Metrics, server: MetricsServer) -> None:
+    metrics.observe_outcomes("select", [("accepted", None, 0.5, 0.5)])
+    metrics.set_oldest_unprocessed("embed", "in", 0, None)
+    ctype, body = _request_accept(server, PROMETHEUS_ACCEPT)
+    assert ctype.startswith("application/openmetrics-text; version=1.0.0")
+    assert body.endswith("# EOF\n")
+    assert "# TYPE infogrowth_samples counter" in body  # OpenMetrics names the family
+    assert 'infogrowth_samples_total{decision="accepted",reason="",stage="select"} 1.0' in body
+    assert 'infogrowth_consumer_lag_seconds{partition="0",stage="embed",topic="in"} 0.0' in body
+    for accept in (None, "text/plain;version=0.0.4", "*/*"):
+        ctype, body = _request_accept(server, accept)
+        assert ctype.startswith("text/plain; version=0.0.4"), accept
+        assert "# EOF" not in body and "# TYPE infogrowth_samples_total counter" in body
+
+
 def test_drop_partition_removes_its_series() -> None:
     m = Metrics(runtime=False)
     for p in (0, 1):
-        m.set_lag("embed", p, 5)
-        m.set_lag("select", p, 7)
+        m.set_lag("embed", "in", p, 5)
+        m.set_lag("select", "emb", p, 7)
+        m.set_oldest_unprocessed("embed", "in", p, 1.0)
+        m.set_oldest_unprocessed("select", "emb", p, None)
         m.set_index_items(p, 10, 1000)
         m.mark_snapshot(p, size_bytes=100)
     m.drop_partition(1, "embed", state=False)
     s = _samples(m.exposition().decode())
-    assert 'infogrowth_consumer_lag{partition="1",stage="embed"}' not in s
-    assert s['infogrowth_consumer_lag{partition="1",stage="select"}'] == 7.0
+    assert 'infogrowth_consumer_lag{partition="1",stage="embed",topic="in"}' not in s
+    assert 'infogrowth_consumer_lag_seconds{partition="1",stage="embed",topic="in"}' not in s
+    assert s['infogrowth_consumer_lag{partition="1",stage="select",topic="emb"}'] == 7.0
+    assert s['infogrowth_consumer_lag_seconds{partition="1",stage="select",topic="emb"}'] == 0
+    assert 'infogrowth_consumer_lag_seconds{partition="0",stage="embed",topic="in"}' in s
     assert 'infogrowth_index_items{partition="1"}' in s
 
     m.drop_partition(1)
     text = m.exposition().decode()
     assert 'partition="1"' not in text
-    assert text.count('partition="0"') == 6  # 2 lags, items, index bytes, snapshot bytes, age
+    assert (
+        text.count('partition="0"') == 8
+    )  # 2 lags, 2 lag ages, items, index bytes, snapshot bytes, age
     m.drop_partition(7)  # unknown partitions are a no-op
 
 
@@ -242,7 +296,7 @@ def test_concurrent_scrapes(metrics: Metrics, server: MetricsServer) -> None:
         t.start()
     for i in range(200):
         metrics.observe_outcomes("select", [("accepted", None, 0.1, 0.2)])
-        metrics.set_lag("select", i % 4, i)
+        metrics.set_lag("select", "t", i % 4, i)
     for t in threads:
         t.join()
     assert not errors
@@ -284,10 +338,10 @@ def test_no_config_or_secret_in_any_response(monkeypatch: pytest.MonkeyPatch) ->
 def test_failing_exposition_is_a_500(
     metrics: Metrics, server: MetricsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def boom() -> bytes:
+    def boom(accept: str | None) -> tuple[bytes, str]:
         raise RuntimeError(SECRET)
 
-    monkeypatch.setattr(metrics, "exposition", boom)
+    monkeypatch.setattr(metrics, "negotiate", boom)
     status, _, body = _request(server, "/metrics")
     assert (status, body) == (500, "exposition failed\n")
     assert _request(server, "/healthz")[0] == 200  # the server keeps serving

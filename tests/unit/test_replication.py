@@ -27,6 +27,7 @@ class Msg:
     _offset: int
     _topic: str = EMBEDDED
     _key: bytes | None = None
+    _headers: list[tuple[str, bytes]] | None = None
 
     def value(self) -> bytes:
         return self._value
@@ -36,6 +37,9 @@ class Msg:
 
     def error(self) -> None:
         return None
+
+    def headers(self) -> list[tuple[str, bytes]] | None:
+        return self._headers
 
     def topic(self) -> str:
         return self._topic
@@ -52,14 +56,22 @@ class Out:
     records: list[tuple[str, int | None, dict[str, Any]]] = field(default_factory=list)
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     first: dict[tuple[str, int], int] = field(default_factory=dict)
+    headers: list[list[tuple[str, bytes]] | None] = field(default_factory=list)
+    """The headers of each record in ``records``."""
 
     def produce(
-        self, topic: str, value: bytes, key: bytes | None = None, partition: int | None = None
+        self,
+        topic: str,
+        value: bytes,
+        key: bytes | None = None,
+        partition: int | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
     ) -> None:
         kind = "embedded" if topic.endswith("embedded") else "changelog"
         if not topic.endswith(("embedded", "changelog")):
             kind = "output"
         self.records.append((topic, partition, unpack(kind, value, max_bytes=1 << 30)))
+        self.headers.append(headers)
 
     def on(self, suffix: str) -> list[tuple[int | None, dict[str, Any]]]:
         return [(p, r) for t, p, r in self.records if t.endswith(suffix)]

@@ -157,7 +157,14 @@ def test_produce_never_ships_files_out_of_the_root(
         def __init__(self, conf: dict[str, Any]) -> None:
             pass
 
-        def produce(self, topic: str, value: bytes, key: bytes | None, on_delivery: Any) -> None:
+        def produce(
+            self,
+            topic: str,
+            value: bytes,
+            key: bytes | None,
+            on_delivery: Any,
+            headers: Any = None,
+        ) -> None:
             sent.append(value)
 
         def poll(self, timeout: float) -> int:

@@ -82,7 +82,8 @@ class TopicReport:
 
 
 def topic_specs(topics: TopicsConfig, limits: LimitsConfig | None = None) -> list[TopicSpec]:
-    """The pipeline's topics: ingest, embedded, changelog, control and the three outputs.
+    """The pipeline's topics: ingest, embedded, changelog, control, the three outputs and the
+    dead-letter topic when one is configured.
 
     Every topic's ``max.message.bytes`` is :func:`~infogrowth.kafka.clients.record_limit` of
     ``limits`` (default limits when None): the broker default (~1 MiB) would refuse records
@@ -103,6 +104,8 @@ def topic_specs(topics: TopicsConfig, limits: LimitsConfig | None = None) -> lis
         TopicSpec(topics.relabeled, topics.output_partitions, rf, dict(delete)),
         TopicSpec(topics.rejected, topics.output_partitions, rf, dict(delete)),
     ]
+    if topics.dead_letter is not None:
+        rows.append(TopicSpec(topics.dead_letter, topics.output_partitions, rf, dict(delete)))
     out: dict[str, TopicSpec] = {}
     for spec in rows:
         seen = out.setdefault(spec.name, spec)

@@ -9,17 +9,21 @@ from confluent_kafka import Message, TopicPartition
 
 from infogrowth.calibrate import Calibration
 from infogrowth.cells import Cells, random_centroids
+from infogrowth.codec import codec
 from infogrowth.config import Settings
+from infogrowth.kafka import headers
 from infogrowth.kafka.clients import fits, record_limit, source_of
 from infogrowth.kafka.control import ControlWatcher
+from infogrowth.kafka.headers import record_headers, traceparent_of
 from infogrowth.kafka.loop import FatalStageError, Output
 from infogrowth.pipeline import EmbedStage
 from infogrowth.records import Outcome, output_record, source_key, too_large
-from infogrowth.schema import Embedded, Malformed, Sample, pack, parse_msgpack_sample
+from infogrowth.schema import Embedded, Malformed, Sample, parse_msgpack_sample
 from infogrowth.schema import vector_to_bytes as v2b
 from infogrowth.select import Thresholds
 
 log = logging.getLogger(__name__)
+EMBEDDED, OUTPUT = codec("embedded"), codec("output")
 DECISION_HEADROOM = 16 * 1024
 """Bytes an embedded record must leave free under the record limit for what the select stage
 adds to its output record (gains, thresholds, vote), so a record that passes here fits there."""
@@ -151,7 +155,10 @@ class EmbedProcessor:
         o = Outcome(id=sid, decision="rejected", reason=reason, detail=detail, source=src)
         self.pending += 1
         rec = output_record(o, self.thresholds, include_image=False)
-        out.produce(self.topics.rejected, pack("output", rec), key=sid.encode())
+        hdrs = record_headers(
+            "output", decision="rejected", reason=reason, traceparent=traceparent_of(message)
+        )
+        out.produce(self.topics.rejected, OUTPUT.encode(rec), key=sid.encode(), headers=hdrs)
 
     def process(self, messages: list[Message], out: Output) -> None:
         lim = self.settings.limits
@@ -166,31 +173,57 @@ class EmbedProcessor:
         results = self.stage.process(items)
         rejected: list[Outcome] = []
         limit = record_limit(lim)
-        for r in results:
+        for m, r in zip(messages, results, strict=True):
+            trace = traceparent_of(m)
             if isinstance(r, Embedded):
                 rec = embedded_record(r, self.include_image is True, self.epoch)
-                value = pack("embedded", rec, check=False)
+                value = EMBEDDED.encode(rec, check=False)
                 key = str(r.cell).encode()
-                if fits(lim, value, key, DECISION_HEADROOM):
+                hdrs = record_headers("embedded", traceparent=trace)
+                if fits(lim, value, key, DECISION_HEADROOM + headers.size(hdrs)):
                     out.produce(
-                        self.topics.embedded, value, key=key, partition=r.cell % self.partitions
+                        self.topics.embedded,
+                        value,
+                        key=key,
+                        partition=r.cell % self.partitions,
+                        headers=hdrs,
                     )
                     continue
                 # Produced, the broker would refuse it and abort the batch on every retry.
                 r = too_large(Outcome.rejected(r, "", ""), "embedded record", len(value), limit)
             rejected.append(r)
             self.pending += 1
-            rec = output_record(r, self.thresholds, include_image=self.include_image)
-            value = pack("output", rec)
-            if not fits(lim, value, r.id.encode()):
-                rec = output_record(
-                    too_large(r, "output record", len(value), limit),
-                    self.thresholds,
-                    include_image=False,
-                )
-                value = pack("output", rec)
-            out.produce(self.topics.rejected, value, key=r.id.encode())
+            if r.reason == "malformed" and self._dead_letter(m, r, out):
+                continue
+            self._reject(r, out, trace)
         if self.metrics is not None:
             self.metrics.observe_outcomes(
                 "embed", [(o.decision, o.reason, o.gain, o.alignment) for o in rejected]
             )
+
+    def _reject(self, r: Outcome, out: Output, trace: bytes | None) -> None:
+        """The rejected record of ``r`` (trimmed to ``too_large`` if it would not fit)."""
+        lim = self.settings.limits
+        rec = output_record(r, self.thresholds, include_image=self.include_image)
+        value = OUTPUT.encode(rec)
+        if not fits(lim, value, r.id.encode()):
+            r = too_large(r, "output record", len(value), record_limit(lim))
+            value = OUTPUT.encode(output_record(r, self.thresholds, include_image=False))
+        hdrs = record_headers("output", decision=r.decision, reason=r.reason, traceparent=trace)
+        out.produce(self.topics.rejected, value, key=r.id.encode(), headers=hdrs)
+
+    def _dead_letter(self, m: Message, r: Outcome, out: Output) -> bool:
+        """Send malformed input to the dead-letter topic (when one is configured): its original
+        key, value and headers plus the error headers. False when there is no such topic or
+        the record would not fit it (it is then rejected as usual)."""
+        topic = self.topics.dead_letter
+        if topic is None:
+            return False
+        value, key = m.value(), m.key()
+        hdrs = headers.dead_letter_headers(
+            m.headers(), reason="malformed", detail=r.detail or "", source=source_of(m)
+        )
+        if not fits(self.settings.limits, value or b"", key, headers.size(hdrs)):
+            return False
+        out.produce(topic, value, key=key, headers=hdrs)
+        return True

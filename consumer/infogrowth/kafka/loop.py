@@ -23,10 +23,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import (
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 from infogrowth.config import Settings
 from infogrowth.kafka.clients import consumer_config, position, producer_config
+from infogrowth.kafka.headers import Headers
 
 log = logging.getLogger(__name__)
 TXN_TIMEOUT_S = 30.0
@@ -61,11 +70,18 @@ class Output:
         self.first[(t, p)] = min(self.first.get((t, p), o), o)
 
     def produce(
-        self, topic: str, value: bytes, key: bytes | None = None, partition: int | None = None
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None = None,
+        partition: int | None = None,
+        headers: Headers | None = None,
     ) -> None:
         kwargs: dict[str, Any] = {"on_delivery": self._on_delivery}
         if partition is not None:
             kwargs["partition"] = partition
+        if headers:
+            kwargs["headers"] = headers
         while True:
             try:
                 self.producer.produce(topic, value=value, key=key, **kwargs)
@@ -133,9 +149,13 @@ class TransactionalLoop:
         topics: list[str],
         transactional_id: str,
         on_batch: Callable[[str, int, float, bool], None] | None = None,
-        on_lag: Callable[[str, int, int], None] | None = None,
+        on_lag: Callable[[str, str, int, int], None] | None = None,
         on_step: Callable[[str, str, float], None] | None = None,
+        on_backlog: Callable[[str, str, int, float | None], None] | None = None,
     ) -> None:
+        """``on_lag(stage, topic, partition, messages)`` reports lag in messages;
+        ``on_backlog(stage, topic, partition, ts)`` the timestamp (epoch seconds) of the oldest
+        message not processed yet, None once the stage has reached the partition's end."""
         self.settings = settings
         self.processor = processor
         self.group = group
@@ -144,6 +164,7 @@ class TransactionalLoop:
         self.on_batch = on_batch
         self.on_lag = on_lag
         self.on_step = on_step
+        self.on_backlog = on_backlog
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
         self.last_progress = time.monotonic()
@@ -268,7 +289,9 @@ class TransactionalLoop:
         k = self.settings.kafka
         self.producer = Producer(producer_config(self.settings, self.transactional_id))
         self._retry(lambda: self.producer.init_transactions(TXN_TIMEOUT_S), stop, "init")  # type: ignore[union-attr]
-        self.consumer = Consumer(consumer_config(self.settings, self.group))
+        # Partition EOF events say when the stage has caught up (lag 0, nothing waiting).
+        conf = consumer_config(self.settings, self.group, **{"enable.partition.eof": True})
+        self.consumer = Consumer(conf)
         self.consumer.subscribe(
             self.topics, on_assign=self._assign, on_revoke=self._revoke, on_lost=self._lost
         )
@@ -279,12 +302,15 @@ class TransactionalLoop:
                 generation = self.rebalances
                 wait = 0.0 if self.restoring else k.commit_interval_ms / 1000.0
                 msgs = self.consumer.consume(k.commit_max_messages, wait)
+                ends = self._note_backlog(msgs)
                 batch = self._owned([m for m in msgs if self._keep(m)], generation)
                 self.last_progress = time.monotonic()
                 if batch:
                     self._run_batch(batch, stop)
                     self._report_lag(batch)
                     self.last_processed = time.monotonic()
+                if not self._streak[1]:  # nothing aborted: what was fetched is processed
+                    self._caught_up(ends)
         except BaseException:
             self._shutdown(clean=False)
             raise
@@ -555,10 +581,42 @@ class TransactionalLoop:
             except KafkaException:
                 continue
             if high >= 0:
-                self.on_lag(self.processor.name, p, max(0, high - off - 1))
+                self.on_lag(self.processor.name, t, p, max(0, high - off - 1))
+
+    def _note_backlog(self, msgs: list[Message]) -> set[tuple[str, int]]:
+        """Report the oldest waiting message per partition (the first of each in a fetched
+        batch: everything before it is processed); return the partitions at their end."""
+        ends: set[tuple[str, int]] = set()
+        first: dict[tuple[str, int], float] = {}
+        for m in msgs:
+            t, p = m.topic(), m.partition()
+            if t is None or p is None:
+                continue
+            err = m.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    ends.add((t, p))
+                continue
+            kind, ms = m.timestamp()
+            if (t, p) not in first and kind != TIMESTAMP_NOT_AVAILABLE and ms > 0:
+                first[(t, p)] = ms / 1000.0
+        if self.on_backlog is not None:
+            for (t, p), ts in first.items():
+                if (t, p) in self.assigned:
+                    self.on_backlog(self.processor.name, t, p, ts)
+        return ends
+
+    def _caught_up(self, ends: set[tuple[str, int]]) -> None:
+        """Partitions whose end the consumer reached, their fetched messages processed."""
+        for t, p in sorted(ends & self.assigned):
+            if self.on_backlog is not None:
+                self.on_backlog(self.processor.name, t, p, None)
+            if self.on_lag is not None:
+                self.on_lag(self.processor.name, t, p, 0)
 
     def _shutdown(self, clean: bool) -> None:
-        """Close the processor (it snapshots only committed state), then leave the group.
+        """Close the processor (it snapshots only committed state), leave the group and
+        destroy the clients.
 
         After an error the producer is not flushed: whatever it still holds belongs to a
         transaction that never committed, and a fenced producer raises from every call.
@@ -570,6 +628,10 @@ class TransactionalLoop:
                 self.consumer.close()  # leaves the group: revoke callbacks run here
             if self.producer is not None and clean:
                 self.producer.flush(5)
+            # Release the clients now: a handle kept alive (by whoever holds this loop) keeps
+            # reconnecting, and logs connection errors once the brokers go away.
+            self.consumer = None
+            self.producer = None
 
 
 def _starts(batch: list[Message]) -> tuple[tuple[str, int, int], ...]:

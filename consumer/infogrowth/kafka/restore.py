@@ -172,6 +172,12 @@ class PartitionRestore:
                     self.settings, self.settings.kafka.topics.changelog, self.partition
                 ),
             )
+        except snapshot.NoSnapshot:
+            log.info(
+                "partition %d: first start (no snapshot yet); replaying the changelog",
+                self.partition,
+            )
+            return None
         except snapshot.SnapshotError as exc:
             log.warning("partition %d: %s; replaying the changelog", self.partition, exc)
             return None

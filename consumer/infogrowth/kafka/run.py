@@ -176,9 +176,13 @@ def _loop(
         m.batch_duration.labels(stage=stage).observe(seconds)
         m.transactions.labels(stage=stage, result="committed" if committed else "aborted").inc()
 
-    def on_lag(stage: str, partition: int, lag: int) -> None:
+    def on_lag(stage: str, topic: str, partition: int, lag: int) -> None:
         if m is not None:
-            m.consumer_lag.labels(stage=stage, partition=str(partition)).set(lag)
+            m.set_lag(stage, topic, partition, lag)
+
+    def on_backlog(stage: str, topic: str, partition: int, ts: float | None) -> None:
+        if m is not None:
+            m.set_oldest_unprocessed(stage, topic, partition, ts)
 
     def on_step(stage: str, step: str, seconds: float) -> None:
         if m is not None:
@@ -193,6 +197,7 @@ def _loop(
         on_batch=on_batch,
         on_lag=on_lag,
         on_step=on_step,
+        on_backlog=on_backlog,
     )
 
 

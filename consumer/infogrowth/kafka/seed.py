@@ -16,6 +16,7 @@ from infogrowth.curate import build_models
 from infogrowth.files import settings_inputs
 from infogrowth.kafka.clients import instance_id, producer_config
 from infogrowth.kafka.control import CALIBRATION_KEY, read_calibration
+from infogrowth.kafka.headers import record_headers
 from infogrowth.kafka.select import changelog_record, replica_partitions
 from infogrowth.locations import Location
 from infogrowth.pipeline import Curator
@@ -113,6 +114,7 @@ def seed(
                 key=e.id.encode(),
                 partition=p,
                 on_delivery=on_delivery,
+                headers=record_headers("changelog"),
             )
             producer.poll(0)
     producer.produce(
@@ -121,6 +123,7 @@ def seed(
         key=CALIBRATION_KEY,
         partition=0,
         on_delivery=on_delivery,
+        headers=record_headers("calibration"),
     )
     producer.commit_transaction(120)
     if errors:

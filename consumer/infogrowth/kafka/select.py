@@ -33,6 +33,7 @@ from infogrowth.index import PartitionState
 from infogrowth.kafka.admin import topic_id
 from infogrowth.kafka.clients import fits, position, record_limit, source_of
 from infogrowth.kafka.control import ControlWatcher, calibration_id, read_calibration
+from infogrowth.kafka.headers import TRACEPARENT, record_headers, traceparent_of
 from infogrowth.kafka.loop import Output, StaleBatch
 from infogrowth.kafka.restore import Layout, PartitionRestore, embedded_from_record, run_to_end
 from infogrowth.records import Outcome, output_record, source_key, too_large
@@ -46,6 +47,8 @@ log = logging.getLogger(__name__)
 
 
 STATE_KEY = b"\x00state"
+CHANGELOG_HEADERS = record_headers("changelog")
+EMBEDDED_HEADERS = record_headers("embedded")
 """Changelog key of a partition's online state records (compaction keeps the latest)."""
 
 
@@ -454,7 +457,10 @@ class SelectProcessor:
         o = Outcome(id=sid, decision="rejected", reason=reason, detail=detail, source=src)
         self.pending += 1
         value = pack("output", output_record(o, self.t, include_image=False), check=False)
-        out.produce(self.topics.rejected, value, key=sid.encode())
+        hdrs = record_headers(
+            "output", decision="rejected", reason=reason, traceparent=traceparent_of(message)
+        )
+        out.produce(self.topics.rejected, value, key=sid.encode(), headers=hdrs)
 
     def process(self, messages: list[Message], out: Output) -> None:
         by_part: dict[int, list[Message]] = defaultdict(list)
@@ -529,9 +535,13 @@ class SelectProcessor:
             )
             return Outcome.rejected(e, "stale_epoch", stale)
         try:
-            return embedded_from_record(rec, self.dims)
+            e = embedded_from_record(rec, self.dims)
         except ValueError as exc:
             return Outcome.malformed(Malformed(None, str(exc), m.value() or b"", source_of(m)))
+        trace = traceparent_of(m)
+        if trace is not None:
+            e.extra[TRACEPARENT] = trace
+        return e
 
     def _apply_replicas(self, p: int, items: list[Embedded], out: Output) -> None:
         """Index replicas of this epoch (a stale one came back as an Outcome: dropped)."""
@@ -559,6 +569,7 @@ class SelectProcessor:
                 pack("changelog", changelog_record(e, epoch=self.epoch), check=False),
                 key=e.id.encode(),
                 partition=p,
+                headers=CHANGELOG_HEADERS,
             )
         self.dirty[p] += len(fresh)
         self.uncommitted.add(p)
@@ -584,6 +595,7 @@ class SelectProcessor:
                         pack("changelog", changelog_record(v.item, epoch=self.epoch), check=False),
                         key=v.item.id.encode(),
                         partition=p,
+                        headers=CHANGELOG_HEADERS,
                     )
                     self.dirty[p] += 1
                     kept.append(v.item)
@@ -600,7 +612,9 @@ class SelectProcessor:
                 rec = output_record(o, self.t, include_image=False)
                 value = pack("output", rec, check=False)
                 outcomes[-1] = o
-            out.produce(getattr(self.topics, o.decision), value, key=o.id.encode())
+            trace = r.extra.get(TRACEPARENT) if isinstance(r, Embedded) else None
+            hdrs = record_headers("output", decision=o.decision, reason=o.reason, traceparent=trace)
+            out.produce(getattr(self.topics, o.decision), value, key=o.id.encode(), headers=hdrs)
         if batch:
             state = self.states[p]
             out.produce(
@@ -608,6 +622,7 @@ class SelectProcessor:
                 pack("changelog", state_record(state, self.epoch), check=False),
                 key=STATE_KEY,
                 partition=p,
+                headers=CHANGELOG_HEADERS,
             )
             self.dirty[p] += 1
         if kept:
@@ -621,6 +636,7 @@ class SelectProcessor:
                         pack("embedded", replica_record(e, c, self.epoch), check=False),
                         key=str(c).encode(),
                         partition=q,
+                        headers=EMBEDDED_HEADERS,
                     )
                     sent += 1
             self.replicas_sent += sent

@@ -17,9 +17,20 @@ from confluent_kafka.admin import AdminClient
 from infogrowth.config import Settings
 from infogrowth.files import settings_inputs
 from infogrowth.kafka.clients import base_config, consumer_config, producer_config
+from infogrowth.kafka.headers import (
+    ERROR_OFFSET,
+    ERROR_PARTITION,
+    ERROR_REASON,
+    ERROR_TOPIC,
+    Headers,
+    header,
+    record_headers,
+)
 from infogrowth.locations import Location
 from infogrowth.records import source_key
 from infogrowth.schema import Malformed, pack, sample_to_obj
+
+INGEST_HEADERS = record_headers("ingest")
 
 
 def produce(
@@ -33,8 +44,9 @@ def produce(
     """Load samples of JSONL, WebDataset shards, Parquet and table folders (local or URLs; see
     :func:`~infogrowth.files.read_inputs`) as msgpack into the ingest topic; returns the count.
 
-    Lines that fail validation are sent as they are, so the curator rejects them: a producer
-    never filters what the pipeline must account for. Image paths are confined to ``image_root``
+    Lines that fail validation are sent as they are (without headers: they are not msgpack),
+    so the curator rejects them: a producer never filters what the pipeline must account for.
+    Valid samples carry the ingest schema's headers. Image paths are confined to ``image_root``
     (default: each JSONL file's folder); a refused path is sent as its line, never as file bytes.
     """
     topic = topic or settings.kafka.topics.ingest
@@ -47,11 +59,11 @@ def produce(
 
     n = 0
 
-    def send(value: bytes, key: bytes | None) -> None:
+    def send(value: bytes, key: bytes | None, headers: Headers | None) -> None:
         nonlocal n
         while True:
             try:
-                p.produce(topic, value=value, key=key, on_delivery=on_delivery)
+                p.produce(topic, value=value, key=key, on_delivery=on_delivery, headers=headers)
                 break
             except BufferError:
                 p.poll(0.1)
@@ -61,11 +73,12 @@ def produce(
 
     for item in settings_inputs(settings, paths, image_root):
         if isinstance(item, Malformed):
-            send(item.payload, item.id.encode() if item.id else None)
+            send(item.payload, item.id.encode() if item.id else None, None)
         else:
-            send(pack("ingest", sample_to_obj(item), check=False), item.id.encode())
+            value = pack("ingest", sample_to_obj(item), check=False)
+            send(value, item.id.encode(), INGEST_HEADERS)
     for value in raw or []:
-        send(value, None)
+        send(value, None, None)
     p.flush(120)
     if progress is not None:
         progress(n % 500)
@@ -141,6 +154,24 @@ def ingest_id(value: bytes | None, src: dict[str, str | int], max_bytes: int) ->
     return source_key(src)
 
 
+def dead_letter_id(m: Any, max_bytes: int) -> tuple[str, str]:
+    """(the ingest id, the error reason) of a dead-letter record: its value is the ingest
+    message's, its error headers say where that message was."""
+    hs = m.headers()
+
+    def get(name: str) -> str:
+        value = header(hs, name)
+        return "" if value is None else value.decode("utf-8", "replace")
+
+    part, off = get(ERROR_PARTITION), get(ERROR_OFFSET)
+    src: dict[str, str | int] = {
+        "topic": get(ERROR_TOPIC),
+        "partition": int(part) if part.lstrip("-").isdigit() else part,
+        "offset": int(off) if off.lstrip("-").isdigit() else off,
+    }
+    return ingest_id(m.value(), src, max_bytes), get(ERROR_REASON) or "unknown"
+
+
 @dataclass
 class AuditResult:
     ingest: int = 0
@@ -178,7 +209,8 @@ class AuditResult:
 
 
 def audit(settings: Settings) -> AuditResult:
-    """Every ingest message has exactly one output record across the three output topics."""
+    """Every ingest message has exactly one output record across the three output topics and
+    the dead-letter topic (when configured; counted as ``dead_letter`` in ``outputs``)."""
     t = settings.kafka.topics
     res = AuditResult()
     expected: Counter[str] = Counter()
@@ -198,6 +230,13 @@ def audit(settings: Settings) -> AuditResult:
             res.outputs[name] += 1
             res.reasons[f"{name}/{rec.get('reason')}" if rec.get("reason") else name] += 1
             res.decisions[rec["id"]] = (rec["decision"], rec.get("reason"))
+    if t.dead_letter is not None:
+        for m in read_topic(settings, t.dead_letter):
+            sid, reason = dead_letter_id(m, settings.limits.max_message_bytes)
+            got[sid] += 1
+            res.outputs["dead_letter"] += 1
+            res.reasons[f"dead_letter/{reason}"] += 1
+            res.decisions[sid] = ("rejected", reason)
     for sid, n in expected.items():
         if got[sid] < n:
             res.missing.append(sid)

@@ -385,3 +385,92 @@ spec:
     {{- toYaml . | nindent 4 }}
     {{- end }}
 {{- end }}
+
+{{/*
+The pipeline's topics as `infogrowth topics create` lays them out (kafka/admin.py topic_specs,
+kafka/clients.py record_limit), from `config` and the service's defaults: a YAML list of
+{role, name, partitions, replicas, cleanup, maxMessageBytes}. A name shared by several roles
+(one output topic for all decisions) is listed once.
+*/}}
+{{- define "infogrowth.topicSpecs" -}}
+{{- $k := get (.Values.config | default dict) "kafka" | default dict }}
+{{- $t := get $k "topics" | default dict }}
+{{- $limits := get (.Values.config | default dict) "limits" | default dict }}
+{{- $size := max (add (int64 (default 16777216 (get $limits "max_message_bytes"))) 65536) 1048588 }}
+{{- $rf := int64 (default 1 (get $t "replication_factor")) }}
+{{- $embedded := int64 (default 1 (get $t "embedded_partitions")) }}
+{{- $outputs := int64 (default 1 (get $t "output_partitions")) }}
+{{- $rows := list
+  (list "ingest" (int64 (default 1 (get $t "ingest_partitions"))) "delete")
+  (list "embedded" $embedded "delete")
+  (list "changelog" $embedded "compact")
+  (list "control" 1 "compact")
+  (list "accepted" $outputs "delete")
+  (list "relabeled" $outputs "delete")
+  (list "rejected" $outputs "delete") }}
+{{- if get $t "dead_letter" }}
+{{- $rows = append $rows (list "dead_letter" $outputs "delete") }}
+{{- end }}
+{{- $seen := dict }}
+{{- range $rows }}
+{{- $role := index . 0 }}
+{{- $name := default (printf "infogrowth.%s" $role) (get $t $role) }}
+{{- if not (hasKey $seen $name) }}
+{{- $_ := set $seen $name true }}
+- role: {{ $role | replace "_" "-" }}
+  name: {{ $name | quote }}
+  partitions: {{ index . 1 }}
+  replicas: {{ $rf }}
+  cleanup: {{ index . 2 }}
+  maxMessageBytes: {{ $size }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The ACLs the service's principal needs (docs/deploy.md lists them for clusters without
+Strimzi): a YAML list of {type, name, pattern, operations}.
+*/}}
+{{- define "infogrowth.serviceAcls" -}}
+{{- $k := get (.Values.config | default dict) "kafka" | default dict }}
+{{- $t := get $k "topics" | default dict }}
+{{- $prefix := default "infogrowth" (get $k "transactional_id_prefix") }}
+{{- $topic := dict
+  "ingest" (list "Read" "Describe")
+  "embedded" (list "Read" "Write" "Describe")
+  "changelog" (list "Read" "Write" "Describe")
+  "control" (list "Read" "Describe")
+  "accepted" (list "Write" "Describe")
+  "relabeled" (list "Write" "Describe")
+  "rejected" (list "Write" "Describe") }}
+{{- range $role := list "ingest" "embedded" "changelog" "control" "accepted" "relabeled" "rejected" }}
+- type: topic
+  name: {{ default (printf "infogrowth.%s" $role) (get $t $role) | quote }}
+  pattern: literal
+  operations: {{ get $topic $role | toJson }}
+{{- end }}
+{{- with get $t "dead_letter" }}
+- type: topic
+  name: {{ . | quote }}
+  pattern: literal
+  operations: ["Write", "Describe"]
+{{- end }}
+- type: group
+  name: {{ default "infogrowth-embed" (get $k "embed_group") | quote }}
+  pattern: literal
+  operations: ["Read"]
+- type: group
+  name: {{ default "infogrowth-select" (get $k "select_group") | quote }}
+  pattern: literal
+  operations: ["Read"]
+- type: group
+  name: "infogrowth-reader-"
+  pattern: prefix
+  operations: ["Read"]
+{{- range $stage := list "embed" "select" }}
+- type: transactionalId
+  name: {{ printf "%s-%s-" $prefix $stage | quote }}
+  pattern: prefix
+  operations: ["Write", "Describe"]
+{{- end }}
+{{- end }}
