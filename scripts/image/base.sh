@@ -40,6 +40,7 @@ mmdebstrap --quiet --variant=minbase \
 ctr="$(buildah from scratch)"
 buildah add --quiet "$ctr" "$work/rootfs.tar" / >/dev/null
 buildah config --env LANG=C.UTF-8 \
+  --created-by "mmdebstrap --variant=minbase --include=python3,python3-venv,ca-certificates $BASE_SUITE" \
   --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin --cmd '["python3"]' \
   --label org.opencontainers.image.description="Debian $BASE_SUITE minbase + python3 (mmdebstrap)" \
   "$ctr"

@@ -8,6 +8,20 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/image/env.sh
 
+# Drop the cached images this build neither made nor reused (an earlier build's layers), so that
+# the cache holds one build's worth: the base, the layers of the last build and tagged images.
+prune_unused() {
+  local keep id
+  keep="$(grep -oE -- '--> (Using cache )?[0-9a-f]{11,64}$' "$1" | awk '{print $NF}' | sort -u)"
+  # Newest first, so that children go before their parents.
+  buildah images --all --noheading --no-trunc --format '{{.ID}} {{.Name}}' | while read -r id name; do
+    id="${id#sha256:}"
+    [[ "$name" == "<none>" ]] || continue
+    grep -q "^${id:0:11}" <<<"$keep" && continue
+    buildah rmi "$id" >/dev/null 2>&1 || true
+  done
+}
+
 builder="$(image_builder)"
 t0=$SECONDS
 case "$builder" in
@@ -27,11 +41,13 @@ case "$builder" in
       ca=(--volume "$(readlink -f "$IMAGE_CA_BUNDLE"):/etc/ssl/certs/ca-certificates.crt:ro")
     fi
     # --format docker keeps the HEALTHCHECK (OCI image configs have no field for it).
+    log="$INFOGROWTH_IMAGE_CACHE/tmp/build.log"
     buildah bud --isolation chroot --layers --force-rm --format docker --pull=false \
       --build-arg PYTHON_IMAGE="$BASE_IMAGE" \
       --build-arg VERSION="$IMAGE_APP_VERSION" "${ca[@]}" \
-      -t "$IMAGE" "$@" . \
+      -t "$IMAGE" "$@" . 2>&1 | tee "$log" \
       || image_die "buildah bud failed (see above); the layers built so far stay cached"
+    prune_unused "$log"
     ;;
   *) image_die "IMAGE_BUILDER must be docker or buildah, not '$builder'" ;;
 esac

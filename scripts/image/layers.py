@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +33,13 @@ def layer_rows(image: dict[str, Any], sizes: dict[str, int]) -> list[tuple[int, 
 
 
 def _instruction(created_by: str) -> str:
-    text = " ".join(created_by.replace("/bin/sh -c #(nop) ", "").split())
+    """Docker-style history text as the Dockerfile line: ``RUN ...``, ``COPY ...``."""
+    text = " ".join(created_by.split())
+    text = re.sub(r"^\|\d+ (\S+=\S* )*", "", text)  # build arguments in effect for a RUN
+    if text.startswith("/bin/sh -c #(nop) "):
+        text = text.removeprefix("/bin/sh -c #(nop) ")
+    elif text.startswith("/bin/sh -c "):
+        text = "RUN " + text.removeprefix("/bin/sh -c ")
     return text if len(text) <= 90 else text[:87] + "..."
 
 

@@ -129,14 +129,14 @@ def test_layer_rows_pair_history_with_sizes() -> None:
         "OCIv1": {
             "rootfs": {"diff_ids": ["sha256:a", "sha256:b"]},
             "history": [
-                {"created_by": "/bin/sh"},
+                {"created_by": "|1 VERSION=0.1.0 /bin/sh -c groupadd  x"},
                 {"created_by": "/bin/sh -c #(nop) ENV X=1", "empty_layer": True},
                 {"created_by": "/bin/sh -c #(nop) COPY dir:x in /opt/venv"},
             ],
         }
     }
     rows = layers.layer_rows(image, {"sha256:a": 5, "sha256:b": 7_000_000_000})
-    assert rows == [(5, "/bin/sh"), (7_000_000_000, "COPY dir:x in /opt/venv")]
+    assert rows == [(5, "RUN groupadd x"), (7_000_000_000, "COPY dir:x in /opt/venv")]
     assert layers.human(7_000_000_000) == "7.00 GB"
     with pytest.raises(SystemExit, match="sha256:b"):
         layers.layer_rows(image, {"sha256:a": 5})
