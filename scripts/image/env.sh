@@ -72,7 +72,7 @@ graphroot = "$INFOGROWTH_IMAGE_CACHE/storage"
 runroot = "$INFOGROWTH_IMAGE_CACHE/runroot"
 CONF
   export CONTAINERS_STORAGE_CONF="$conf"
-  # RUN --mount=type=cache lives under \$TMPDIR/buildah-cache-<uid>: keep it with the cache.
+  # RUN --mount=type=cache lives under \$TMPDIR/buildah-cache: keep it with the cache.
   export TMPDIR="$INFOGROWTH_IMAGE_CACHE/tmp"
   export BUILDAH_ISOLATION=chroot
 }

@@ -460,8 +460,6 @@ def smoke(image: str, work: Path) -> None:
     with _broker() as bootstrap:
         port = _free_port()
         chart = render_chart(helm, image, bootstrap, port, uuid.uuid4().hex[:8])
-        if chart.image != image:
-            raise SmokeFailure(f"the chart would run {chart.image}, not {image}")
         if not chart.read_only_root:
             raise SmokeFailure("the chart's defaults no longer set readOnlyRootFilesystem")
         step("image config == chart", check_image_matches_chart, image_config, chart)
@@ -511,7 +509,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         smoke(args.image, work)
     except SmokeFailure as exc:
         print(f"test-image: FAIL: {exc}", file=sys.stderr)
-        print(f"test-image: files kept in {work}", file=sys.stderr)
+        if any(work.iterdir()):
+            print(f"test-image: files kept in {work}", file=sys.stderr)
+        else:
+            work.rmdir()
         return 1
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
