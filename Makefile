@@ -14,6 +14,7 @@ endif
 PYTEST_ARGS ?=
 
 .PHONY: install lint test test-unit test-integration test-chaos test-deploy tools chart-schema demo clean
+.PHONY: image test-image image-layers
 
 install: $(VENV)/.installed
 
@@ -50,6 +51,22 @@ test-chaos: install
 
 test-deploy: install tools
 	$(BIN)/pytest -m deploy $(PYTEST_ARGS)
+
+# The container image (docs/deploy.md): `docker build` when a daemon answers, else buildah (chroot
+# isolation, no daemon) on a Debian base made by mmdebstrap, both installed from Debian when
+# missing. The base, buildah's layers and uv's downloads are cached in ~/.cache/infogrowth/image.
+# IMAGE defaults to what the chart runs by default: infogrowth:<appVersion>.
+IMAGE_BUILD_ARGS ?=
+image:
+	bash scripts/image/build.sh $(IMAGE_BUILD_ARGS)
+
+# Runs the image as the chart does (user, args, env, volumes, read-only root) against a local
+# broker: --help, curate, topics/produce/run/audit, /healthz and /metrics from inside.
+test-image: install tools
+	PYTHON=$(BIN)/python bash scripts/image/test.sh
+
+image-layers:
+	source scripts/image/env.sh && buildah_env && python3 scripts/image/layers.py "$$IMAGE"
 
 # Regenerate the `config` part of the chart's values.schema.json from infogrowth.config.Settings.
 chart-schema: install

@@ -136,3 +136,12 @@ def test_dockerignore_admits_exactly_what_the_build_copies() -> None:
         assert included(src), f"{src} is copied but excluded by .dockerignore"
     for secret_or_bulk in (".venv", ".git", "out", "tests", ".cache"):
         assert not included(secret_or_bulk), f"{secret_or_bulk} would enter the build context"
+    # A link inside a copied folder must land on something copied too (the package's schemas
+    # link to the top-level schemas/: without it the image's wheel had no schemas).
+    for src in copied:
+        for link in [p for p in (ROOT / src).rglob("*") if p.is_symlink()]:
+            target = link.resolve().relative_to(ROOT).as_posix()
+            assert any(target == c or target.startswith(c + "/") for c in copied), (
+                f"{link.relative_to(ROOT)} -> {target}, which no COPY brings into the build"
+            )
+            assert included(target), f"{target} is linked from {link} but excluded"
