@@ -61,7 +61,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 RUN --mount=type=cache,target=/root/.cache/uv \
     if [ -n "${TORCH_INDEX_URL}" ]; then \
-        /opt/uv/bin/uv pip install --python /opt/venv/bin/python --index-url "${TORCH_INDEX_URL}" "torch>=2.4,<3"; \
+        /opt/uv/bin/uv pip install --python /opt/venv/bin/python --index-url "${TORCH_INDEX_URL}" "torch>=2.4,<3" "torchvision>=0.19"; \
     fi \
     && /opt/uv/bin/uv pip install --python /opt/venv/bin/python -r pyproject.toml \
     && if [ -n "${EXTRA_PACKAGES}" ]; then \
