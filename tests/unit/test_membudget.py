@@ -58,7 +58,9 @@ def test_runtime_readiness_follows_the_budget() -> None:
     started, assigned = threading.Event(), threading.Event()
     started.set()
     assigned.set()
-    loop: Any = SimpleNamespace(started=started, assigned_once=assigned, stuck=None)
+    loop: Any = SimpleNamespace(
+        started=started, assigned_once=assigned, stuck=None, restoring=False
+    )
     rt.loops = [loop]
     assert rt.ready_status() == (True, "ready")
     rss[0] = 500
