@@ -49,6 +49,8 @@ CONFIG_MOUNT = "/etc/infogrowth"
 DATA_MOUNT = "/data"
 """Where the test's input files are mounted read-only (like one of the chart's extraVolumes)."""
 OUTPUTS = ("accepted", "relabeled", "rejected")
+DIM = 32
+"""Dimension of the synthetic precomputed vectors in both spaces."""
 
 
 class SmokeFailure(Exception):
@@ -135,7 +137,10 @@ def render_chart(helm: str, image: str, bootstrap: str, port: int, run_id: str) 
     cmd = [helm, "template", "smoke", str(CHART)]
     cmd += ["--set", f"image.repository={repo}", "--set", f"image.tag={tag}"]
     cmd += ["--set", f"kafka.bootstrapServers={bootstrap}", "--set", f"metrics.port={port}"]
-    cmd += ["--set-json", f"config.kafka={json.dumps(kafka)}", "--set", "topicsJob.enabled=true"]
+    cmd += ["--set-json", f"config.kafka={json.dumps(kafka)}", "--set", "topics.mode=job"]
+    # An unseeded run on precomputed vectors is told their dimensions (encoder.dims).
+    dims = {"dims": {"image": DIM, "text": DIM}}
+    cmd += ["--set-json", f"config.encoder={json.dumps(dims)}"]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise SmokeFailure(f"helm template failed:\n{res.stderr[-2000:]}")
@@ -272,7 +277,7 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]], extra: Sequence[str] = 
 def check_curate(box: Container, work: Path) -> str:
     from infogrowth.synthetic import clustered
 
-    rows = clustered(200, dup_rate=0.1, seed=181, prefix="c").samples
+    rows = clustered(200, dim=DIM, dup_rate=0.1, seed=181, prefix="c").samples
     n = _write_jsonl(work / "data" / "curate.jsonl", rows, extra=['{"id": "bad", "v": 1'])
     out = "/tmp/curate"
     _expect(
@@ -322,7 +327,7 @@ def check_kafka(box: Container, image_config: dict[str, Any], work: Path, port: 
     if not chart.topics_args:
         raise SmokeFailure("the chart renders no topics Job")
     _expect(box.run(["infogrowth", *chart.topics_args]), "topics create (the chart's Job)")
-    rows = clustered(300, dup_rate=0.1, seed=182, prefix="k").samples
+    rows = clustered(300, dim=DIM, dup_rate=0.1, seed=182, prefix="k").samples
     n = _write_jsonl(work / "data" / "stream.jsonl", rows, extra=["not json"])
     config = f"{CONFIG_MOUNT}/config.yaml"
     _expect(
