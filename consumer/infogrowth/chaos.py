@@ -23,6 +23,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -36,7 +37,18 @@ import yaml
 from infogrowth.config import Settings, load_settings
 
 log = logging.getLogger(__name__)
-SCENARIOS = ("kill9", "churn", "broker-bounce", "snapshot-damage", "poison", "slow")
+SCENARIOS = (
+    "kill9",
+    "churn",
+    "broker-bounce",
+    "snapshot-damage",
+    "poison",
+    "slow",
+    "cluster-leader",
+    "cluster-coordinator",
+)
+CLUSTER_VICTIMS = {"cluster-leader": "leader", "cluster-coordinator": "coordinator"}
+"""Scenarios on their own 3-node cluster (replication 3, min.insync.replicas 2)."""
 
 
 @dataclass
@@ -48,14 +60,24 @@ class ChaosResult:
     duplicated: int
     mismatched: int
     index_ok: bool
+    embedded_mismatched: int
+    """Ingest positions embedded a different number of times than in the reference run."""
     recovery_median_s: float | None
     recovery_max_s: float | None
     elapsed_s: float
     notes: list[str] = field(default_factory=list)
+    faults_mid_stream: int | None = None
+    """Cluster scenarios: kills that landed while the embed stage still had ingest to commit."""
 
     @property
     def ok(self) -> bool:
-        return self.lost == 0 and self.duplicated == 0 and self.mismatched == 0 and self.index_ok
+        return (
+            self.lost == 0
+            and self.duplicated == 0
+            and self.mismatched == 0
+            and self.index_ok
+            and self.embedded_mismatched == 0
+        )
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -272,6 +294,19 @@ def _decisions(settings: Settings) -> dict[str, tuple[Any, ...]]:
     return out
 
 
+def _embedded(settings: Settings) -> Counter[str]:
+    """How often each ingest position was embedded (committed), replica records aside."""
+    from infogrowth.kafka.tools import read_topic
+    from infogrowth.records import source_key
+
+    seen: Counter[str] = Counter()
+    for m in read_topic(settings, settings.kafka.topics.embedded):
+        rec = msgpack.unpackb(m.value(), raw=False)
+        if isinstance(rec, dict) and not rec.get("replica"):
+            seen[_position_free(source_key(rec.get("source")))] += 1
+    return seen
+
+
 def _position_free(sid: str) -> str:
     """Id-less input is named ``@topic:partition:offset``; compare runs by partition and offset."""
     return "@" + sid.split(":", 1)[1] if sid.startswith("@") and ":" in sid else sid
@@ -297,6 +332,18 @@ def _broker(bootstrap: str | None) -> Iterator[tuple[str, Any]]:
     with LocalBroker() as b:
         b.start()
         yield b.bootstrap_servers, b
+
+
+@contextmanager
+def _cluster(cluster: Any) -> Iterator[tuple[str, Any]]:
+    """The given :class:`~infogrowth.kafka.cluster.LocalCluster`, or a fresh 3-node one."""
+    if cluster is not None:
+        yield cluster.bootstrap_servers, cluster
+        return
+    from infogrowth.kafka.cluster import LocalCluster
+
+    with LocalCluster(3) as c:
+        yield c.bootstrap_servers, c
 
 
 # -- scenarios -------------------------------------------------------------------------------
@@ -435,8 +482,10 @@ def run_scenario(
     bootstrap: str | None = None,
     seed: int = 1,
     workdir: Path | None = None,
+    cluster: Any = None,
 ) -> ChaosResult:
-    """Run one scenario end to end and return its figures."""
+    """Run one scenario end to end and return its figures. The cluster scenarios run on
+    ``cluster`` (a running :class:`~infogrowth.kafka.cluster.LocalCluster`) or their own."""
     from infogrowth.kafka.tools import audit
 
     if name not in SCENARIOS:
@@ -454,26 +503,34 @@ def run_scenario(
         "snapshot-damage": 4,
         "poison": 0,
         "slow": 1,
+        "cluster-leader": 10,
+        "cluster-coordinator": 10,
     }
     n_faults = default_faults[name] if faults is None else faults
-    with _broker(None if name == "broker-bounce" else bootstrap) as (bs, broker):
+    victim = CLUSTER_VICTIMS.get(name)
+    extra: dict[str, Any] = {"kafka.topics.replication_factor": 3} if victim else {}
+    notes: list[str] = []
+    where = _cluster(cluster) if victim else _broker(None if name == "broker-bounce" else bootstrap)
+    with where as (bs, broker):
         # Reference: the same stream, undisturbed, on its own topics.
         ref_id = uuid.uuid4().hex[:6]
-        ref_cfg = write_config(work / "ref.yaml", bs, work / "ref-state", ref_id, "ref")
+        ref_cfg = write_config(work / "ref.yaml", bs, work / "ref-state", ref_id, "ref", **extra)
         ref_settings = load_settings(ref_cfg)
         _seed_and_produce(ref_settings, work, stream, seed_msgs)
         ref = Proc(ref_cfg, work / "ref.log")
         _drain(ref)
         reference = _decisions(ref_settings)
+        ref_embedded = _embedded(ref_settings)
 
         rid = uuid.uuid4().hex[:6]
         state = work / "state"
         cfgs = [
-            write_config(work / f"c{i}.yaml", bs, work / f"state{i}", rid, f"i{i}")
+            write_config(work / f"c{i}.yaml", bs, work / f"state{i}", rid, f"i{i}", **extra)
             for i in range(2)
         ]
         settings = load_settings(cfgs[0])
-        _seed_and_produce(settings, work, stream, seed_msgs)
+        # The cluster scenarios feed the stream chunk by chunk, between their faults.
+        _seed_and_produce(settings, work, [] if victim else stream, seed_msgs)
         procs = [Proc(c, work / f"run{i}.log") for i, c in enumerate(cfgs)]
         state = work / "state0"
         rec: list[float] = []
@@ -487,6 +544,14 @@ def run_scenario(
             done = _damage(procs, rng, n_faults, rec, state)
         elif name == "slow":
             done = _slow(procs, rng, n_faults, rec)
+        elif victim is not None:
+            from infogrowth.chaos_cluster import cluster_kills
+
+            done, kills = cluster_kills(
+                procs[0], rng, n_faults, rec, broker, settings, stream, victim, _produce_raw
+            )
+            notes += kills.notes()
+            mid_stream = kills.mid_stream
         else:
             done = 0
         _drain(procs[0])  # finish whatever is left
@@ -495,8 +560,15 @@ def run_scenario(
         mismatched = sum(1 for k, v in reference.items() if got.get(k) != v)
         kept = result.outputs.get("accepted", 0) + result.outputs.get("relabeled", 0)
         index_size = _changelog_size(settings)
+        got_embedded = _embedded(settings)
+        embedded_off = sorted(
+            k
+            for k in ref_embedded.keys() | got_embedded.keys()
+            if ref_embedded[k] != got_embedded[k]
+        )
+        if embedded_off:
+            notes.append(f"embedded positions off vs reference: {embedded_off[:5]}")
         seed_count = 200
-        notes = []
         if index_size != kept + seed_count:
             notes.append(f"changelog holds {index_size}, expected {kept} + {seed_count} seed")
     return ChaosResult(
@@ -507,18 +579,21 @@ def run_scenario(
         duplicated=len(result.duplicated) + len(result.unexpected),
         mismatched=mismatched,
         index_ok=index_size == kept + seed_count,
+        embedded_mismatched=len(embedded_off),
         recovery_median_s=round(statistics.median(rec), 2) if rec else None,
         recovery_max_s=round(max(rec), 2) if rec else None,
         elapsed_s=round(time.monotonic() - t_start, 1),
         notes=notes,
+        faults_mid_stream=mid_stream,
     )
 
 
 def result_table(results: list[ChaosResult]) -> str:
     head = (
         "| scenario | faults | samples | lost | duplicated | mismatched vs reference | "
-        "index = kept + seed | recovery median / max (s) | run time (s) |\n"
-        "|---|---:|---:|---:|---:|---:|---|---|---:|\n"
+        "embedded ≠ reference | index = kept + seed | recovery median / max (s) | "
+        "run time (s) |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---|---|---:|\n"
     )
     rows = []
     for r in results:
@@ -529,7 +604,8 @@ def result_table(results: list[ChaosResult]) -> str:
         )
         rows.append(
             f"| {r.scenario} | {r.faults} | {r.samples} | {r.lost} | {r.duplicated} | "
-            f"{r.mismatched} | {'yes' if r.index_ok else 'NO'} | {rec} | {r.elapsed_s} |"
+            f"{r.mismatched} | {r.embedded_mismatched} | {'yes' if r.index_ok else 'NO'} | "
+            f"{rec} | {r.elapsed_s} |"
         )
     return head + "\n".join(rows) + "\n"
 
@@ -564,16 +640,18 @@ def command(
                 r = run_scenario(name, samples=samples, faults=faults, bootstrap=bs, seed=seed)
             except Exception as exc:  # a crashed scenario is a failed row, not a lost table
                 log.exception("scenario %s failed", name)
-                r = ChaosResult(name, 0, samples, -1, -1, -1, False, None, None, 0.0, [repr(exc)])
+                r = ChaosResult(
+                    name, 0, samples, -1, -1, -1, False, -1, None, None, 0.0, [repr(exc)]
+                )
             click.echo(result_table([r]).splitlines()[-1], err=True)
             results.append(r)
     click.echo(result_table(results))
     if json_out is not None:
         json_out.write_text(json.dumps([asdict(r) for r in results], indent=2))
+    for r in results:
+        for n in r.notes:
+            click.echo(f"{r.scenario}: {n}", err=True)
     if not all(r.ok for r in results):
-        for r in results:
-            for n in r.notes:
-                click.echo(f"{r.scenario}: {n}", err=True)
         sys.exit(1)
 
 

@@ -1,0 +1,179 @@
+"""Chaos on a 3-node cluster: kill -9 a partition leader or a transaction coordinator while
+``infogrowth run`` is mid-transaction, restart the node, repeat.
+
+The stream is fed in chunks, one per fault, so every kill lands while the embed stage still has
+ingest to commit (counted as ``mid-stream kills`` in the notes): without that the pipeline would
+drain the whole stream before the first kill. The consumer process is never restarted; it must
+ride out each failover on its own. The figure per fault is the time from the kill until both
+stages (embed and select groups) have committed again: the failover stall.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+from infogrowth.config import Settings
+from infogrowth.kafka.clients import consumer_config
+
+if TYPE_CHECKING:
+    from infogrowth.chaos import Proc
+    from infogrowth.kafka.cluster import LocalCluster
+
+_LOG = logging.getLogger(__name__)
+VICTIMS = ("leader", "coordinator")
+DOWN_S = (5.0, 9.0)
+"""How long a killed node stays down: past ``broker.session.timeout.ms`` (4 s), so the
+controller fences it and leadership / coordination really move to a survivor."""
+
+
+@dataclass
+class KillLog:
+    """What the fault loop did, for the scenario's notes."""
+
+    kills: list[str] = field(default_factory=list)
+    mid_stream: int = 0
+    stalls: list[float] = field(default_factory=list)
+    restarts: list[float] = field(default_factory=list)
+
+    def notes(self) -> list[str]:
+        out = [f"mid-stream kills: {self.mid_stream}/{len(self.kills)}"]
+        if self.restarts:
+            median = statistics.median(self.restarts)
+            out.append(f"node restart → all replicas in sync: median {median:.1f} s")
+        out.append("kills: " + ", ".join(self.kills))
+        return out
+
+
+class _Progress:
+    """Committed offsets of the embed group (on the single-partition ingest topic) and of the
+    select group (summed over the embedded partitions)."""
+
+    def __init__(self, settings: Settings) -> None:
+        t = settings.kafka.topics
+        k = settings.kafka
+
+        def probe(group: str) -> Consumer:
+            # Never subscribes: reads the group's offsets and joins nothing. Its connection
+            # errors (to the killed node) go to the log, not to stderr.
+            return Consumer(consumer_config(settings, group, logger=_LOG))
+
+        self.groups = {
+            "embed": (probe(k.embed_group), [(t.ingest, 0)]),
+            "select": (
+                probe(k.select_group),
+                [(t.embedded, p) for p in range(t.embedded_partitions)],
+            ),
+        }
+
+    def committed(self, stage: str) -> int:
+        c, parts = self.groups[stage]
+        try:
+            tps = c.committed([TopicPartition(t, p) for t, p in parts], timeout=5)
+        except KafkaException:
+            return -1
+        return sum(max(tp.offset, 0) for tp in tps)
+
+    def wait_beyond(self, stage: str, offset: int, timeout_s: float) -> float | None:
+        """Seconds until ``stage``'s committed offset exceeds ``offset`` (None on timeout)."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout_s:
+            if self.committed(stage) > offset:
+                return time.monotonic() - t0
+            time.sleep(0.1)
+        return None
+
+    def close(self) -> None:
+        for c, _ in self.groups.values():
+            c.close()
+
+
+def _victim(
+    cluster: LocalCluster, settings: Settings, kind: str, i: int, prefix: str
+) -> tuple[int, str]:
+    """(node id, what it is) for the ``i``-th fault."""
+    coordinators = {
+        stage: cluster.transaction_coordinator(f"{prefix}-{stage}-i0")
+        for stage in ("embed", "select")
+    }
+    if kind == "coordinator":
+        stage = ("embed", "select")[i % 2]
+        return coordinators[stage], f"{stage} coordinator"
+    t = settings.kafka.topics
+    n = settings.kafka.topics.embedded_partitions
+    targets = [(topic, p) for p in range(n) for topic in (t.embedded, t.changelog, t.accepted)]
+    targets += [(t.ingest, 0), (t.rejected, 0)]
+    targets = targets[i % len(targets) :] + targets[: i % len(targets)]
+    leaders = [
+        (cluster.leader(topic, p), f"{topic.rsplit('.', 1)[-1]}[{p}] leader")
+        for topic, p in targets
+    ]
+    # A leader that is not also a coordinator keeps the two scenarios apart, where possible.
+    clean = [lv for lv in leaders if lv[0] >= 0 and lv[0] not in coordinators.values()]
+    return (clean or leaders)[0]
+
+
+def cluster_kills(
+    proc: Proc,
+    rng: random.Random,
+    faults: int,
+    rec: list[float],
+    cluster: LocalCluster,
+    settings: Settings,
+    stream: list[bytes],
+    kind: str,
+    produce: Any,
+) -> tuple[int, KillLog]:
+    """Feed ``stream`` in ``faults + 1`` chunks; after each of the first ``faults`` chunks kill
+    the chosen node mid-stream, keep it down a few seconds, restart it and wait until every
+    replica is back in sync. Returns (kills, log); ``rec`` gets each failover stall."""
+    if kind not in VICTIMS:
+        raise ValueError(f"unknown victim {kind!r}")
+    prefix = settings.kafka.transactional_id_prefix
+    size = -(-len(stream) // (faults + 1))
+    chunks = [stream[i * size : (i + 1) * size] for i in range(faults + 1)]
+    progress = _Progress(settings)
+    log = KillLog()
+    end = 0
+    try:
+        proc.start()
+        proc.wait_ready()
+        for i in range(faults):
+            start, end = end, end + len(chunks[i])
+            produce(settings, chunks[i], settings.kafka.topics.ingest)
+            progress.wait_beyond("embed", start, 60)  # the embed stage is on this chunk
+            time.sleep(rng.uniform(0.0, 0.3))
+            node, what = _victim(cluster, settings, kind, i, prefix)
+            before = {stage: progress.committed(stage) for stage in ("embed", "select")}
+            t_kill = time.monotonic()
+            cluster.kill(node)
+            busy = 0 <= before["embed"] < end
+            log.mid_stream += busy
+            log.kills.append(f"node {node} ({what}{'' if busy else ', idle'})")
+            if busy:  # both stages must commit again while the node is down
+                stalls = [progress.wait_beyond(s, before[s], 60) for s in ("embed", "select")]
+                if None in stalls:
+                    raise RuntimeError(
+                        f"no commit for 60 s after killing node {node}: {proc.tail()}"
+                    )
+                rec.append(time.monotonic() - t_kill)  # both stages committed again
+            time.sleep(max(0.0, t_kill + rng.uniform(*DOWN_S) - time.monotonic()))
+            if not proc.alive():
+                raise RuntimeError(f"consumer died after node {node} was killed: {proc.tail()}")
+            log.restarts.append(cluster.start_node(node))
+            if not proc.alive():
+                raise RuntimeError(f"consumer died after node {node} restarted: {proc.tail()}")
+        produce(settings, chunks[faults], settings.kafka.topics.ingest)
+        proc.signal(signal.SIGTERM)
+        if proc.wait(90) != 0:
+            raise RuntimeError(f"exit after the cluster faults was not clean: {proc.tail()}")
+    finally:
+        progress.close()
+    return faults, log
