@@ -63,7 +63,7 @@ class _Progress:
         def probe(group: str) -> Consumer:
             # Never subscribes: reads the group's offsets and joins nothing. Its connection
             # errors (to the killed node) go to the log, not to stderr.
-            return Consumer(consumer_config(settings, group, logger=_LOG))
+            return Consumer(consumer_config(settings, group, logger=_LOG, log_level=2))
 
         self.groups = {
             "embed": (probe(k.embed_group), [(t.ingest, 0)]),
@@ -176,4 +176,16 @@ def cluster_kills(
             raise RuntimeError(f"exit after the cluster faults was not clean: {proc.tail()}")
     finally:
         progress.close()
+        for n in set(range(1, len(cluster.nodes) + 1)) - set(cluster.running()):
+            cluster.start_node(n)  # leave the cluster whole for whoever uses it next
     return faults, log
+
+
+def _stacks(proc: Proc) -> None:
+    """SIGTERM a stuck process: past ``kafka.drain_timeout_s`` its watchdog dumps every
+    thread's stack into the log (the evidence), then it exits."""
+    proc.signal(signal.SIGTERM)
+    try:
+        proc.wait(120)
+    except Exception:  # still alive: the caller's cleanup kills it
+        _LOG.warning("process did not exit after SIGTERM")
