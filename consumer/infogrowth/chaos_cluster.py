@@ -10,10 +10,13 @@ stages (embed and select groups) have committed again: the failover stall.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+import shutil
 import signal
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -181,11 +184,21 @@ def cluster_kills(
     return faults, log
 
 
-def _stacks(proc: Proc) -> None:
-    """SIGTERM a stuck process: past ``kafka.drain_timeout_s`` its watchdog dumps every
-    thread's stack into the log (the evidence), then it exits."""
+def _stacks(proc: Proc) -> str:
+    """Evidence from a stuck process: every native thread's stack (gdb, when installed) into
+    ``stacks-<pid>.txt`` next to its log; then SIGTERM, after which its watchdog dumps the
+    Python stacks into the log if the drain does not finish. Returns what happened."""
+    if proc.p is None or not proc.alive():
+        return f"the process had exited ({None if proc.p is None else proc.p.returncode})"
+    gdb = shutil.which("gdb")
+    if gdb:
+        out = proc.log_path.with_name(f"stacks-{proc.p.pid}.txt")
+        cmd = [gdb, "-p", str(proc.p.pid), "-batch", "-ex", "thread apply all bt"]
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+            out.write_text(res.stdout + res.stderr)
     proc.signal(signal.SIGTERM)
     try:
-        proc.wait(120)
-    except Exception:  # still alive: the caller's cleanup kills it
-        _LOG.warning("process did not exit after SIGTERM")
+        return f"alive and stuck; after SIGTERM it exited {proc.wait(120)}"
+    except subprocess.TimeoutExpired:  # still alive: the caller's cleanup kills it
+        return "alive and stuck; SIGTERM did not end it within 120 s"
