@@ -151,8 +151,9 @@ def cluster_kills(
         for i in range(faults):
             start, end = end, end + len(chunks[i])
             produce(settings, chunks[i], settings.kafka.topics.ingest)
-            progress.wait_beyond("embed", start, 60)  # the embed stage is on this chunk
-            time.sleep(rng.uniform(0.0, 0.3))
+            # Kill as soon as the embed stage has committed a first part of this chunk: the
+            # rest is in flight (a chunk takes seconds; the next transaction is already open).
+            progress.wait_beyond("embed", start, 60)
             node, what = _victim(cluster, settings, kind, i, prefix)
             before = {stage: progress.committed(stage) for stage in ("embed", "select")}
             t_kill = time.monotonic()
