@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
@@ -270,6 +271,17 @@ class Proc:
             return bool(urllib.request.urlopen(url, timeout=1).status == 200)
         except OSError:
             return False
+
+    def healthy(self) -> bool | None:
+        """``/healthz`` answers 200 (True) or an error status (False); None if it does not
+        answer at all (starting, or gone)."""
+        try:
+            url = f"http://127.0.0.1:{self.port}/healthz"
+            return bool(urllib.request.urlopen(url, timeout=2).status == 200)
+        except urllib.error.HTTPError:
+            return False
+        except OSError:
+            return None
 
     def wait_ready(self, timeout: float = 120.0) -> float:
         """Seconds from start to ready."""
