@@ -61,12 +61,15 @@ def _stream() -> tuple[list[bytes], int]:
     msgs: list[bytes] = []
     for i in range(HEAVY):
         msgs.append(msgpack.packb({"id": f"heavy{i}", "image": _heavy_png(i), "text": f"h {i}"}))
+    small = make_png(40, 30, seed=99)  # the dual encoder needs an image in every sample
     for i in range(BIG_META):  # just under limits.max_meta_bytes (64 KiB)
         meta = _meta(60_000, i)
-        msgs.append(msgpack.packb({"id": f"meta{i}", "text": f"meta {i}", "meta": meta}))
+        rec = {"id": f"meta{i}", "image": small, "text": f"meta {i}", "meta": meta}
+        msgs.append(msgpack.packb(rec))
     for i in range(OVER_META):  # over it: rejected/malformed, not held
         meta = _meta(80_000, i)
-        msgs.append(msgpack.packb({"id": f"over{i}", "text": f"over {i}", "meta": meta}))
+        rec = {"id": f"over{i}", "image": small, "text": f"over {i}", "meta": meta}
+        msgs.append(msgpack.packb(rec))
     for i in range(NORMAL):
         png = make_png(64 + i % 32, 48 + i % 16, seed=i)
         msgs.append(msgpack.packb({"id": f"n{i}", "image": png, "text": f"normal {i}"}))
