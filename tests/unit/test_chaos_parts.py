@@ -67,7 +67,11 @@ def test_after_checks(tmp_path: Path) -> None:
 
 def test_kill_log_notes() -> None:
     log = KillLog(kills=["node 1 (x)", "node 2 (y, idle)"], mid_stream=1, restarts=[3.0, 5.0])
-    notes = log.notes()
-    assert notes[0] == "mid-stream kills: 1/2"
-    assert "median 4.0 s" in notes[1]
-    assert notes[2] == "kills: node 1 (x), node 2 (y, idle)"
+    assert log.notes() == [
+        "mid-stream kills: 1/2",
+        "consumer restarts: 0",
+        "node restart → all replicas in sync: median 4.0 s",
+        "kills: node 1 (x), node 2 (y, idle)",
+    ]
+    log.supervised.append("exited 1 after killing node 2")
+    assert "consumer restarts: 1 (exited 1 after killing node 2)" in log.notes()
