@@ -75,3 +75,55 @@ def test_kill_log_notes() -> None:
     ]
     log.supervised.append("exited 1 after killing node 2")
     assert "consumer restarts: 1 (exited 1 after killing node 2)" in log.notes()
+
+
+class _FakeProc:
+    """What ``_supervise`` uses of :class:`Proc`."""
+
+    def __init__(self, alive: bool, healthy: bool | None) -> None:
+        self._alive, self._healthy = alive, healthy
+        self.p = SimpleNamespace(returncode=None if alive else 1)
+        self.calls: list[str] = []
+
+    def alive(self) -> bool:
+        return self._alive
+
+    def healthy(self) -> bool | None:
+        return self._healthy
+
+    def signal(self, sig: int) -> None:
+        self.calls.append(f"signal {sig}")
+        self._alive = False
+
+    def wait(self, timeout: float) -> int:
+        return -9
+
+    def start(self) -> None:
+        self.calls.append("start")
+
+    def wait_ready(self, timeout: float) -> float:
+        return 1.0
+
+
+def test_supervise_restarts_like_kubernetes() -> None:
+    import signal
+
+    from infogrowth.chaos_cluster import _supervise
+
+    log = KillLog()
+    fine: Any = _FakeProc(alive=True, healthy=True)
+    _supervise(fine, log, "x")
+    starting: Any = _FakeProc(alive=True, healthy=None)  # /healthz not answering yet
+    _supervise(starting, log, "x")
+    assert fine.calls == starting.calls == [] and log.supervised == []
+
+    dead: Any = _FakeProc(alive=False, healthy=None)
+    _supervise(dead, log, "killing node 2")
+    assert dead.calls == ["start"]
+    hung: Any = _FakeProc(alive=True, healthy=False)
+    _supervise(hung, log, "killing node 3")
+    assert hung.calls == [f"signal {signal.SIGKILL}", "start"]
+    assert log.supervised == [
+        "exited 1 after killing node 2",
+        "liveness failed after killing node 3",
+    ]
