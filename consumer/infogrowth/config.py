@@ -17,8 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "INFOGROWTH_"
-NON_SETTINGS_ENV = frozenset({"INFOGROWTH_CACHE_DIR", "INFOGROWTH_CHAOS_SAMPLES"})
-"""Variables with the prefix that are read elsewhere (tool caches), not settings."""
+NON_SETTINGS_ENV = frozenset(
+    {"INFOGROWTH_CACHE_DIR", "INFOGROWTH_CHAOS_SAMPLES", "INFOGROWTH_TESTING_EMBED_DELAY_S"}
+)
+"""Variables with the prefix that are read elsewhere (tool caches, testing aids), not
+settings."""
 
 
 ImageMode = bool | Literal["reference"]

@@ -1,8 +1,10 @@
-"""A shared real broker for the chaos scenarios (broker-bounce starts its own)."""
+"""A shared real broker for the chaos scenarios (broker-bounce starts its own), and a shared
+3-node cluster for the cluster scenarios (started only when one of them runs)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -13,3 +15,11 @@ def kafka_bootstrap() -> Iterator[str]:
 
     with broker_for_tests() as bootstrap:
         yield bootstrap
+
+
+@pytest.fixture(scope="session")
+def kafka_cluster() -> Iterator[Any]:
+    from infogrowth.kafka.cluster import LocalCluster
+
+    with LocalCluster(3) as cluster:
+        yield cluster

@@ -462,7 +462,8 @@ def wait_for_broker(
 
 
 class LocalBroker:
-    """One real Kafka 4.x node (KRaft, ``process.roles=broker,controller``, ``node.id=1``).
+    """One real Kafka 4.x node (KRaft, ``process.roles=broker,controller``, ``node.id=1`` unless
+    it is one node of a cluster).
 
     Ports and the data directory stay fixed for the object's lifetime, so :meth:`stop`/:meth:`kill`
     followed by :meth:`start` (or :meth:`restart`) brings the same broker back with its data.
@@ -482,6 +483,9 @@ class LocalBroker:
         jvm_opts: Sequence[str] = _JVM_OPTS,
         cache_dir: Path | None = None,
         detached: bool = False,
+        node_id: int = 1,
+        quorum_voters: str | None = None,
+        cluster_id: str | None = None,
     ) -> None:
         """Configure a broker; nothing runs until :meth:`start`.
 
@@ -489,6 +493,9 @@ class LocalBroker:
         used before keeps its data and, when both are free and none are given, its ports.
         ``detached`` starts the JVM in its own session and does not kill it when this object
         or the interpreter goes away (used by :func:`start_detached`).
+        ``node_id``, ``quorum_voters`` (``controller.quorum.voters``; default: this node alone)
+        and ``cluster_id`` (used when formatting the storage) make it one node of a cluster
+        (see :class:`infogrowth.kafka.cluster.LocalCluster`).
         """
         self._owns_work_dir = work_dir is None
         self.work_dir = Path(
@@ -506,6 +513,9 @@ class LocalBroker:
         self.jvm_opts = list(jvm_opts)
         self.cache_dir = cache_dir
         self.detached = detached
+        self.node_id = node_id
+        self.quorum_voters = quorum_voters
+        self.cluster_id = cluster_id
         self.startup_s: float | None = None
         self._procs: list[subprocess.Popen[bytes]] = []
         self._frozen = False
@@ -572,8 +582,9 @@ class LocalBroker:
         )
         props = {
             "process.roles": "broker,controller",
-            "node.id": "1",
-            "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
+            "node.id": str(self.node_id),
+            "controller.quorum.voters": self.quorum_voters
+            or f"{self.node_id}@127.0.0.1:{self.controller_port}",
             "controller.listener.names": "CONTROLLER",
             "listeners": listeners,
             "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
@@ -643,7 +654,12 @@ class LocalBroker:
         if (self.data_dir / "meta.properties").is_file():
             return
         cmd = self._java_cmd(
-            _STORAGE_TOOL, "format", "-t", _random_cluster_id(), "-c", str(self.properties_path)
+            _STORAGE_TOOL,
+            "format",
+            "-t",
+            self.cluster_id or _random_cluster_id(),
+            "-c",
+            str(self.properties_path),
         )
         # The storage tool's own logging is irrelevant; only its exit status matters.
         cmd = [c for c in cmd if not c.startswith("-Dlog4j2.configurationFile=")]
@@ -677,6 +693,17 @@ class LocalBroker:
                 **kwargs,
             )
 
+    def launch(self) -> None:
+        """Start the JVM (formatting the storage on first use) without waiting for it: a
+        cluster node cannot serve until a majority of its controller quorum runs."""
+        if self.is_running:
+            return
+        resolve_kafka_classpath(self.version, self.cache_dir)
+        self._write_files()
+        self._format_storage()
+        self._procs[:] = [self._launch()]
+        self._frozen = False
+
     def start(self, timeout_s: float = 90.0) -> LocalBroker:
         """Start (or restart) the broker and wait until clients and transactions work.
 
@@ -689,10 +716,7 @@ class LocalBroker:
         resolve_kafka_classpath(self.version, self.cache_dir)  # may take a while, once
         first_start = not (self.data_dir / "meta.properties").is_file()
         for attempt in range(3):
-            self._write_files()
-            self._format_storage()
-            self._procs[:] = [self._launch()]
-            self._frozen = False
+            self.launch()
             try:
                 self._wait_ready(timeout_s - (time.monotonic() - t0))
             except BrokerError:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
+import os
+import time
 from typing import Any
 
 from confluent_kafka import Message, TopicPartition
@@ -27,6 +30,24 @@ EMBEDDED, OUTPUT = codec("embedded"), codec("output")
 DECISION_HEADROOM = 16 * 1024
 """Bytes an embedded record must leave free under the record limit for what the select stage
 adds to its output record (gains, thresholds, vote), so a record that passes here fits there."""
+DELAY_ENV = "INFOGROWTH_TESTING_EMBED_DELAY_S"
+"""Testing aid, not a setting: seconds the embed stage sleeps in every batch, inside its
+transaction (a slow encoder), so that chaos tests land rebalances mid-batch. Unset in production."""
+
+
+def delay_from_env() -> float:
+    """:data:`DELAY_ENV` as seconds (0 when unset); a value that is not a finite number >= 0
+    fails fast, naming the variable."""
+    raw = os.environ.get(DELAY_ENV, "").strip()
+    if not raw:
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{DELAY_ENV}={raw!r}: expected a number of seconds >= 0")
+    return value
 
 
 def embedded_record(e: Embedded, include_image: bool, epoch: int = 0) -> dict[str, Any]:
@@ -79,6 +100,9 @@ class EmbedProcessor:
         self.epoch = 0
         self.watcher: Any = None
         """The control topic's follower (a ControlWatcher), made on the first maintain()."""
+        self.delay_s = delay_from_env()
+        if self.delay_s:
+            log.warning("testing aid %s: every embed batch sleeps %.3f s", DELAY_ENV, self.delay_s)
         self.pending = 0
         self.committed_outputs = 0
         """Rejections this stage committed (its other results are the select stage's input)."""
@@ -161,6 +185,8 @@ class EmbedProcessor:
         out.produce(self.topics.rejected, OUTPUT.encode(rec), key=sid.encode(), headers=hdrs)
 
     def process(self, messages: list[Message], out: Output) -> None:
+        if self.delay_s:
+            time.sleep(self.delay_s)
         lim = self.settings.limits
         items: list[Sample | Malformed] = []
         for m in messages:

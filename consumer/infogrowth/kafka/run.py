@@ -18,7 +18,7 @@ from infogrowth.curate import build_models, resolve_encoder_config
 from infogrowth.kafka.clients import instance_id
 from infogrowth.kafka.control import read_calibration
 from infogrowth.kafka.embed import EmbedProcessor
-from infogrowth.kafka.loop import TransactionalLoop
+from infogrowth.kafka.loop import TXN_TIMEOUT_S, TransactionalLoop
 from infogrowth.kafka.select import SelectProcessor
 from infogrowth.membudget import MemoryBudget, resolve_budget
 from infogrowth.pipeline import EmbedStage
@@ -77,7 +77,26 @@ class Runtime:
         dead = [t.name for t in self.threads if not t.is_alive()]
         if dead and not self.stop.is_set():
             return False, f"stage thread ended: {dead}"
+        stalled = self.stalled()
+        if stalled:
+            return False, stalled
         return True, "ok"
+
+    def stalled(self) -> str | None:
+        """Why a stage counts as hung: it has not come back to its loop for longer than any
+        wait of its own (a transactional call blocked past the transaction timeout, e.g. after
+        its coordinator died); None while restoring, draining, or not started yet. Liveness
+        then restarts the process instead of leaving it fenced-to-be behind a healthy probe."""
+        if self.stop.is_set() or (self.select is not None and self.select.restoring):
+            return None
+        k = self.settings.kafka
+        bound = max(2 * TXN_TIMEOUT_S, (k.max_poll_interval_ms + k.transaction_timeout_ms) / 1e3)
+        now = time.monotonic()
+        for lp in self.loops:
+            idle = now - lp.last_progress
+            if lp.started.is_set() and idle > bound:
+                return f"{lp.processor.name} stage has not returned to its loop for {idle:.0f} s"
+        return None
 
     def drained(self) -> bool:
         """Every input topic fully consumed and committed by its group (not just this member)."""

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from infogrowth.config import Settings
@@ -87,6 +87,35 @@ def produce(
     return n
 
 
+_MOVING = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError._TRANSPORT,
+        KafkaError._TIMED_OUT,
+    }
+)
+"""Errors of a partition whose leader is moving: ask again."""
+
+
+def watermarks(c: Consumer, tp: TopicPartition, timeout_s: float = 30.0) -> tuple[int, int]:
+    """(low, high) of a partition, asked again while the error is retriable: on a cluster a
+    partition's leader moves (a broker died, a preferred leader came back) under a reader."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            low, high = c.get_watermark_offsets(tp, timeout=timeout_s)
+            return int(low), int(high)
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            moving = isinstance(err, KafkaError) and (err.retriable() or err.code() in _MOVING)
+            if not moving:
+                raise
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def _partitions(settings: Settings, topic: str) -> list[int]:
     admin = AdminClient(base_config(settings))
     md = admin.list_topics(topic, timeout=30)
@@ -109,7 +138,7 @@ def read_topic(settings: Settings, topic: str) -> Iterator[Any]:
         todo = set()
         assign = []
         for p in parts:
-            low, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=30)
+            low, high = watermarks(c, TopicPartition(topic, p), 30)
             if high > low:
                 todo.add(p)
                 assign.append(TopicPartition(topic, p, -2))
@@ -288,7 +317,7 @@ def group_drained(settings: Settings, group: str, topic: str, timeout_s: float =
         committed = c.committed(parts, timeout=timeout_s)
         todo: list[TopicPartition] = []
         for tp in committed:
-            low, high = c.get_watermark_offsets(TopicPartition(topic, tp.partition), timeout_s)
+            low, high = watermarks(c, TopicPartition(topic, tp.partition), timeout_s)
             start = tp.offset if tp.offset >= 0 else low
             if start < high:
                 todo.append(TopicPartition(topic, tp.partition, start))
