@@ -288,7 +288,8 @@ def test_state_records_carry_the_epoch(tmp_path: Path) -> None:
 def test_read_calibration_waits_for_a_just_committed_seed(monkeypatch: pytest.MonkeyPatch) -> None:
     """Right after a seed commits, its markers may not be in the log yet and a read_committed
     read ends before them: the read is repeated until it reaches the high watermark, so a second
-    seed sees the first one's epoch (and --reset moves to the next)."""
+    seed sees the first one's epoch (and --reset moves to the next). A read_committed client's
+    watermark is the lagging last stable offset as well, so the log end is read uncommitted."""
     records = [pack("calibration", _cal(e).as_record()) for e in (1, 2)]
     reads: list[int] = []
 
@@ -301,6 +302,14 @@ def test_read_calibration_waits_for_a_just_committed_seed(monkeypatch: pytest.Mo
             for i, value in enumerate(records[: 1 if self.end == 1 else 2]):
                 yield Msg(value, 0, i, "infogrowth.control", control.CALIBRATION_KEY)
 
+    ends: list[bool] = []
+
+    def log_end(*args: Any, committed: bool = True, **kwargs: Any) -> int:
+        ends.append(committed)
+        return 3
+
     monkeypatch.setattr(control, "PartitionReader", Settling)
+    monkeypatch.setattr(control, "end_offset", log_end)
     cal = control.read_calibration(make_settings())
+    assert ends and not any(ends)  # the high watermark, read uncommitted
     assert cal is not None and cal.epoch == 2 and len(reads) == 2

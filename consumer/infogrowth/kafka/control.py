@@ -115,9 +115,18 @@ def read_partition_to_end(
     return iter(PartitionReader(settings, topic, partition, start, timeout_s, batch))
 
 
-def end_offset(settings: Settings, topic: str, partition: int, timeout_s: float = 30.0) -> int:
-    """The partition's log end offset (high watermark)."""
-    conf = consumer_config(settings, f"infogrowth-reader-{uuid.uuid4().hex[:8]}")
+def end_offset(
+    settings: Settings,
+    topic: str,
+    partition: int,
+    timeout_s: float = 30.0,
+    *,
+    committed: bool = True,
+) -> int:
+    """The partition's end offset: with ``committed`` (the consumers' read_committed view) its
+    last stable offset, else the high watermark (past open transactions and commit markers)."""
+    extra = {} if committed else {"isolation.level": "read_uncommitted"}
+    conf = consumer_config(settings, f"infogrowth-reader-{uuid.uuid4().hex[:8]}", **extra)
     c = Consumer(conf)
     try:
         _, high = c.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout_s)
@@ -138,8 +147,9 @@ def read_calibration(settings: Settings, settle_s: float = 30.0) -> Calibration 
 
     A seed's transaction counts once it has committed, but its commit markers reach the log a
     moment after ``commit_transaction`` returns; until then a read_committed reader ends before
-    it. So the read is repeated (up to ``settle_s``) until it reaches the high watermark seen
-    when it began: a seed run right after another one must see the first one's epoch.
+    it. So the read is repeated (up to ``settle_s``) until it reaches the high watermark (read
+    uncommitted: a read_committed client's watermark is the lagging last stable offset too): a
+    seed run right after another one must see the first one's epoch.
     """
     deadline = time.monotonic() + settle_s
     while True:
@@ -149,7 +159,10 @@ def read_calibration(settings: Settings, settle_s: float = 30.0) -> Calibration 
             value = m.value()
             if m.key() == CALIBRATION_KEY and value:
                 latest = unpack("calibration", value, max_bytes=256 * 1024 * 1024)
-        settled = reader.end is None or reader.high is None or reader.end >= reader.high
+        # The log end as a read_uncommitted client sees it: a read_committed consumer's watermark
+        # is the last stable offset, which lags the commit markers just as the read does.
+        log_end = end_offset(settings, settings.kafka.topics.control, 0, committed=False)
+        settled = reader.end is None or reader.end >= log_end
         if settled or time.monotonic() > deadline:
             if not settled:
                 log.warning("control topic: a transaction is still open; using what committed")
