@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import socket
+import time
 from typing import Any
 
-from confluent_kafka import Message
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from infogrowth.config import LimitsConfig, Settings, redact_client
 
@@ -96,3 +97,35 @@ def producer_config(settings: Settings, transactional_id: str | None) -> dict[st
 def redact(conf: dict[str, Any]) -> dict[str, Any]:
     """A copy safe to log: values of secret-bearing keys are masked (see ``config``)."""
     return redact_client(conf)
+
+
+_MOVING = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError._TRANSPORT,
+        KafkaError._TIMED_OUT,
+    }
+)
+"""Errors of a partition whose leader is moving (a cluster broker died) or that has no leader
+yet (a topic created a moment ago): ask again."""
+
+
+def watermarks(c: Consumer, tp: TopicPartition, timeout_s: float = 30.0) -> tuple[int, int]:
+    """(low, high) of a partition, asked again while the error is retriable: on a cluster a
+    partition's leader moves (a broker died, a preferred leader came back) under a reader, and a
+    just-created topic's partition has no leader for a moment."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            low, high = c.get_watermark_offsets(tp, timeout=timeout_s)
+            return int(low), int(high)
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            moving = isinstance(err, KafkaError) and (err.retriable() or err.code() in _MOVING)
+            if not moving:
+                raise
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)

@@ -9,39 +9,15 @@ import uuid
 from collections.abc import Generator, Iterator
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
 from infogrowth.calibrate import Calibration
 from infogrowth.config import Settings
-from infogrowth.kafka.clients import consumer_config
+from infogrowth.kafka.clients import consumer_config, watermarks
 from infogrowth.schema import pack, unpack
 
 log = logging.getLogger(__name__)
 CALIBRATION_KEY = b"calibration"
-
-
-_NOT_YET = frozenset(
-    {
-        KafkaError.NOT_LEADER_FOR_PARTITION,
-        KafkaError.LEADER_NOT_AVAILABLE,
-        KafkaError.UNKNOWN_TOPIC_OR_PART,
-    }
-)
-"""Errors of a topic created a moment ago whose partition has no leader yet: wait, then retry."""
-
-
-def _high_watermark(c: Consumer, tp: TopicPartition, timeout_s: float) -> int:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            _, high = c.get_watermark_offsets(tp, timeout=timeout_s)
-            return int(high)
-        except KafkaException as exc:
-            err = exc.args[0] if exc.args else None
-            code = err.code() if isinstance(err, KafkaError) else None
-            if code not in _NOT_YET or time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 class PartitionReader:
@@ -77,7 +53,7 @@ class PartitionReader:
         topic, partition = self.topic, self.partition
         c = Consumer(conf)
         try:
-            high = self.high = _high_watermark(c, TopicPartition(topic, partition), self.timeout_s)
+            high = self.high = watermarks(c, TopicPartition(topic, partition), self.timeout_s)[1]
             if high <= 0 or (self.start >= 0 and self.start >= high):
                 self.end = max(high, 0)
                 return
@@ -129,8 +105,7 @@ def end_offset(
     conf = consumer_config(settings, f"infogrowth-reader-{uuid.uuid4().hex[:8]}", **extra)
     c = Consumer(conf)
     try:
-        _, high = c.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout_s)
-        return int(high)
+        return watermarks(c, TopicPartition(topic, partition), timeout_s)[1]
     finally:
         c.close()
 

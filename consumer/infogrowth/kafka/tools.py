@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from infogrowth.config import Settings
 from infogrowth.files import settings_inputs
-from infogrowth.kafka.clients import base_config, consumer_config, producer_config
+from infogrowth.kafka.clients import base_config, consumer_config, producer_config, watermarks
 from infogrowth.kafka.headers import (
     ERROR_OFFSET,
     ERROR_PARTITION,
@@ -85,35 +85,6 @@ def produce(
     if errors:
         raise RuntimeError(f"{len(errors)} messages not delivered: {errors[:3]}")
     return n
-
-
-_MOVING = frozenset(
-    {
-        KafkaError.NOT_LEADER_FOR_PARTITION,
-        KafkaError.LEADER_NOT_AVAILABLE,
-        KafkaError._TRANSPORT,
-        KafkaError._TIMED_OUT,
-    }
-)
-"""Errors of a partition whose leader is moving: ask again."""
-
-
-def watermarks(c: Consumer, tp: TopicPartition, timeout_s: float = 30.0) -> tuple[int, int]:
-    """(low, high) of a partition, asked again while the error is retriable: on a cluster a
-    partition's leader moves (a broker died, a preferred leader came back) under a reader."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            low, high = c.get_watermark_offsets(tp, timeout=timeout_s)
-            return int(low), int(high)
-        except KafkaException as exc:
-            err = exc.args[0] if exc.args else None
-            moving = isinstance(err, KafkaError) and (err.retriable() or err.code() in _MOVING)
-            if not moving:
-                raise
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 def _partitions(settings: Settings, topic: str) -> list[int]:
