@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 
 from infogrowth.kafka.admin import admin_config, ensure_topics, topic_specs
 from infogrowth.kafka.clients import producer_config
@@ -97,6 +97,7 @@ def test_fenced_select_mid_stream_drops_uncommitted_state(
         # more input, so the stage runs another transaction even if it had drained the first
         assert produce(settings, [late]) == LATE
         _wait(lambda: bool(rt.errors), 120, "the fenced select stage to fail")
+        fencer.close()
     finally:
         _stop(rt)
     assert any(isinstance(e, FatalStageError) for e in rt.errors), rt.errors
@@ -241,3 +242,66 @@ def test_recreated_topics_discard_the_kept_snapshot(kafka_bootstrap: str, tmp_pa
     assert produce(settings, [inp]) == n
     _drain(settings)
     _check(settings, inp, seed_file, tmp_path, n=n)
+
+
+class _FailingProducer:
+    """A real transactional producer whose ``fail_at``-th commit fails as after a broker bounce
+    longer than the transaction timeout: the commit is refused as abortable (records timed
+    out), then the abort fails fatally with INVALID_TXN_STATE (the coordinator aborted the
+    transaction itself)."""
+
+    def __init__(self, inner: Any, fail_at: int) -> None:
+        self.inner = inner
+        self.commits = 0
+        self.fail_at = fail_at
+        self.failed = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def commit_transaction(self, timeout: float) -> None:
+        self.commits += 1
+        if self.commits == self.fail_at:
+            self.failed = True
+            err = KafkaError(
+                KafkaError._TIMED_OUT, "4 message(s) timed out", txn_requires_abort=True
+            )
+            raise KafkaException(err)
+        self.inner.commit_transaction(timeout)
+
+    def abort_transaction(self, timeout: float) -> None:
+        if self.failed:
+            err = KafkaError(KafkaError.INVALID_TXN_STATE, "Failed to end transaction", fatal=True)
+            raise KafkaException(err)
+        self.inner.abort_transaction(timeout)
+
+
+def test_a_producer_failing_fatally_is_replaced_and_nothing_is_lost(
+    kafka_bootstrap: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CI failure of broker-bounce: a commit timed out while the broker was away, then the
+    abort failed fatally. The stage replaces its producer (same transactional id, which aborts
+    the open transaction), rewinds, rolls its state back and carries on; every input has
+    exactly one output and the decisions are curate's."""
+    from infogrowth.kafka import loop as loop_mod
+
+    settings, inp, seed_file = _prepare(
+        tmp_path, kafka_bootstrap, **{"kafka.commit_max_messages": 100}
+    )
+    real = loop_mod.Producer
+    made: list[_FailingProducer] = []
+
+    def factory(conf: dict[str, Any]) -> Any:
+        p = real(conf)
+        if "-select-" in str(conf.get("transactional.id")) and not made:
+            made.append(_FailingProducer(p, fail_at=3))
+            return made[0]
+        return p
+
+    monkeypatch.setattr(loop_mod, "Producer", factory)
+    rt = _drain(settings)
+    select_loop = next(lp for lp in rt.loops if lp.processor is rt.select)
+    assert made and made[0].failed, "the injected failure never ran"
+    assert len(select_loop.producer_resets) == 1
+    made.clear()  # the replaced producer: let it go before the broker does
+    _check(settings, inp, seed_file, tmp_path)

@@ -160,3 +160,19 @@ def test_replay_skips_an_id_repeated_within_one_chunk(tmp_path: Path) -> None:
     assert state.ids == [a.id, b.id] and state.changelog_offset == 2
     state = apply_items(state, [(b, 3), (a, 4)], layout, proc.settings)
     assert state.count == 2 and state.changelog_offset == 4
+
+
+def test_only_fatal_errors_a_new_producer_recovers_from_replace_it() -> None:
+    """A fenced producer must exit (another instance owns its transactional id now); a fatal
+    transaction-state error after a long broker outage is recovered by a new producer."""
+    from confluent_kafka import KafkaError
+
+    from infogrowth.kafka.loop import _replaceable
+
+    assert not _replaceable(KafkaError(KafkaError._FENCED, "fenced", fatal=True))
+    assert not _replaceable(KafkaError(KafkaError.PRODUCER_FENCED, "fenced", fatal=True))
+    assert not _replaceable(
+        KafkaError(KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED, "denied", fatal=True)
+    )
+    assert _replaceable(KafkaError(KafkaError.INVALID_TXN_STATE, "state", fatal=True))
+    assert _replaceable(KafkaError(KafkaError.INVALID_PRODUCER_EPOCH, "epoch", fatal=True))

@@ -47,6 +47,19 @@ STUCK_PAUSE_S = 30.0
 RESTORE_STEP_S = 0.2
 """Restore work done between two ``consume()`` calls while partitions restore."""
 SEEK_TRIES = 50
+PRODUCER_RESETS = 5
+PRODUCER_RESET_WINDOW_S = 600.0
+"""A producer that failed fatally is replaced at most this often per window; more is fatal."""
+_FOR_GOOD = frozenset(
+    {
+        KafkaError._FENCED,
+        KafkaError.PRODUCER_FENCED,
+        KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+    }
+)
+"""Fatal producer errors a new producer would meet again, or must not override: another
+instance took over the transactional id (fenced), or the id is not authorised."""
 
 
 @dataclass
@@ -187,6 +200,8 @@ class TransactionalLoop:
         """Set after the first assignment (possibly empty)."""
         self.restoring: dict[tuple[str, int], int | None] = {}
         """Paused partitions being restored -> their committed offset (None until fetched)."""
+        self.producer_resets: list[float] = []
+        """When the producer was replaced after a fatal error (within the last window)."""
 
     # -- rebalance callbacks (run inside consume) ---------------------------------------
 
@@ -287,8 +302,7 @@ class TransactionalLoop:
 
     def run(self, stop: threading.Event) -> None:
         k = self.settings.kafka
-        self.producer = Producer(producer_config(self.settings, self.transactional_id))
-        self._retry(lambda: self.producer.init_transactions(TXN_TIMEOUT_S), stop, "init")  # type: ignore[union-attr]
+        self._new_producer(stop)
         # Partition EOF events say when the stage has caught up (lag 0, nothing waiting).
         conf = consumer_config(self.settings, self.group, **{"enable.partition.eof": True})
         self.consumer = Consumer(conf)
@@ -460,13 +474,13 @@ class TransactionalLoop:
         assert self.producer is not None and self.consumer is not None
         t0 = time.perf_counter()
         producer = self.producer
-        producer.begin_transaction()
         out = Output(producer)
         offsets: dict[tuple[str, int], int] = {}
         for m in batch:
             t, p, o = position(m)
             offsets[(t, p)] = max(offsets.get((t, p), -1), o)
         try:
+            producer.begin_transaction()
             if reject is None:
                 self.processor.process(batch, out)
             else:
@@ -490,11 +504,12 @@ class TransactionalLoop:
                 raise FatalStageError(f"delivery errors after commit: {out.errors[:3]}")
         except KafkaException as exc:
             err = exc.args[0]
-            if err.fatal() or not err.txn_requires_abort():
+            recoverable = err.fatal() and _replaceable(err)
+            if not recoverable and (err.fatal() or not err.txn_requires_abort()):
                 raise FatalStageError(f"{self.processor.name}: transaction failed: {err}") from exc
             self._last_error = "; ".join([str(err), *out.errors[:3]])
             log.warning("%s: aborting transaction: %s", self.processor.name, self._last_error)
-            self._abort(offsets, stop)
+            self._abort(offsets, stop, fatal=exc if recoverable else None)
             if self.on_batch:
                 self.on_batch(self.processor.name, len(batch), time.perf_counter() - t0, False)
             return "aborted"
@@ -529,12 +544,62 @@ class TransactionalLoop:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def _abort(self, offsets: dict[tuple[str, int], int], stop: threading.Event) -> None:
+    def _abort(
+        self,
+        offsets: dict[tuple[str, int], int],
+        stop: threading.Event,
+        fatal: KafkaException | None = None,
+    ) -> None:
+        """Abort the open transaction, rewind its partitions and roll the processor back.
+
+        A producer that failed fatally (``fatal``, or the abort itself failing so) cannot abort:
+        it is replaced, and the new producer's ``init_transactions`` under the same
+        transactional id bumps the epoch, which aborts what the old one left open. This happens
+        when the broker was away longer than the transaction timeout: the coordinator aborted
+        the transaction itself and the producer's end-transaction call is refused as
+        ``INVALID_TXN_STATE``."""
         assert self.producer is not None and self.consumer is not None
-        self._retry(lambda: self.producer.abort_transaction(TXN_TIMEOUT_S), stop, "abort")  # type: ignore[union-attr]
+        if fatal is None:
+            try:
+                self._retry(lambda: self.producer.abort_transaction(TXN_TIMEOUT_S), stop, "abort")  # type: ignore[union-attr]
+            except FatalStageError as exc:
+                cause = exc.__cause__
+                if not (
+                    isinstance(cause, KafkaException)
+                    and cause.args[0].fatal()
+                    and _replaceable(cause.args[0])
+                ):
+                    raise
+                fatal = cause
+        if fatal is not None:
+            self._replace_producer(fatal, stop)
         parts = [TopicPartition(t, p) for (t, p) in offsets if (t, p) in self.assigned]
         self._rewind(parts)
         self.processor.on_abort(parts)
+
+    def _new_producer(self, stop: threading.Event) -> None:
+        self.producer = Producer(producer_config(self.settings, self.transactional_id))
+        self._retry(lambda: self.producer.init_transactions(TXN_TIMEOUT_S), stop, "init")  # type: ignore[union-attr]
+
+    def _replace_producer(self, exc: KafkaException, stop: threading.Event) -> None:
+        """Drop a producer that failed fatally and start another with the same transactional
+        id; more than :data:`PRODUCER_RESETS` replacements within
+        :data:`PRODUCER_RESET_WINDOW_S` end the stage (something is wrong for good)."""
+        now = time.monotonic()
+        recent = [t for t in self.producer_resets if now - t < PRODUCER_RESET_WINDOW_S]
+        self.producer_resets = [*recent, now]
+        name = self.processor.name
+        if len(self.producer_resets) > PRODUCER_RESETS:
+            raise FatalStageError(
+                f"{name}: producer failed fatally {len(self.producer_resets)} times in "
+                f"{PRODUCER_RESET_WINDOW_S:.0f} s; last: {exc.args[0]}"
+            ) from exc
+        log.warning("%s: producer failed fatally (%s); replacing it", name, exc.args[0])
+        old, self.producer = self.producer, None
+        if old is not None:
+            old.purge()  # undelivered records of a transaction that will never commit
+        del old
+        self._new_producer(stop)
 
     def _rewind(self, parts: list[TopicPartition]) -> None:
         """Seek to the committed offsets so the aborted batch is consumed again."""
@@ -632,6 +697,11 @@ class TransactionalLoop:
             # reconnecting, and logs connection errors once the brokers go away.
             self.consumer = None
             self.producer = None
+
+
+def _replaceable(err: KafkaError) -> bool:
+    """A fatal producer error a new producer with the same transactional id recovers from."""
+    return bool(err.code() not in _FOR_GOOD)
 
 
 def _starts(batch: list[Message]) -> tuple[tuple[str, int, int], ...]:
