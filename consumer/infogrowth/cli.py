@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import click
 from rich.console import Console
@@ -14,6 +14,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from infogrowth.config import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from importlib.metadata import EntryPoint
 
 console = Console(stderr=True)
 log = logging.getLogger("infogrowth.cli")
@@ -51,35 +54,43 @@ def _summary(title: str, reasons: dict[str, int], total: int) -> Table:
     return table
 
 
-class LazyGroup(click.Group):
-    """Subcommands that live in their own modules, imported only when invoked.
+COMMANDS_GROUP = "infogrowth.commands"
+"""Entry-point group through which other distributions (``infogrowth-dev``) add subcommands."""
 
-    Each module exposes a ``click.Command`` named ``command``; heavy imports stay inside it.
+
+class LazyGroup(click.Group):
+    """Subcommands imported only when invoked: the product's own modules, plus those other
+    installed distributions register under the :data:`COMMANDS_GROUP` entry points.
+
+    Each product module exposes a ``click.Command`` named ``command``; heavy imports stay inside
+    it. A plugin entry point names such a command object directly.
     """
 
-    lazy: ClassVar[dict[str, str]] = {
-        "export": "infogrowth.export",
-        "bench": "infogrowth.bench",
-        "eval": "infogrowth.evaluate",
-        "chaos": "infogrowth.chaos",
-    }
+    lazy: ClassVar[dict[str, str]] = {"export": "infogrowth.export"}
 
-    def _available(self) -> list[str]:
-        import importlib.util
+    def _plugins(self) -> dict[str, EntryPoint]:
+        from importlib.metadata import entry_points
 
-        return [n for n, mod in self.lazy.items() if importlib.util.find_spec(mod) is not None]
+        return {ep.name: ep for ep in entry_points(group=COMMANDS_GROUP)}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({*super().list_commands(ctx), *self._available()})
+        return sorted({*super().list_commands(ctx), *self.lazy, *self._plugins()})
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name in self.lazy and cmd_name in self._available():
+        own = super().get_command(ctx, cmd_name)
+        if own is not None:
+            return own
+        if cmd_name in self.lazy:
             import importlib
 
             cmd = importlib.import_module(self.lazy[cmd_name]).command
-            assert isinstance(cmd, click.Command)
-            return cmd
-        return super().get_command(ctx, cmd_name)
+        elif (ep := self._plugins().get(cmd_name)) is not None:
+            cmd = ep.load()
+        else:
+            return None
+        if not isinstance(cmd, click.Command):
+            raise click.ClickException(f"{cmd_name}: {cmd!r} is not a click command")
+        return cmd
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -426,57 +437,6 @@ def audit(config: Path | None, as_json: bool) -> None:
                 console.print(f"{label}: {', '.join(ids[:20])}")
         console.print("[green]AUDIT PASSED[/green]" if res.ok else "[red]AUDIT FAILED[/red]")
     sys.exit(0 if res.ok else 1)
-
-
-@main.group("dev-broker")
-def dev_broker() -> None:
-    """A local single-node Kafka 4.x (KRaft) from Maven Central jars, for development."""
-
-
-def _state_dir() -> Path:
-    import os
-
-    return Path(os.environ.get("INFOGROWTH_CACHE_DIR", Path.home() / ".cache" / "infogrowth"))
-
-
-@dev_broker.command("start")
-def dev_broker_start() -> None:
-    """Start (or find) the detached broker; prints its bootstrap address."""
-    from infogrowth.kafka.broker import start_detached
-
-    click.echo(start_detached(_state_dir()))
-
-
-@dev_broker.command("stop")
-def dev_broker_stop() -> None:
-    from infogrowth.kafka.broker import stop_detached
-
-    click.echo("stopped" if stop_detached(_state_dir()) else "not running")
-
-
-@dev_broker.command("status")
-def dev_broker_status() -> None:
-    from infogrowth.kafka.broker import detached_status
-
-    st = detached_status(_state_dir())
-    click.echo(json.dumps(st, indent=2) if st else "not running")
-    sys.exit(0 if st else 1)
-
-
-@main.command()
-@click.option("--samples", default=2000, show_default=True, help="Stream size.")
-@click.option("--seed-samples", default=600, show_default=True)
-@click.option("--port", default=9108, show_default=True, help="Metrics port (0: any free one).")
-@click.option(
-    "--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("out/demo")
-)
-def demo(samples: int, seed_samples: int, port: int, workdir: Path) -> None:
-    """End to end on a local broker: Rotten Tomatoes snippets, MiniLM, injected noise."""
-    from infogrowth.demo import run_demo
-    from infogrowth.logs import configure
-
-    configure("WARNING")
-    sys.exit(run_demo(samples, seed_samples, port, workdir))
 
 
 if __name__ == "__main__":  # pragma: no cover

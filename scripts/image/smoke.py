@@ -5,12 +5,15 @@ topic names of this run); the container then gets exactly the chart's arguments,
 user and volume mounts (config read-only at /etc/infogrowth, /tmp, the state volume), and the
 image's root file system must stay untouched (``readOnlyRootFilesystem``). Containers run with
 ``buildah run --isolation chroot`` and share the host's network, so a Kafka broker started here
-on loopback is reachable from inside.
+on loopback is reachable from inside. That broker (a JVM: the image has no Java) comes from the
+host's development install (infogrowth-dev); the test data is made here; everything else runs
+inside the image.
 
 Checks, in order; the first failure stops the run with exit 1 and says what failed:
 
 1. the image's user, entrypoint, command, working directory and model cache match the chart;
-2. ``infogrowth --help`` and ``--version``;
+2. ``infogrowth --help`` lists exactly the runtime commands (no tooling), each answers
+   ``--help``; ``--version``;
 3. ``infogrowth curate`` on a small JSONL of precomputed embeddings (one output per line);
 4. ``topics create`` (the chart's topics Job), ``produce``, then ``run --role all
    --exit-when-idle`` against the broker: the image's HEALTHCHECK and ``/metrics`` answer from
@@ -51,6 +54,11 @@ DATA_MOUNT = "/data"
 OUTPUTS = ("accepted", "relabeled", "rejected")
 DIM = 32
 """Dimension of the synthetic precomputed vectors in both spaces."""
+
+
+RUNTIME_COMMANDS = ("audit", "curate", "export", "produce", "run", "seed", "topics")
+"""What ``infogrowth --help`` lists in the image; bench, eval, chaos, demo and dev-broker come
+with infogrowth-dev, which the image does not hold."""
 
 
 class SmokeFailure(Exception):
@@ -274,10 +282,32 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]], extra: Sequence[str] = 
     return len(lines)
 
 
-def check_curate(box: Container, work: Path) -> str:
-    from infogrowth.synthetic import clustered
+def samples(n: int, *, seed: int, prefix: str, dup_rate: float = 0.1) -> list[dict[str, Any]]:
+    """``n`` labelled samples with precomputed vectors around 8 cluster centres in both spaces;
+    about ``dup_rate`` of them are near-copies of an earlier one. The test's own data, so that
+    it needs nothing from the tooling (infogrowth-dev) beyond the host's broker."""
+    import numpy as np
 
-    rows = clustered(200, dim=DIM, dup_rate=0.1, seed=181, prefix="c").samples
+    rng = np.random.default_rng(seed)
+    centres = {s: rng.normal(size=(8, DIM)) for s in ("image", "text")}
+    rows: list[dict[str, Any]] = []
+    for i in range(n):
+        if rows and rng.random() < dup_rate:
+            src = rows[int(rng.integers(len(rows)))]
+            emb = {
+                s: (np.asarray(v) + rng.normal(scale=1e-4, size=DIM)).tolist()
+                for s, v in src["embedding"].items()
+            }
+            rows.append({"id": f"{prefix}{i:06d}", "embedding": emb, "label": src["label"]})
+            continue
+        c = int(rng.integers(8))
+        emb = {s: (m[c] + rng.normal(scale=0.35, size=DIM)).tolist() for s, m in centres.items()}
+        rows.append({"id": f"{prefix}{i:06d}", "embedding": emb, "label": f"c{c}"})
+    return rows
+
+
+def check_curate(box: Container, work: Path) -> str:
+    rows = samples(200, seed=181, prefix="c")
     n = _write_jsonl(work / "data" / "curate.jsonl", rows, extra=['{"id": "bad", "v": 1'])
     out = "/tmp/curate"
     _expect(
@@ -321,13 +351,11 @@ def _samples_total(metrics: str) -> float:
 
 
 def check_kafka(box: Container, image_config: dict[str, Any], work: Path, port: int) -> str:
-    from infogrowth.synthetic import clustered
-
     chart = box.chart
     if not chart.topics_args:
         raise SmokeFailure("the chart renders no topics Job")
     _expect(box.run(["infogrowth", *chart.topics_args]), "topics create (the chart's Job)")
-    rows = clustered(300, dim=DIM, dup_rate=0.1, seed=182, prefix="k").samples
+    rows = samples(300, seed=182, prefix="k")
     n = _write_jsonl(work / "data" / "stream.jsonl", rows, extra=["not json"])
     config = f"{CONFIG_MOUNT}/config.yaml"
     _expect(
@@ -427,7 +455,7 @@ def _preflight(image: str) -> tuple[str, dict[str, Any]]:
 
 @contextlib.contextmanager
 def _broker() -> Iterator[str]:
-    from infogrowth.kafka.broker import broker_for_tests
+    from infogrowth_dev.kafka.broker import broker_for_tests
 
     with broker_for_tests() as bootstrap:
         yield bootstrap
@@ -488,11 +516,38 @@ def smoke(image: str, work: Path) -> None:
     print(f"test-image: {image} passed in {time.monotonic() - t_all:.0f} s")
 
 
+def listed_commands(help_text: str) -> list[str]:
+    """The subcommand names in click's ``--help`` output (its ``Commands:`` section)."""
+    lines = help_text.splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.strip() == "Commands:") + 1
+    except StopIteration:
+        return []
+    names = []
+    for line in lines[start:]:
+        if line.strip() and not line.startswith("  "):
+            break
+        if line.startswith("  ") and not line.startswith("   ") and line.split():
+            names.append(line.split()[0])
+    return names
+
+
+def check_runtime_commands(help_text: str) -> list[str]:
+    """The image lists exactly the runtime commands: no tooling (infogrowth-dev) in it."""
+    names = listed_commands(help_text)
+    if set(names) != set(RUNTIME_COMMANDS):
+        extra = sorted(set(names) - set(RUNTIME_COMMANDS))
+        missing = sorted(set(RUNTIME_COMMANDS) - set(names))
+        raise SmokeFailure(
+            f"`infogrowth --help` lists {names}: not in the image's set {extra}, missing {missing}"
+        )
+    return names
+
+
 def _help(box: Container) -> str:
     out = _expect(box.run(["infogrowth", "--help"]), "infogrowth --help")
-    for cmd in ("run", "curate", "audit"):
-        if f"  {cmd} " not in out:
-            raise SmokeFailure(f"`infogrowth --help` lists no `{cmd}` command:\n{out}")
+    for cmd in check_runtime_commands(out):
+        _expect(box.run(["infogrowth", cmd, "--help"]), f"infogrowth {cmd} --help")
     version = _expect(box.run(["infogrowth", "--version"]), "infogrowth --version").strip()
     return version
 

@@ -11,7 +11,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> Iterator[str]:
-    from infogrowth.kafka.broker import broker_for_tests
+    from infogrowth_dev.kafka.broker import broker_for_tests
 
     with broker_for_tests() as bootstrap:
         yield bootstrap
@@ -19,7 +19,7 @@ def kafka_bootstrap() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def kafka_cluster() -> Iterator[Any]:
-    from infogrowth.kafka.cluster import LocalCluster
+    from infogrowth_dev.kafka.cluster import LocalCluster
 
     with LocalCluster(3) as cluster:
         yield cluster

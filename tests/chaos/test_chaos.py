@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from infogrowth.chaos import CLUSTER_VICTIMS, SCENARIOS, run_scenario
+from infogrowth_dev.chaos import CLUSTER_VICTIMS, SCENARIOS, run_scenario
 
 pytestmark = pytest.mark.chaos
 SAMPLES = int(os.environ.get("INFOGROWTH_CHAOS_SAMPLES", "5000"))

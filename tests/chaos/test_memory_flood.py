@@ -23,10 +23,10 @@ import msgpack
 import pytest
 from PIL import Image
 
-from infogrowth.chaos import Proc, _produce_raw, write_config
 from infogrowth.config import load_settings
 from infogrowth.kafka.admin import admin_config, ensure_topics, topic_specs
 from infogrowth.kafka.tools import audit
+from infogrowth_dev.chaos import Proc, _produce_raw, write_config
 from tests.fixtures.models import make_png, tiny_clip
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(1200)]

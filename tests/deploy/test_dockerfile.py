@@ -134,8 +134,10 @@ def test_dockerignore_admits_exactly_what_the_build_copies() -> None:
     for src in copied:
         assert (ROOT / src).exists(), src
         assert included(src), f"{src} is copied but excluded by .dockerignore"
-    for secret_or_bulk in (".venv", ".git", "out", "tests", ".cache"):
+    for secret_or_bulk in (".venv", ".git", "out", "tests", ".cache", "devtools"):
         assert not included(secret_or_bulk), f"{secret_or_bulk} would enter the build context"
+    # The image holds the product only: no tooling (devtools/) is built or copied into it.
+    assert not [src for src in copied if src.startswith("devtools")]
     # A link inside a copied folder must land on something copied too (the package's schemas
     # link to the top-level schemas/: without it the image's wheel had no schemas).
     for src in copied:

@@ -4,6 +4,7 @@ built and run by `make image && make test-image` (.ci/run), not here."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import subprocess
@@ -99,6 +100,45 @@ def test_healthcheck_argv() -> None:
     assert smoke.healthcheck_argv(shell) == ["/bin/sh", "-c", "curl -f x"]
     with pytest.raises(smoke.SmokeFailure):
         smoke.healthcheck_argv(_image_config(Healthcheck={"Test": ["NONE"]}))
+
+
+def _product_help(monkeypatch: pytest.MonkeyPatch, *, with_tooling: bool) -> str:
+    """``infogrowth --help`` as the product prints it, with or without infogrowth-dev."""
+    from click.testing import CliRunner
+
+    from infogrowth.cli import main
+
+    if not with_tooling:
+        monkeypatch.setattr(importlib.metadata, "entry_points", lambda **kw: [])
+    res = CliRunner().invoke(main, ["--help"])
+    assert res.exit_code == 0, res.output
+    return res.output
+
+
+def test_help_check_passes_the_product_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    help_text = _product_help(monkeypatch, with_tooling=False)
+    assert smoke.check_runtime_commands(help_text) == list(smoke.RUNTIME_COMMANDS)
+
+
+def test_help_check_fails_when_the_tooling_is_in_the_image(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    help_text = _product_help(monkeypatch, with_tooling=True)
+    with pytest.raises(smoke.SmokeFailure, match=r"not in the image's set \['bench', 'chaos'"):
+        smoke.check_runtime_commands(help_text)
+    with pytest.raises(smoke.SmokeFailure, match=r"missing \['run'\]"):
+        smoke.check_runtime_commands(help_text.replace("  run ", "  rum "))
+
+
+def test_smoke_data_has_near_copies_and_one_shape() -> None:
+    rows = smoke.samples(200, seed=181, prefix="c")
+    assert [r["id"] for r in rows] == [f"c{i:06d}" for i in range(200)]
+    assert rows == smoke.samples(200, seed=181, prefix="c")
+    assert all(len(r["embedding"][s]) == smoke.DIM for r in rows for s in ("image", "text"))
+    labels = {r["label"] for r in rows}
+    assert 4 <= len(labels) <= 8
+    img = [tuple(round(x, 2) for x in r["embedding"]["image"]) for r in rows]
+    assert 5 <= len(img) - len(set(img)) <= 40  # about 10 % near-copies
 
 
 def test_written_outside_sees_writes_beyond_the_volumes(tmp_path: Path) -> None:

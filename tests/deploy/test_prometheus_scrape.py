@@ -36,7 +36,7 @@ N = 600
 
 @pytest.fixture(scope="module")
 def bootstrap() -> Iterator[str]:
-    from infogrowth.kafka.broker import broker_for_tests
+    from infogrowth_dev.kafka.broker import broker_for_tests
 
     with broker_for_tests() as servers:
         yield servers

@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 
 from infogrowth.config import Settings, load_settings
-from infogrowth.kafka.sandbox import write_sandbox_config
+from infogrowth_dev.kafka.sandbox import write_sandbox_config
 
 
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> Iterator[str]:
-    from infogrowth.kafka.broker import broker_for_tests
+    from infogrowth_dev.kafka.broker import broker_for_tests
 
     with broker_for_tests() as bootstrap:
         yield bootstrap

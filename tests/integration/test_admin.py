@@ -25,8 +25,8 @@ from infogrowth.kafka.admin import (
     ensure_topics,
     topic_specs,
 )
-from infogrowth.kafka.broker import broker_for_tests
 from infogrowth.kafka.clients import record_limit
+from infogrowth_dev.kafka.broker import broker_for_tests
 
 ROLES = ("ingest", "embedded", "changelog", "control", "accepted", "relabeled", "rejected")
 SIZE = {"max.message.bytes": str(record_limit(LimitsConfig()))}

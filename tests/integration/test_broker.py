@@ -13,7 +13,7 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from infogrowth.kafka.broker import (
+from infogrowth_dev.kafka.broker import (
     DEFAULT_KAFKA_VERSION,
     BrokerError,
     LocalBroker,

@@ -135,7 +135,7 @@ def test_clients_are_closed_before_the_broker_stops(
 ) -> None:
     """What `make demo` showed after its passing audit: librdkafka connection errors, because
     the stages' clients were still open when the broker stopped. librdkafka logs to stderr."""
-    from infogrowth.kafka.broker import LocalBroker
+    from infogrowth_dev.kafka.broker import LocalBroker
 
     with LocalBroker() as broker:  # started on enter, stopped and removed on exit
         settings, inp = _prepared(tmp_path, broker.bootstrap_servers, 30)

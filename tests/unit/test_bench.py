@@ -13,10 +13,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from infogrowth.bench import command, embedbench, memory, restore, scale, sel, synth
 from infogrowth.index import PartitionState, SpaceIndex, read_vectors
 from infogrowth.schema import Embedded
 from infogrowth.select import Selector, Thresholds
+from infogrowth_dev.bench import command, embedbench, memory, restore, scale, sel, synth
 from tests.fixtures.helpers import make_settings
 
 
@@ -140,7 +140,7 @@ def test_b16_bench_model_has_the_vit_b16_shape() -> None:
     """The GPU check's stand-in costs what ViT-B/16 costs: same layers, width and patches."""
     import transformers
 
-    from infogrowth.bench import models
+    from infogrowth_dev.bench import models
 
     vision = transformers.CLIPVisionConfig(**models.B16_VISION)
     assert (vision.num_hidden_layers, vision.hidden_size, vision.patch_size) == (12, 768, 16)
@@ -244,9 +244,9 @@ def test_vectorised_select_matches_one_at_a_time(
 
 
 def test_pipelined_image_encoding_matches_encode_images(tmp_path: Path) -> None:
-    from infogrowth.bench import models
     from infogrowth.encode import TransformersEncoder
     from infogrowth.pipeline import EmbedStage
+    from infogrowth_dev.bench import models
 
     path = str(models.tiny_clip(tmp_path / "clip", image_size=32, patch=8))
     settings = make_settings(**{"encoder.model": path, "encoder.batch_size": 5})
@@ -263,7 +263,7 @@ def test_pipelined_image_encoding_matches_encode_images(tmp_path: Path) -> None:
 
 
 def test_parse_bench_reports_fast_and_generic_rates() -> None:
-    from infogrowth.bench import parse
+    from infogrowth_dev.bench import parse
 
     res = parse.bench(n=40, dim=8, repeats=1)
     for key in ("ingest", "embedded"):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from infogrowth.bench import synth
 from infogrowth.cells import Cells, hyperplanes, kmeans, random_centroids, routing_vectors
+from infogrowth_dev.bench import synth
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

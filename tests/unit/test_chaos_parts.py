@@ -6,17 +6,17 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from infogrowth.chaos import (
+from infogrowth.config import LimitsConfig
+from infogrowth.kafka.clients import fits, record_limit
+from infogrowth_dev.chaos import (
     CLUSTER_VICTIMS,
     SCENARIOS,
     Proc,
     _after_checks,
     oversized_messages,
 )
-from infogrowth.chaos_cluster import KillLog
-from infogrowth.chaos_state import STALE_MARK, stale_discards
-from infogrowth.config import LimitsConfig
-from infogrowth.kafka.clients import fits, record_limit
+from infogrowth_dev.chaos_cluster import KillLog
+from infogrowth_dev.chaos_state import STALE_MARK, stale_discards
 
 
 def test_every_new_scenario_is_listed() -> None:
@@ -108,7 +108,7 @@ class _FakeProc:
 def test_supervise_restarts_like_kubernetes() -> None:
     import signal
 
-    from infogrowth.chaos_cluster import _supervise
+    from infogrowth_dev.chaos_cluster import _supervise
 
     log = KillLog()
     fine: Any = _FakeProc(alive=True, healthy=True)

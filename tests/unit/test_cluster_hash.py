@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from infogrowth.kafka.cluster import LocalCluster, coordinator_partition, java_string_hash
+from infogrowth_dev.kafka.cluster import LocalCluster, coordinator_partition, java_string_hash
 
 
 @pytest.mark.parametrize(

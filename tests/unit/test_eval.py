@@ -11,15 +11,15 @@ import pytest
 from click.testing import CliRunner
 
 from infogrowth.cli import main
-from infogrowth.evaluate import core
-from infogrowth.evaluate.data import (
+from infogrowth_dev.evaluate import core
+from infogrowth_dev.evaluate.data import (
     FASHION_PACKAGE,
     DatasetMissing,
     corrupt,
     fashion_mnist_dir,
     stream_images,
 )
-from infogrowth.evaluate.metrics import precision_recall, roc_auc
+from infogrowth_dev.evaluate.metrics import precision_recall, roc_auc
 
 
 def test_corrupt_records_every_injection() -> None:

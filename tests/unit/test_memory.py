@@ -138,8 +138,8 @@ def test_embed_stage_holds_images_at_model_scale() -> None:
 
 
 def test_transformers_encoder_reports_its_input_size(tmp_path: Path) -> None:
-    from infogrowth.bench import models
     from infogrowth.encode import TransformersEncoder
+    from infogrowth_dev.bench import models
 
     path = str(models.tiny_clip(tmp_path / "clip", image_size=32, patch=8))
     settings = make_settings(**{"encoder.model": path})

@@ -457,7 +457,7 @@ def test_seed_confines_image_paths_like_curate_and_produce(
     """``infogrowth seed`` reads JSONL image paths under the same rule: outside the file's
     folder (or ``--image-root``) a seed item is malformed and never reaches the changelog."""
     from infogrowth.kafka import seed as seed_mod
-    from infogrowth.synthetic import clustered
+    from infogrowth_dev.synthetic import clustered
     from tests.fixtures.helpers import make_settings
 
     rows = clustered(40, seed=5, prefix="seed").samples

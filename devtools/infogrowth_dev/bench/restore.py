@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from infogrowth.bench import synth
-from infogrowth.bench.common import Stat, Table, fmt, progress
 from infogrowth.config import load_settings
 from infogrowth.index import PartitionState, SpaceIndex
+from infogrowth_dev.bench import synth
+from infogrowth_dev.bench.common import Stat, Table, fmt, progress
 
 
 def bench(

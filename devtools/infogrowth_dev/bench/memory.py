@@ -1,10 +1,10 @@
 """Resident memory per indexed item vs hnswlib's own for the same items.
 
 Each measurement runs in a fresh interpreter so that nothing else's memory counts. One builds a
-:class:`~infogrowth.index.PartitionState` of N items (2 spaces) in chunks, the way a partition
-grows; the other builds bare hnswlib indexes with the same parameters, items and capacity
-doubling (hnswlib's own). Both report the resident set before and after and the peak (VmHWM),
-next to hnswlib's saved index size and the vector mirror.
+:class:`~infogrowth.index.PartitionState` of N items (2 spaces) in chunks through its public
+``add``, the way a partition grows; the other builds bare hnswlib indexes with the same
+parameters, items and capacity doubling (hnswlib's own). Both report the resident set before and
+after and the peak (VmHWM), next to hnswlib's saved index size and the vector mirror.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from infogrowth.bench.common import Table, progress
+from infogrowth_dev.bench.common import Table, progress
 
 _CHILD = r"""
 import json, os, sys, tempfile, gc
@@ -35,7 +35,7 @@ def status():
             out[line.split(":")[0]] = int(line.split()[1]) * 1024
     return out
 
-from infogrowth.bench import synth
+from infogrowth_dev.bench import synth
 from infogrowth.config import load_settings
 from infogrowth.index import PartitionState
 n, dim, chunk, mode = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
@@ -70,12 +70,9 @@ before = status()
 st = PartitionState.empty(("image", "text"), {"image": dim, "text": dim}, cfg)
 for lo in range(0, n, chunk):
     hi = min(n, lo + chunk)
-    for s in st.spaces:
-        st.indexes[s].add(vec.stream[s][lo:hi], np.arange(lo, hi, dtype=np.int64), threads=threads)
     ids = [f"id{i:09d}" for i in range(lo, hi)]
-    st.id_pos.update(zip(ids, range(lo, hi)))
-    st.ids.extend(ids)
-    st.labels.extend([None] * (hi - lo))
+    st.add(ids, {s: vec.stream[s][lo:hi] for s in st.spaces}, [None] * (hi - lo))
+st.wait()
 gc.collect()
 after = status()
 tmp = tempfile.mkdtemp()

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from infogrowth.bench import synth
-from infogrowth.bench.common import Stat, Table, fmt, progress
 from infogrowth.config import Settings, load_settings
+from infogrowth_dev.bench import synth
+from infogrowth_dev.bench.common import Stat, Table, fmt, progress
 
 
 def write_data(
@@ -164,7 +164,7 @@ def bench(
     workdir: Path | None = None,
     bootstrap: str | None = None,
 ) -> dict[str, Any]:
-    from infogrowth.kafka.broker import broker_for_tests
+    from infogrowth_dev.kafka.broker import broker_for_tests
 
     with tempfile.TemporaryDirectory(dir=workdir) as tmp_s:
         tmp = Path(tmp_s)

@@ -95,7 +95,7 @@ def command(
     from rich.console import Console
     from rich.table import Table as RichTable
 
-    from infogrowth.bench.common import Table, commit, machine, threads_list
+    from infogrowth_dev.bench.common import Table, commit, machine, threads_list
 
     chosen = list(STAGES) if "all" in stages else list(dict.fromkeys(stages))
     th = threads_list(threads)
@@ -131,7 +131,7 @@ def command(
         result["stages"][stage] = res
         tables.extend(tabs)
         if stage == "select" and plot_path is not None and res.get("sweep"):
-            from infogrowth.bench.plot import plot_sweep
+            from infogrowth_dev.bench.plot import plot_sweep
 
             plot_sweep(res, result["machine"], plot_path)
     result["machine"]["load_avg_end"] = _load()
@@ -192,7 +192,7 @@ def _load() -> list[float] | None:
 
 def _run(stage: str, **kw: Any) -> tuple[dict[str, Any], list[Any]]:
     if stage == "select":
-        from infogrowth.bench import sel
+        from infogrowth_dev.bench import sel
 
         res = sel.bench(
             n=kw["n"],
@@ -207,7 +207,7 @@ def _run(stage: str, **kw: Any) -> tuple[dict[str, Any], list[Any]]:
         )
         return res, sel.tables(res)
     if stage == "kafka":
-        from infogrowth.bench import kafkabench
+        from infogrowth_dev.bench import kafkabench
 
         res = kafkabench.bench(
             n=kw["stream"] or 10_000,
@@ -217,12 +217,12 @@ def _run(stage: str, **kw: Any) -> tuple[dict[str, Any], list[Any]]:
         )
         return res, kafkabench.tables(res)
     if stage == "parse":
-        from infogrowth.bench import parse
+        from infogrowth_dev.bench import parse
 
         res = parse.bench(n=kw["stream"] or 20_000, dim=kw["dim"], repeats=kw["repeats"])
         return res, parse.tables(res)
     if stage == "embed":
-        from infogrowth.bench import embedbench
+        from infogrowth_dev.bench import embedbench
 
         res = embedbench.bench(
             n=kw["embed_samples"] or kw["stream"] or 512,
@@ -235,7 +235,7 @@ def _run(stage: str, **kw: Any) -> tuple[dict[str, Any], list[Any]]:
         )
         return res, embedbench.tables(res)
     if stage == "scale":
-        from infogrowth.bench import scale
+        from infogrowth_dev.bench import scale
 
         res = scale.bench(
             n=kw["stream"] or 10_000,
@@ -245,14 +245,14 @@ def _run(stage: str, **kw: Any) -> tuple[dict[str, Any], list[Any]]:
         )
         return res, scale.tables(res)
     if stage == "restore":
-        from infogrowth.bench import restore
+        from infogrowth_dev.bench import restore
 
         res = restore.bench(
             sizes=kw["restore_sizes"], dim=kw["dim"], repeats=kw["repeats"], workdir=kw["workdir"]
         )
         return res, restore.tables(res)
     if stage == "memory":
-        from infogrowth.bench import memory
+        from infogrowth_dev.bench import memory
 
         res = memory.bench(n=kw["n"], dim=kw["dim"], workdir=kw["workdir"])
         return res, memory.tables(res)

@@ -34,14 +34,14 @@ from typing import Any
 
 import numpy as np
 
-from infogrowth.bench import synth
-from infogrowth.bench.common import Stat, Table, fmt, progress
 from infogrowth.calibrate import resolve_thresholds, seed_stats
 from infogrowth.cells import Cells, kmeans
 from infogrowth.config import Settings, load_settings
 from infogrowth.index import PartitionState
 from infogrowth.schema import Embedded
 from infogrowth.select import Selector, Thresholds
+from infogrowth_dev.bench import synth
+from infogrowth_dev.bench.common import Stat, Table, fmt, progress
 
 DISTANCES = (0.02, 0.05, 0.1)
 PARTITIONS = (1, 2, 4, 8)

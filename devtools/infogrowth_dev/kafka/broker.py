@@ -72,7 +72,7 @@ _READY_TXN_ID = "infogrowth-broker-readiness"
 _PORTS_FILE = "ports.json"
 
 _LOG4J2_XML = """<?xml version="1.0" encoding="UTF-8"?>
-<!-- Written by infogrowth.kafka.broker: broker logs go to files, stdout stays quiet. -->
+<!-- Written by infogrowth_dev.kafka.broker: broker logs go to files, stdout stays quiet. -->
 <Configuration status="WARN" shutdownHook="disable">
   <Appenders>
     <RollingFile name="server" fileName="${sys:kafka.logs.dir}/server.log"
@@ -495,7 +495,7 @@ class LocalBroker:
         or the interpreter goes away (used by :func:`start_detached`).
         ``node_id``, ``quorum_voters`` (``controller.quorum.voters``; default: this node alone)
         and ``cluster_id`` (used when formatting the storage) make it one node of a cluster
-        (see :class:`infogrowth.kafka.cluster.LocalCluster`).
+        (see :class:`infogrowth_dev.kafka.cluster.LocalCluster`).
         """
         self._owns_work_dir = work_dir is None
         self.work_dir = Path(
@@ -627,7 +627,7 @@ class LocalBroker:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         body = "".join(f"{k}={v}\n" for k, v in self.config().items())
-        self.properties_path.write_text("# written by infogrowth.kafka.broker\n" + body)
+        self.properties_path.write_text("# written by infogrowth_dev.kafka.broker\n" + body)
         (self.work_dir / "log4j2.xml").write_text(_LOG4J2_XML)
         ports = {"port": self.port, "controller_port": self.controller_port}
         (self.work_dir / _PORTS_FILE).write_text(json.dumps(ports))

@@ -1,6 +1,6 @@
 """A real multi-node Apache Kafka 4.x cluster (KRaft) from the same Maven jars as the dev broker.
 
-Every node is a :class:`~infogrowth.kafka.broker.LocalBroker` with combined broker + controller
+Every node is a :class:`~infogrowth_dev.kafka.broker.LocalBroker` with combined broker + controller
 roles and one static controller quorum of all nodes: three JVMs rather than six (separate
 controllers), which is what a 2-core machine without Docker can carry. Three voters keep a quorum
 with one node down, so any single node may be killed (SIGKILL) and started again while clients
@@ -23,7 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from infogrowth.kafka.broker import (
+from infogrowth_dev.kafka.broker import (
     DEFAULT_KAFKA_VERSION,
     BrokerError,
     LocalBroker,

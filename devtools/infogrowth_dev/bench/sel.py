@@ -25,14 +25,14 @@ from typing import Any
 import hnswlib
 import numpy as np
 
-from infogrowth.bench import synth
-from infogrowth.bench.common import Stat, Table, fmt, progress
 from infogrowth.calibrate import resolve_thresholds, seed_stats
 from infogrowth.config import IndexConfig, Settings, load_settings
 from infogrowth.index import PartitionState, SpaceIndex
 from infogrowth.records import Outcome
 from infogrowth.schema import Embedded
 from infogrowth.select import Selector, Thresholds
+from infogrowth_dev.bench import synth
+from infogrowth_dev.bench.common import Stat, Table, fmt, progress
 
 
 @dataclass

@@ -35,9 +35,9 @@ import click
 import msgpack
 import yaml
 
-from infogrowth import chaos_state
 from infogrowth.config import Settings, load_settings
 from infogrowth.kafka.embed import DELAY_ENV
+from infogrowth_dev import chaos_state
 
 log = logging.getLogger(__name__)
 SCENARIOS = (
@@ -140,7 +140,7 @@ def poison_messages(n: int, rng: random.Random, dim: int) -> list[bytes]:
 
 def build_stream(n: int, poison_rate: float, seed: int) -> tuple[list[bytes], list[bytes]]:
     """(ingest messages, seed messages) as msgpack bytes, poison interleaved deterministically."""
-    from infogrowth.synthetic import clustered
+    from infogrowth_dev.synthetic import clustered
 
     data = clustered(n, dim=32, dup_rate=0.1, flip_rate=0.05, seed=seed)
     seed_rows = clustered(200, dim=32, seed=seed + 1, prefix="seed").samples
@@ -173,7 +173,7 @@ def write_config(
     path: Path, bootstrap: str, state: Path, rid: str, instance: str, **extra: Any
 ) -> Path:
     """A chaos-sized run: small transactions, frequent snapshots, short timeouts."""
-    from infogrowth.kafka.sandbox import write_sandbox_config
+    from infogrowth_dev.kafka.sandbox import write_sandbox_config
 
     overrides: dict[str, Any] = {
         "kafka.topics.embedded_partitions": 2,
@@ -382,7 +382,7 @@ def _broker(bootstrap: str | None) -> Iterator[tuple[str, Any]]:
     if bootstrap:
         yield bootstrap, None
         return
-    from infogrowth.kafka.broker import LocalBroker
+    from infogrowth_dev.kafka.broker import LocalBroker
 
     with LocalBroker() as b:
         b.start()
@@ -391,11 +391,11 @@ def _broker(bootstrap: str | None) -> Iterator[tuple[str, Any]]:
 
 @contextmanager
 def _cluster(cluster: Any) -> Iterator[tuple[str, Any]]:
-    """The given :class:`~infogrowth.kafka.cluster.LocalCluster`, or a fresh 3-node one."""
+    """The given :class:`~infogrowth_dev.kafka.cluster.LocalCluster`, or a fresh 3-node one."""
     if cluster is not None:
         yield cluster.bootstrap_servers, cluster
         return
-    from infogrowth.kafka.cluster import LocalCluster
+    from infogrowth_dev.kafka.cluster import LocalCluster
 
     with LocalCluster(3) as c:
         yield c.bootstrap_servers, c
@@ -570,7 +570,7 @@ def _inject(r: _Run) -> None:
     elif r.name == "slow":
         r.done = _slow(procs, rng, n, rec)
     elif r.name in CLUSTER_VICTIMS:
-        from infogrowth.chaos_cluster import cluster_kills
+        from infogrowth_dev.chaos_cluster import cluster_kills
 
         victim = CLUSTER_VICTIMS[r.name]
         r.done, kills = cluster_kills(
@@ -628,7 +628,7 @@ def run_scenario(
     cluster: Any = None,
 ) -> ChaosResult:
     """Run one scenario end to end and return its figures. The cluster scenarios run on
-    ``cluster`` (a running :class:`~infogrowth.kafka.cluster.LocalCluster`) or their own."""
+    ``cluster`` (a running :class:`~infogrowth_dev.kafka.cluster.LocalCluster`) or their own."""
     from infogrowth.kafka.tools import audit
 
     if name not in SCENARIOS:
@@ -744,7 +744,7 @@ def run_scenario(
 
 def _after_checks(name: str, proc: Proc, result: Any, oversized: int) -> list[str]:
     """What a scenario promises beyond the audit, checked once it is drained."""
-    from infogrowth.chaos_state import stale_discards
+    from infogrowth_dev.chaos_state import stale_discards
 
     failed: list[str] = []
     log_text = proc.log_path.read_text(errors="replace")

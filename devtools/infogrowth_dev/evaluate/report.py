@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from infogrowth.evaluate.plots import Series, line_chart, step_histogram
+from infogrowth_dev.evaluate.plots import Series, line_chart, step_histogram
 
 ARMS = ("random", "curated", "curated+authors' sampling", "curated+sampling")
 CLF_NAMES = {

@@ -18,8 +18,8 @@ import msgpack
 import numpy as np
 
 from infogrowth import schema
-from infogrowth.bench.common import Stat, Table, fmt, progress
 from infogrowth.config import LimitsConfig
+from infogrowth_dev.bench.common import Stat, Table, fmt, progress
 
 
 def messages(n: int, dim: int, seed: int = 7) -> tuple[list[bytes], list[bytes]]:

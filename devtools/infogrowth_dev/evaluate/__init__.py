@@ -9,6 +9,6 @@ ground truth, downstream accuracy of budget subsets (random vs curated), ablatio
 
 from __future__ import annotations
 
-from infogrowth.evaluate.cli import command
+from infogrowth_dev.evaluate.cli import command
 
 __all__ = ["command"]

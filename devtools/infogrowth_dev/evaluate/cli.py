@@ -155,8 +155,8 @@ def command(
     (random vs curated), with ablations; optionally write docs/quality.md."""
     from rich.console import Console
 
-    from infogrowth.evaluate import core
-    from infogrowth.evaluate.data import DatasetMissing
+    from infogrowth_dev.evaluate import core
+    from infogrowth_dev.evaluate.data import DatasetMissing
 
     console = Console(stderr=True)
     names = DATASETS if "all" in datasets else tuple(dict.fromkeys(datasets))
@@ -203,7 +203,7 @@ def command(
         console.print(f"results: {target}")
         results.append(res)
     if docs_dir is not None:
-        from infogrowth.evaluate.report import render
+        from infogrowth_dev.evaluate.report import render
 
         cmd = " ".join(
             [

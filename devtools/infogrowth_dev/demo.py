@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import random
+import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
 import msgpack
 from rich.console import Console
 from rich.table import Table
@@ -108,7 +110,7 @@ def _broker() -> Iterator[str]:
     if env:
         yield env
         return
-    from infogrowth.kafka.broker import LocalBroker
+    from infogrowth_dev.kafka.broker import LocalBroker
 
     console.print("starting a local Kafka 4.x broker (KRaft) from Maven Central jars ...")
     with LocalBroker() as broker:
@@ -117,7 +119,7 @@ def _broker() -> Iterator[str]:
 
 
 def _settings(bootstrap: str, state: Path, port: int) -> Settings:
-    from infogrowth.kafka.sandbox import sandbox_config
+    from infogrowth_dev.kafka.sandbox import sandbox_config
 
     cfg = sandbox_config(
         bootstrap,
@@ -221,3 +223,18 @@ def _print_truth(by_kind: dict[str, Counter[str]], relabel_right: Counter[str]) 
         style="dim",
     )
     console.print(table)
+
+
+@click.command("demo")
+@click.option("--samples", default=2000, show_default=True, help="Stream size.")
+@click.option("--seed-samples", default=600, show_default=True)
+@click.option("--port", default=9108, show_default=True, help="Metrics port (0: any free one).")
+@click.option(
+    "--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("out/demo")
+)
+def command(samples: int, seed_samples: int, port: int, workdir: Path) -> None:
+    """End to end on a local broker: Rotten Tomatoes snippets, MiniLM, injected noise."""
+    from infogrowth.logs import configure
+
+    configure("WARNING")
+    sys.exit(run_demo(samples, seed_samples, port, workdir))

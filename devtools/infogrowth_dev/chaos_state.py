@@ -1,8 +1,8 @@
 """Chaos against ownership and state: a fenced producer, topics recreated under kept snapshots,
 and a second ``seed`` while the stages run.
 
-Each function drives :class:`~infogrowth.chaos.Proc` instances like the scenarios in
-:mod:`infogrowth.chaos` and returns (faults injected, failed checks); a failed check is a
+Each function drives :class:`~infogrowth_dev.chaos.Proc` instances like the scenarios in
+:mod:`infogrowth_dev.chaos` and returns (faults injected, failed checks); a failed check is a
 sentence saying what did not hold.
 """
 
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from infogrowth.config import Settings
 
 if TYPE_CHECKING:
-    from infogrowth.chaos import Proc
+    from infogrowth_dev.chaos import Proc
 
 STALE_MARK = "(topics recreated?)"
 """What the select stage logs when it discards a snapshot of a changelog topic that is gone."""
@@ -80,7 +80,7 @@ def _delete_topics(settings: Settings, timeout_s: float = 60.0) -> None:
     from confluent_kafka.admin import AdminClient
 
     from infogrowth.kafka.admin import admin_config
-    from infogrowth.kafka.sandbox import TOPIC_ROLES
+    from infogrowth_dev.kafka.sandbox import TOPIC_ROLES
 
     admin = AdminClient(admin_config(settings))
     names = sorted({getattr(settings.kafka.topics, r) for r in TOPIC_ROLES})

@@ -37,11 +37,11 @@ import yaml
 
 from infogrowth.calibrate import calibrate_vote, flip_trial, label_space, seed_stats
 from infogrowth.config import Settings, load_settings
-from infogrowth.evaluate import data as D
-from infogrowth.evaluate import models as M
-from infogrowth.evaluate.metrics import mean_std, precision_recall, roc_auc
 from infogrowth.pipeline import CaptionerLike, Curator, EncoderLike
 from infogrowth.schema import Embedded, Malformed, Sample
+from infogrowth_dev.evaluate import data as D
+from infogrowth_dev.evaluate import models as M
+from infogrowth_dev.evaluate.metrics import mean_std, precision_recall, roc_auc
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from infogrowth.config import Settings
 from infogrowth.kafka.clients import consumer_config
 
 if TYPE_CHECKING:
-    from infogrowth.chaos import Proc
-    from infogrowth.kafka.cluster import LocalCluster
+    from infogrowth_dev.chaos import Proc
+    from infogrowth_dev.kafka.cluster import LocalCluster
 
 _LOG = logging.getLogger(__name__)
 VICTIMS = ("leader", "coordinator")

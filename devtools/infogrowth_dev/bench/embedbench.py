@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from infogrowth.bench.common import Stat, Table, fmt, gpu_name, progress
 from infogrowth.config import Settings, load_settings
+from infogrowth_dev.bench.common import Stat, Table, fmt, gpu_name, progress
 
 MODELS = {
     "tiny": "tiny random CLIP image tower (2 layers, width 32, 224 px, patch 32)",
@@ -53,7 +53,7 @@ def bench(
 ) -> dict[str, Any]:
     """Floor, stage per decode path and the CPU parts; ``batch`` None: the warm-up picks it
     on CUDA, 64 on a CPU."""
-    from infogrowth.bench import models
+    from infogrowth_dev.bench import models
 
     threads = threads or [1, os.cpu_count() or 1]
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
@@ -97,7 +97,7 @@ def bench(
 
 
 def _model(model: str, tmp: Path) -> tuple[str, str]:
-    from infogrowth.bench import models
+    from infogrowth_dev.bench import models
 
     if model == "tiny":
         return str(models.tiny_clip(tmp / "clip")), MODELS["tiny"]
@@ -111,8 +111,8 @@ class _Setup:
     with the text tower, and the settings the stage runs with."""
 
     def __init__(self, path: str, batch: int | None, decodes: list[str] | None) -> None:
-        from infogrowth.bench.models import TowerPair
         from infogrowth.encode import TransformersEncoder, minilm_path
+        from infogrowth_dev.bench.models import TowerPair
 
         self.settings = _settings(path, batch, "auto")
         first = TransformersEncoder.load(path, self.settings.encoder, self.settings.limits)
