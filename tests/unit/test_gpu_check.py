@@ -22,7 +22,9 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env.update(
         {
             "GPU_CHECK_BIN": str(BIN),
-            "PYTHONPATH": os.pathsep.join([str(ROOT / "consumer"), env.get("PYTHONPATH", "")]),
+            "PYTHONPATH": os.pathsep.join(
+                [str(ROOT / "consumer"), str(ROOT / "devtools"), env.get("PYTHONPATH", "")]
+            ),
             "INFOGROWTH_CACHE_DIR": str(tmp_path / "cache"),
             **extra,
         }
