@@ -85,7 +85,10 @@ class LazyGroup(click.Group):
 
             cmd = importlib.import_module(self.lazy[cmd_name]).command
         elif (ep := self._plugins().get(cmd_name)) is not None:
-            cmd = ep.load()
+            try:
+                cmd = ep.load()
+            except (ImportError, AttributeError) as exc:
+                raise click.ClickException(f"{cmd_name}: cannot load {ep.value}: {exc}") from exc
         else:
             return None
         if not isinstance(cmd, click.Command):

@@ -93,6 +93,13 @@ def test_a_plugin_that_is_no_command_fails_naming_it(monkeypatch: pytest.MonkeyP
     assert "odd" in res.output and "not a click command" in res.output
 
 
+def test_a_plugin_that_does_not_import_fails_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    _plugins(monkeypatch, gone="infogrowth_gone.nowhere:command")
+    res = CliRunner().invoke(main, ["gone"])
+    assert res.exit_code == 1
+    assert "gone: cannot load infogrowth_gone.nowhere:command" in res.output
+
+
 def _imports(path: Path) -> set[str]:
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
