@@ -495,28 +495,3 @@ class Calibration:
     epoch: int = 0
     """Bumped by every ``seed --reset``; embedded and changelog records and snapshots carry the
     epoch they were made under (0: no calibration, or one published before epochs existed)."""
-
-    def as_record(self) -> dict[str, Any]:
-        rec: dict[str, Any] = {"v": 1, "spaces": list(self.spaces), "dims": dict(self.dims)}
-        rec.update(self.thresholds.as_record())
-        rec.update(
-            {
-                "seed_count": self.seed_count,
-                "fingerprint": self.fingerprint,
-                "cells": self.cells,
-                "epoch": self.epoch,
-            }
-        )
-        return rec
-
-    @classmethod
-    def from_record(cls, rec: dict[str, Any]) -> Calibration:
-        return cls(
-            thresholds=Thresholds.from_record(rec),
-            spaces=tuple(rec["spaces"]),
-            dims={k: int(v) for k, v in rec["dims"].items()},
-            seed_count=int(rec.get("seed_count", 0)),
-            fingerprint=rec.get("fingerprint"),
-            cells=rec.get("cells"),
-            epoch=int(rec.get("epoch", 0)),
-        )

@@ -352,7 +352,7 @@ def _decisions(settings: Settings) -> dict[str, tuple[Any, ...]]:
 def _embedded(settings: Settings) -> Counter[str]:
     """How often each ingest position was embedded (committed), replica records aside."""
     from infogrowth.kafka.tools import read_topic
-    from infogrowth.records import source_key
+    from infogrowth.messages import source_key
 
     seen: Counter[str] = Counter()
     for m in read_topic(settings, settings.kafka.topics.embedded):

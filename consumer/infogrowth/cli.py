@@ -13,7 +13,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from infogrowth.config import ConfigError, Settings, load_settings
+from infogrowth.config import Settings, load_settings
+from infogrowth.errors import ConfigError
 
 console = Console(stderr=True)
 log = logging.getLogger("infogrowth.cli")
@@ -307,6 +308,7 @@ def seed(input_: Any, config: Path | None, reset: bool, image_root: Path | None)
     Refuses when a calibration is already published, unless --reset (a new calibration epoch:
     running stages change to it cleanly)."""
     from infogrowth.kafka.seed import seed as run_seed
+    from infogrowth.messages import calibration_record
 
     settings = _settings(config)
     _setup_logging(settings)
@@ -314,7 +316,7 @@ def seed(input_: Any, config: Path | None, reset: bool, image_root: Path | None)
         res = run_seed(settings, input_, reset=reset, image_root=image_root)
     except ValueError as exc:
         raise _failure(exc, settings) from None
-    rec = res.calibration.as_record()
+    rec = calibration_record(res.calibration)
     rec.pop("cells", None)
     console.print(f"seeded {res.items} items ({res.malformed} malformed) into {res.per_partition}")
     console.print(f"calibration: {rec}")

@@ -16,6 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from infogrowth.errors import ConfigError
+
 ENV_PREFIX = "INFOGROWTH_"
 NON_SETTINGS_ENV = frozenset(
     {"INFOGROWTH_CACHE_DIR", "INFOGROWTH_CHAOS_SAMPLES", "INFOGROWTH_TESTING_EMBED_DELAY_S"}
@@ -26,10 +28,6 @@ settings."""
 
 ImageMode = bool | Literal["reference"]
 """What output records carry of an image: bytes (True), only its ``image_uri``, or nothing."""
-
-
-class ConfigError(ValueError):
-    """A setting is missing, unknown or invalid; the message names the key."""
 
 
 # ---------------------------------------------------------------------- redaction

@@ -15,8 +15,8 @@ from typing import Any
 from infogrowth.config import EncoderConfig, ImageMode, Settings, redacted_settings
 from infogrowth.files import OutputFormat, open_outputs, settings_inputs, write_json_atomic
 from infogrowth.locations import Location, OutputDir
+from infogrowth.messages import output_record
 from infogrowth.pipeline import CaptionerLike, Curator, EncoderLike
-from infogrowth.records import output_record
 from infogrowth.schema import Malformed, Sample
 
 log = logging.getLogger(__name__)

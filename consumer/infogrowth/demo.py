@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from infogrowth.config import Settings, load_settings
+from infogrowth.messages import thresholds_record
 
 console = Console()
 LABELS = ("fresh", "rotten", "plot")
@@ -160,7 +161,7 @@ def run_demo(
         t0 = time.time()
         res = seed(settings, seed_file)
         console.print(f"seeded {res.items} items in {time.time() - t0:.1f}s; thresholds:")
-        console.print(res.calibration.thresholds.as_record())
+        console.print(thresholds_record(res.calibration.thresholds))
         produced = produce(settings, [stream_file])
         console.print(f"produced {produced} messages to {settings.kafka.topics.ingest}")
         rt = build(settings, "all")

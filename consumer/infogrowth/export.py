@@ -40,7 +40,8 @@ from typing import IO, Any, Literal
 
 import click
 
-from infogrowth.config import ConfigError, Settings, load_settings
+from infogrowth.config import Settings, load_settings
+from infogrowth.errors import ConfigError
 from infogrowth.sampling.records import EXPORT_INFO, MANIFEST, recorded_g_scale
 
 Format = Literal["jsonl", "webdataset", "parquet"]

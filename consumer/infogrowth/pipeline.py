@@ -29,8 +29,8 @@ from infogrowth.calibrate import SeedStats, resolve_thresholds, seed_stats
 from infogrowth.config import Settings
 from infogrowth.imagefeed import DecodeFailure
 from infogrowth.index import PartitionState
+from infogrowth.messages import Outcome, thresholds_record
 from infogrowth.prefetch import prefetch
-from infogrowth.records import Outcome
 from infogrowth.schema import SPACES, Embedded, Malformed, Sample
 from infogrowth.select import Selector, Thresholds
 
@@ -762,7 +762,7 @@ class Curator:
         return out
 
     def report_thresholds(self) -> dict[str, Any]:
-        return self.thresholds.as_record() if self.thresholds else {}
+        return thresholds_record(self.thresholds) if self.thresholds else {}
 
     def report_online(self) -> dict[str, Any]:
         """Realised keep rate, keep scale and online ε of the run so far."""

@@ -19,7 +19,8 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from infogrowth.config import ColumnsConfig, ConfigError, LimitsConfig, StorageConfig
+from infogrowth.config import ColumnsConfig, LimitsConfig, StorageConfig
+from infogrowth.errors import ConfigError
 from infogrowth.locations import (
     Location,
     base_name,

@@ -17,8 +17,8 @@ from infogrowth.kafka.clients import consumer_config, producer_config
 from infogrowth.kafka.control import read_calibration, read_partition_to_end
 from infogrowth.kafka.run import Runtime, build, start
 from infogrowth.kafka.seed import seed
-from infogrowth.kafka.select import changelog_record, embedded_from_record
 from infogrowth.kafka.tools import audit, produce
+from infogrowth.messages import changelog_record, embedded_from_record
 from infogrowth.schema import pack, unpack
 from tests.fixtures.data import clustered, write_jsonl
 from tests.integration.conftest import settings_from, write_config

@@ -15,13 +15,13 @@ from infogrowth import snapshot
 from infogrowth.calibrate import Calibration
 from infogrowth.kafka import control
 from infogrowth.kafka import select as select_mod
-from infogrowth.kafka.embed import EmbedProcessor, embedded_record
+from infogrowth.kafka.embed import EmbedProcessor
 from infogrowth.kafka.loop import FatalStageError, StaleBatch
-from infogrowth.kafka.select import (
-    STATE_KEY,
-    EpochAhead,
-    SelectProcessor,
+from infogrowth.kafka.select import STATE_KEY, EpochAhead, SelectProcessor
+from infogrowth.messages import (
+    calibration_record,
     changelog_record,
+    embedded_record,
     replica_record,
 )
 from infogrowth.pipeline import EmbedStage
@@ -290,7 +290,7 @@ def test_read_calibration_waits_for_a_just_committed_seed(monkeypatch: pytest.Mo
     read ends before them: the read is repeated until it reaches the high watermark, so a second
     seed sees the first one's epoch (and --reset moves to the next). A read_committed client's
     watermark is the lagging last stable offset as well, so the log end is read uncommitted."""
-    records = [pack("calibration", _cal(e).as_record()) for e in (1, 2)]
+    records = [pack("calibration", calibration_record(_cal(e))) for e in (1, 2)]
     reads: list[int] = []
 
     class Settling:

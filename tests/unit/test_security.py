@@ -266,7 +266,8 @@ def test_curate_report_never_holds_oauthbearer_config(
 
 
 def test_yaml_error_does_not_quote_the_secret_line(tmp_path: Path) -> None:
-    from infogrowth.config import ConfigError, load_settings
+    from infogrowth.config import load_settings
+    from infogrowth.errors import ConfigError
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f'kafka:\n  client:\n    sasl.password: "{SECRET}\n  bad: [\n')

@@ -30,7 +30,7 @@ from infogrowth.bench.common import Stat, Table, fmt, progress
 from infogrowth.calibrate import resolve_thresholds, seed_stats
 from infogrowth.config import IndexConfig, Settings, load_settings
 from infogrowth.index import PartitionState, SpaceIndex
-from infogrowth.records import Outcome
+from infogrowth.messages import Outcome
 from infogrowth.schema import Embedded
 from infogrowth.select import Selector, Thresholds
 

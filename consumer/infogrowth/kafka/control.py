@@ -14,6 +14,7 @@ from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 from infogrowth.calibrate import Calibration
 from infogrowth.config import Settings
 from infogrowth.kafka.clients import consumer_config, watermarks
+from infogrowth.messages import calibration_from_record, calibration_record
 from infogrowth.schema import pack, unpack
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,9 @@ def calibration_id(cal: Calibration | None) -> str | None:
     """A short digest of the published calibration (None when nothing was seeded)."""
     if cal is None:
         return None
-    return hashlib.sha256(pack("calibration", cal.as_record(), check=False)).hexdigest()[:16]
+    return hashlib.sha256(pack("calibration", calibration_record(cal), check=False)).hexdigest()[
+        :16
+    ]
 
 
 def read_calibration(settings: Settings, settle_s: float = 30.0) -> Calibration | None:
@@ -141,7 +144,7 @@ def read_calibration(settings: Settings, settle_s: float = 30.0) -> Calibration 
         if settled or time.monotonic() > deadline:
             if not settled:
                 log.warning("control topic: a transaction is still open; using what committed")
-            return None if latest is None else Calibration.from_record(latest)
+            return None if latest is None else calibration_from_record(latest)
         time.sleep(0.2)
 
 
@@ -166,7 +169,7 @@ class ControlWatcher:
                 continue
             try:
                 rec = unpack("calibration", value, max_bytes=256 * 1024 * 1024)
-                latest = Calibration.from_record(rec)
+                latest = calibration_from_record(rec)
             except (ValueError, KeyError) as exc:
                 log.error("control topic: unreadable calibration at offset %s: %s", m.offset(), exc)
         return latest

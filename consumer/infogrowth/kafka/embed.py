@@ -19,10 +19,9 @@ from infogrowth.kafka.clients import fits, record_limit, source_of
 from infogrowth.kafka.control import ControlWatcher
 from infogrowth.kafka.headers import record_headers, traceparent_of
 from infogrowth.kafka.loop import FatalStageError, Output
+from infogrowth.messages import Outcome, embedded_record, output_record, source_key, too_large
 from infogrowth.pipeline import EmbedStage
-from infogrowth.records import Outcome, output_record, source_key, too_large
 from infogrowth.schema import Embedded, Malformed, Sample, parse_msgpack_sample
-from infogrowth.schema import vector_to_bytes as v2b
 from infogrowth.select import Thresholds
 
 log = logging.getLogger(__name__)
@@ -48,28 +47,6 @@ def delay_from_env() -> float:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{DELAY_ENV}={raw!r}: expected a number of seconds >= 0")
     return value
-
-
-def embedded_record(e: Embedded, include_image: bool, epoch: int = 0) -> dict[str, Any]:
-    """The embedded-topic record; image bytes only when the outputs will carry them."""
-    return {
-        "v": 1,
-        "id": e.id,
-        "text": e.text,
-        "label": e.label,
-        "image": e.image if include_image else None,
-        "image_uri": e.image_uri,
-        "meta": e.meta,
-        "vectors": {s: v2b(v) for s, v in e.vectors.items()},
-        "alignment": e.alignment,
-        "original_alignment": e.original_alignment,
-        "original_text": e.original_text,
-        "original_label": e.original_label,
-        "fix": e.fix,
-        "cell": e.cell,
-        "source": e.source,
-        "epoch": epoch,
-    }
 
 
 class EmbedProcessor:

@@ -21,6 +21,7 @@ from infogrowth.kafka.embed import EmbedProcessor
 from infogrowth.kafka.loop import TXN_TIMEOUT_S, TransactionalLoop
 from infogrowth.kafka.select import SelectProcessor
 from infogrowth.membudget import MemoryBudget, resolve_budget
+from infogrowth.messages import calibration_record
 from infogrowth.pipeline import EmbedStage
 from infogrowth.schema import SPACES
 
@@ -123,7 +124,7 @@ def build(settings: Settings, role: str, rt: Runtime | None = None) -> Runtime:
     cal: Calibration | None = read_calibration(settings)
     if cal is not None:
         thresholds = cal.thresholds
-        log.info("calibration: %s", cal.as_record() | {"cells": "..."})
+        log.info("calibration: %s", calibration_record(cal) | {"cells": "..."})
     else:
         thresholds = resolve_thresholds(settings, SPACES, None)
         log.info("no calibration on the control topic: thresholds from config %s", thresholds)

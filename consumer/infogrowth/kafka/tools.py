@@ -27,8 +27,8 @@ from infogrowth.kafka.headers import (
     record_headers,
 )
 from infogrowth.locations import Location
-from infogrowth.records import source_key
-from infogrowth.schema import Malformed, pack, sample_to_obj
+from infogrowth.messages import sample_record, source_key
+from infogrowth.schema import Malformed, pack
 
 INGEST_HEADERS = record_headers("ingest")
 
@@ -75,7 +75,7 @@ def produce(
         if isinstance(item, Malformed):
             send(item.payload, item.id.encode() if item.id else None, None)
         else:
-            value = pack("ingest", sample_to_obj(item), check=False)
+            value = pack("ingest", sample_record(item), check=False)
             send(value, item.id.encode(), INGEST_HEADERS)
     for value in raw or []:
         send(value, None, None)
