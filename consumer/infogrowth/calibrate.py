@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from infogrowth.config import Settings
+from infogrowth.errors import ConfigError
 from infogrowth.schema import SPACES, Embedded
 from infogrowth.select import NO_NEIGHBOUR_GAIN, ROUND, Thresholds
 
@@ -396,7 +397,7 @@ def resolve_thresholds(
         policy = "sample" if (sel.keep_fraction is not None or sel.g_scale is not None) else "all"
     g_scale = sel.g_scale
     if policy == "sample" and g_scale is None and sel.keep_fraction is None:
-        raise ValueError("select.policy=sample needs select.keep_fraction or select.g_scale")
+        raise ConfigError("select.policy=sample needs select.keep_fraction or select.g_scale")
     if policy == "sample" and g_scale is None and stats is not None and stats.gains:
         assert sel.keep_fraction is not None
         g_scale = initial_scale(stats.gains, sel.keep_fraction)

@@ -41,7 +41,7 @@ from typing import IO, Any, Literal
 import click
 
 from infogrowth.config import Settings, load_settings
-from infogrowth.errors import ConfigError
+from infogrowth.errors import ConfigError, DataError
 from infogrowth.sampling.records import EXPORT_INFO, MANIFEST, recorded_g_scale
 
 Format = Literal["jsonl", "webdataset", "parquet"]
@@ -241,7 +241,7 @@ def _export(
     from infogrowth.schema import validate
 
     if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        raise ConfigError(f"shard_size must be >= 1, got {shard_size}")
     t = settings.kafka.topics
     names = list(topics) if topics else [t.accepted, t.relabeled]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -269,7 +269,7 @@ def _export(
                         validate("output", rec)
                     except Exception as exc:
                         where = f"{r.topic}[{r.partition}]@{offset}"
-                        raise ValueError(f"{where}: bad output record: {exc}") from None
+                        raise DataError(f"{where}: bad output record: {exc}") from None
                     writer.write(rec)
                     result.decisions[str(rec["decision"])] += 1
                     recorded.append((rec.get("thresholds") or {}).get("g_scale"))

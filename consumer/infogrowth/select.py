@@ -23,6 +23,7 @@ from typing import Literal
 import numpy as np
 
 from infogrowth.config import CleanConfig, SelectConfig
+from infogrowth.errors import ConfigError
 from infogrowth.index import PartitionState
 from infogrowth.online import OnlineState
 from infogrowth.schema import Embedded
@@ -153,7 +154,7 @@ class Selector:
             self.label_space = "image" if "image" in state.spaces else state.spaces[0]
         else:
             if cfg.label_space not in state.spaces:
-                raise ValueError(f"select.label_space={cfg.label_space} is not an index space")
+                raise ConfigError(f"select.label_space={cfg.label_space} is not an index space")
             self.label_space = cfg.label_space
         t = thresholds
         self.relabels = neighbour_fixer and t.confidence is not None

@@ -12,7 +12,6 @@ from confluent_kafka import Producer
 from infogrowth.calibrate import Calibration
 from infogrowth.cells import Cells, kmeans
 from infogrowth.config import Settings
-from infogrowth.curate import build_models
 from infogrowth.files import settings_inputs
 from infogrowth.kafka.clients import instance_id, producer_config
 from infogrowth.kafka.control import CALIBRATION_KEY, read_calibration
@@ -20,6 +19,7 @@ from infogrowth.kafka.headers import record_headers
 from infogrowth.kafka.select import replica_partitions
 from infogrowth.locations import Location
 from infogrowth.messages import calibration_record, changelog_record
+from infogrowth.models import build_models
 from infogrowth.pipeline import Curator
 from infogrowth.schema import Sample, pack
 

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import msgpack
 
 from infogrowth.config import Settings
+from infogrowth.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def reader_share(
     every partition and keeps the records whose :func:`id_bucket` is ``r``.
     """
     if not 0 <= reader < readers:
-        raise ValueError(f"reader {reader} is not in [0, {readers})")
+        raise ConfigError(f"reader {reader} is not in [0, {readers})")
     ordered = sorted(partitions)
     if len(ordered) >= readers:
         return ordered[reader::readers], False
@@ -228,10 +229,10 @@ def commit_ends(consumer: Any, ranges: Sequence[PartitionRange]) -> None:
 def decode_record(value: bytes | None, max_bytes: int) -> dict[str, Any]:
     """Decode an output record's msgpack; the schema check is the caller's (``validate``)."""
     if value is None:
-        raise ValueError("empty message")
+        raise DataError("empty message")
     if len(value) > max_bytes:
-        raise ValueError(f"message of {len(value)} bytes exceeds {max_bytes}")
+        raise DataError(f"message of {len(value)} bytes exceeds {max_bytes}")
     obj = msgpack.unpackb(value, raw=False, strict_map_key=True)
     if not isinstance(obj, dict) or not isinstance(obj.get("id"), str):
-        raise ValueError("not an output record")
+        raise DataError("not an output record")
     return obj

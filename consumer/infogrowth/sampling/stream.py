@@ -8,6 +8,7 @@ from typing import Any, TypeVar, cast, overload
 from torch.utils.data import IterableDataset, get_worker_info
 
 from infogrowth.config import Settings
+from infogrowth.errors import ConfigError, DataError
 from infogrowth.sampling.kafka import (
     PartitionRange,
     StartPosition,
@@ -99,7 +100,7 @@ class CuratedStream(IterableDataset[T]):
     ) -> None:
         super().__init__()
         if commit and start == "earliest":
-            raise ValueError('commit=True needs start="committed" or explicit offsets')
+            raise ConfigError('commit=True needs start="committed" or explicit offsets')
         t = settings.kafka.topics
         self.settings = settings
         self.topics: tuple[str, ...] = tuple(topics) if topics else (t.accepted, t.relabeled)
@@ -111,7 +112,7 @@ class CuratedStream(IterableDataset[T]):
         self.rank = auto_rank if rank is None else rank
         self.world_size = auto_world if world_size is None else world_size
         if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
+            raise ConfigError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
         self.timeout_s = timeout_s
         self.pinned_ends: dict[TopicPartitionKey, int] | None = None
 
@@ -171,11 +172,11 @@ def _decode(r: PartitionRange, offset: int, value: bytes | None, max_bytes: int)
     try:
         return decode_record(value, max_bytes)
     except Exception as exc:  # msgpack raises many types on garbage
-        raise ValueError(f"{_where(r, offset)}: undecodable output record: {exc}") from None
+        raise DataError(f"{_where(r, offset)}: undecodable output record: {exc}") from None
 
 
 def _check(r: PartitionRange, offset: int, rec: Any) -> None:
     try:
         validate("output", rec)
     except SchemaError as exc:
-        raise ValueError(f"{_where(r, offset)}: invalid output record: {exc}") from None
+        raise DataError(f"{_where(r, offset)}: invalid output record: {exc}") from None
