@@ -138,9 +138,10 @@ def run_demo(
     n: int = 2000, seed_n: int = 600, port: int = 9108, workdir: Path | None = None
 ) -> int:
     from infogrowth.kafka.admin import admin_config, ensure_topics, topic_specs
+    from infogrowth.kafka.reader import read_topic
     from infogrowth.kafka.run import build, serve, start
     from infogrowth.kafka.seed import seed
-    from infogrowth.kafka.tools import audit, produce, read_topic
+    from infogrowth.kafka.tools import audit, produce
 
     work = workdir or Path("out/demo")
     work.mkdir(parents=True, exist_ok=True)

@@ -231,13 +231,8 @@ def _export(
     on_total: Callable[[int], None] | None,
     timeout_s: float,
 ) -> ExportResult:
-    from infogrowth.sampling.kafka import (
-        decode_record,
-        list_partitions,
-        open_consumer,
-        plan_ranges,
-        read_ranges,
-    )
+    from infogrowth.kafka.reader import list_partitions, open_consumer, plan_ranges, read_ranges
+    from infogrowth.sampling.kafka import decode_record
     from infogrowth.schema import validate
 
     if shard_size < 1:
@@ -263,9 +258,10 @@ def _export(
         with _Writer(tmp, fmt, shard_size) as writer:
             for r in ranges:
                 passed = r.start
-                for _, offset, _, value in read_ranges(consumer, [r], timeout_s):
+                for _, m in read_ranges(consumer, [r], timeout_s):
+                    offset = int(m.offset())
                     try:
-                        rec = decode_record(value, max_bytes)
+                        rec = decode_record(m.value(), max_bytes)
                         validate("output", rec)
                     except Exception as exc:
                         where = f"{r.topic}[{r.partition}]@{offset}"

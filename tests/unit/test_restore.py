@@ -13,7 +13,7 @@ from confluent_kafka import TopicPartition
 
 from infogrowth import snapshot
 from infogrowth.calibrate import Calibration
-from infogrowth.kafka import control
+from infogrowth.kafka import control, restore
 from infogrowth.kafka import select as select_mod
 from infogrowth.kafka.embed import EmbedProcessor
 from infogrowth.kafka.loop import FatalStageError, StaleBatch
@@ -36,7 +36,7 @@ T = Thresholds(policy="all", k=2, epsilon={"image": 0.01})
 
 
 class FakeReader:
-    """Stands in for :class:`control.PartitionReader`: yields the records of ``LOG[partition]``
+    """Stands in for :class:`reader.PartitionReader`: yields the records of ``LOG[partition]``
     from ``start``; records whether it was closed."""
 
     LOG: ClassVar[dict[int, list[bytes]]] = {}
@@ -72,6 +72,7 @@ class FakeWatcher:
 def fake_kafka(monkeypatch: pytest.MonkeyPatch) -> None:
     FakeReader.LOG, FakeReader.closed = {}, []
     monkeypatch.setattr(control, "PartitionReader", FakeReader)
+    monkeypatch.setattr(restore, "PartitionReader", FakeReader)
     monkeypatch.setattr(control, "end_offset", lambda *a, **k: 1 << 40)
 
 

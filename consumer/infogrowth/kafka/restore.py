@@ -26,6 +26,7 @@ from infogrowth.config import Settings
 from infogrowth.index import PartitionState
 from infogrowth.kafka import control
 from infogrowth.kafka.clients import position
+from infogrowth.kafka.reader import PartitionReader
 from infogrowth.messages import embedded_from_record
 from infogrowth.online import OnlineState
 from infogrowth.schema import Embedded, unpack
@@ -99,7 +100,7 @@ class PartitionRestore:
         state = self._snapshot()
         yield
         start = state.changelog_offset + 1 if state is not None else -2
-        reader = control.PartitionReader(
+        reader = PartitionReader(
             self.settings, self.settings.kafka.topics.changelog, self.partition, start
         )
         records = reader.__iter__()

@@ -9,20 +9,17 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from infogrowth.config import Settings
 from infogrowth.errors import ConfigError, DataError
-from infogrowth.sampling.kafka import (
+from infogrowth.kafka.reader import (
     PartitionRange,
     StartPosition,
     TopicPartitionKey,
-    commit_ends,
-    decode_record,
     end_offsets,
-    id_bucket,
     list_partitions,
     open_consumer,
     plan_ranges,
     read_ranges,
-    reader_share,
 )
+from infogrowth.sampling.kafka import commit_ends, decode_record, id_bucket, reader_share
 from infogrowth.sampling.records import CuratedSample
 from infogrowth.sampling.samplers import distributed_rank
 from infogrowth.schema import SchemaError, validate
@@ -152,8 +149,9 @@ class CuratedStream(IterableDataset[T]):
             own, by_id = reader_share(parts, reader, readers)
             ranges = plan_ranges(consumer, own, self.start, self.timeout_s, self.pinned_ends)
             max_bytes = self.settings.limits.max_message_bytes
-            for r, offset, _key, value in read_ranges(consumer, ranges, self.timeout_s):
-                rec = _decode(r, offset, value, max_bytes)
+            for r, m in read_ranges(consumer, ranges, self.timeout_s):
+                offset = int(m.offset())
+                rec = _decode(r, offset, m.value(), max_bytes)
                 if by_id and id_bucket(rec["id"], readers) != reader:
                     continue
                 _check(r, offset, rec)
