@@ -316,8 +316,7 @@ def seed(input_: Any, config: Path | None, reset: bool, image_root: Path | None)
         res = run_seed(settings, input_, reset=reset, image_root=image_root)
     except ValueError as exc:
         raise _failure(exc, settings) from None
-    rec = calibration_record(res.calibration)
-    rec.pop("cells", None)
+    rec = {k: v for k, v in calibration_record(res.calibration).items() if k != "cells"}
     console.print(f"seeded {res.items} items ({res.malformed} malformed) into {res.per_partition}")
     console.print(f"calibration: {rec}")
 

@@ -16,8 +16,8 @@ from infogrowth.config import ImageMode, Settings, redacted_settings
 from infogrowth.files import OutputFormat, open_outputs, settings_inputs, write_json_atomic
 from infogrowth.locations import Location, OutputDir
 from infogrowth.messages import output_record
-from infogrowth.models import build_models
-from infogrowth.pipeline import CaptionerLike, Curator, EncoderLike
+from infogrowth.models import CaptionerLike, EncoderLike, build_models
+from infogrowth.pipeline import Curator
 from infogrowth.schema import Malformed, Sample
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, Literal, TypeVar, cast
 
 import numpy as np
 
@@ -118,7 +118,7 @@ def embedded_from_record(rec: dict[str, Any], dims: dict[str, int] | None) -> Em
     )
 
 
-def changelog_record(e: Embedded, seed: bool = False, epoch: int = 0) -> dict[str, Any]:
+def changelog_record(e: Embedded, epoch: int = 0, *, seed: bool = False) -> dict[str, Any]:
     """A kept item's changelog record (read back by :func:`embedded_from_record`)."""
     rec: dict[str, Any] = {
         "v": 1,
@@ -216,6 +216,28 @@ def calibration_from_record(rec: dict[str, Any]) -> Calibration:
 # -- output ----------------------------------------------------------------------------------
 
 
+T = TypeVar("T")
+
+
+def _none() -> None:
+    return None
+
+
+class _Part(Generic[T]):
+    """A read-only attribute of an outcome, read from its ``item`` or its ``verdict`` by the same
+    name; ``empty()`` when the outcome has no such part."""
+
+    def __init__(self, part: Literal["item", "verdict"], empty: Callable[[], T]) -> None:
+        self.part, self.empty, self.name = part, empty, ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Outcome | None, owner: type | None = None) -> T:
+        source = None if obj is None else getattr(obj, self.part)
+        return self.empty() if source is None else cast(T, getattr(source, self.name))
+
+
 @dataclass
 class Outcome:
     """Final result for one input message, exactly one per message: the embedded sample it is
@@ -231,69 +253,22 @@ class Outcome:
     payload: bytes | None = None
     source: dict[str, str | int] | None = None
 
-    @property
-    def text(self) -> str | None:
-        return None if self.item is None else self.item.text
-
-    @property
-    def label(self) -> str | None:
-        return None if self.item is None else self.item.label
-
-    @property
-    def image(self) -> bytes | None:
-        return None if self.item is None else self.item.image
-
-    @property
-    def meta(self) -> dict[str, Any] | None:
-        return None if self.item is None else self.item.meta
-
-    @property
-    def image_uri(self) -> str | None:
-        return None if self.item is None else self.item.image_uri
-
-    @property
-    def original_text(self) -> str | None:
-        return None if self.item is None else self.item.original_text
-
-    @property
-    def original_label(self) -> str | None:
-        return None if self.item is None else self.item.original_label
-
-    @property
-    def alignment(self) -> float | None:
-        return None if self.item is None else self.item.alignment
-
-    @property
-    def original_alignment(self) -> float | None:
-        return None if self.item is None else self.item.original_alignment
-
-    @property
-    def gain(self) -> float | None:
-        return None if self.verdict is None else self.verdict.gain
-
-    @property
-    def gain_by_space(self) -> dict[str, float | None]:
-        return {} if self.verdict is None else self.verdict.gain_by_space
-
-    @property
-    def nn_distance(self) -> dict[str, float | None]:
-        return {} if self.verdict is None else self.verdict.nn_distance
-
-    @property
-    def keep_probability(self) -> float | None:
-        return None if self.verdict is None else self.verdict.keep_probability
-
-    @property
-    def keep_scale(self) -> float | None:
-        return None if self.verdict is None else self.verdict.keep_scale
-
-    @property
-    def duplicate_of(self) -> str | None:
-        return None if self.verdict is None else self.verdict.duplicate_of
-
-    @property
-    def vote(self) -> dict[str, float] | None:
-        return None if self.verdict is None else self.verdict.vote
+    text = _Part[str | None]("item", _none)
+    label = _Part[str | None]("item", _none)
+    image = _Part[bytes | None]("item", _none)
+    meta = _Part[dict[str, Any] | None]("item", _none)
+    image_uri = _Part[str | None]("item", _none)
+    original_text = _Part[str | None]("item", _none)
+    original_label = _Part[str | None]("item", _none)
+    alignment = _Part[float | None]("item", _none)
+    original_alignment = _Part[float | None]("item", _none)
+    gain = _Part[float | None]("verdict", _none)
+    gain_by_space = _Part[dict[str, float | None]]("verdict", dict)
+    nn_distance = _Part[dict[str, float | None]]("verdict", dict)
+    keep_probability = _Part[float | None]("verdict", _none)
+    keep_scale = _Part[float | None]("verdict", _none)
+    duplicate_of = _Part[str | None]("verdict", _none)
+    vote = _Part[dict[str, float] | None]("verdict", _none)
 
     @classmethod
     def malformed(cls, m: Malformed) -> Outcome:

@@ -1,17 +1,59 @@
-"""Model construction from settings: the encoder (resolved from ``encoder.*`` and, when the
-config leaves it open, from a probe sample) and the recaptioning model. Both runners (files and
-Kafka) build their models here."""
+"""The models the stages use: what they need of an encoder and a captioner (protocols, no torch
+import here), and building both from settings (the encoder resolved from ``encoder.*`` and, when
+the config leaves it open, from a probe sample). Both runners (files and Kafka) build here."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+from PIL import Image
 
 from infogrowth.config import EncoderConfig, Settings
 from infogrowth.errors import ConfigError
-from infogrowth.pipeline import CaptionerLike, EncoderLike
 from infogrowth.schema import Sample
 
 log = logging.getLogger(__name__)
+
+
+class EncoderLike(Protocol):
+    """The part of :class:`infogrowth.encode.Encoder` the stages use (no torch import here)."""
+
+    @property
+    def spaces(self) -> tuple[str, ...]: ...
+
+    @property
+    def dims(self) -> dict[str, int]: ...
+
+    @property
+    def fingerprint(self) -> str: ...
+
+    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray: ...
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+@runtime_checkable
+class StagedImageEncoder(EncoderLike, Protocol):
+    """An encoder whose image path splits into CPU preprocessing and the forward pass
+    (``TransformersEncoder``): the stage overlaps the next batch's preprocessing with this
+    batch's forward. Others get ``encode_images`` whole."""
+
+    batch_size: int
+    prefetch_depth: int
+
+    @property
+    def device(self) -> str: ...
+
+    def preprocess_images(self, images: Sequence[Image.Image]) -> Any: ...
+
+    def forward_images(self, batch: Any) -> np.ndarray: ...
+
+
+class CaptionerLike(Protocol):
+    def caption(self, images: Sequence[Image.Image]) -> list[str]: ...
 
 
 def resolve_encoder_config(settings: Settings, probe: Sample | None) -> EncoderConfig:

@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -31,6 +31,7 @@ from infogrowth.errors import ConfigError, DataError
 from infogrowth.imagefeed import DecodeFailure
 from infogrowth.index import PartitionState
 from infogrowth.messages import Outcome, thresholds_record
+from infogrowth.models import CaptionerLike, EncoderLike, StagedImageEncoder
 from infogrowth.prefetch import prefetch
 from infogrowth.schema import SPACES, Embedded, Malformed, Sample
 from infogrowth.select import Selector, Thresholds
@@ -46,44 +47,6 @@ IMAGE_FIT_MIN = 448
 IMAGE_FIT_DEFAULT = 1024
 """Shorter side decoded images are reduced to when the encoder does not say its input size."""
 """Stream alignments compared with the seed's before the drift warning."""
-
-
-class EncoderLike(Protocol):
-    """The part of :class:`infogrowth.encode.Encoder` the stages use (no torch import here)."""
-
-    @property
-    def spaces(self) -> tuple[str, ...]: ...
-
-    @property
-    def dims(self) -> dict[str, int]: ...
-
-    @property
-    def fingerprint(self) -> str: ...
-
-    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray: ...
-
-    def encode_texts(self, texts: Sequence[str]) -> np.ndarray: ...
-
-
-@runtime_checkable
-class StagedImageEncoder(EncoderLike, Protocol):
-    """An encoder whose image path splits into CPU preprocessing and the forward pass
-    (``TransformersEncoder``): the stage overlaps the next batch's preprocessing with this
-    batch's forward. Others get ``encode_images`` whole."""
-
-    batch_size: int
-    prefetch_depth: int
-
-    @property
-    def device(self) -> str: ...
-
-    def preprocess_images(self, images: Sequence[Image.Image]) -> Any: ...
-
-    def forward_images(self, batch: Any) -> np.ndarray: ...
-
-
-class CaptionerLike(Protocol):
-    def caption(self, images: Sequence[Image.Image]) -> list[str]: ...
 
 
 @dataclass

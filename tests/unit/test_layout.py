@@ -16,7 +16,8 @@ from infogrowth.cells import Cells
 from infogrowth.config import load_settings
 from infogrowth.errors import ConfigError, DataError, InfoGrowthError
 from infogrowth.kafka.embed import EmbedProcessor
-from infogrowth.pipeline import EmbedStage, StagedImageEncoder
+from infogrowth.models import StagedImageEncoder
+from infogrowth.pipeline import EmbedStage
 from infogrowth.schema import SchemaError
 from infogrowth.select import Thresholds
 from tests.fixtures.helpers import make_settings

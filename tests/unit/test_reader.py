@@ -3,7 +3,6 @@ begins; records committed later wait for the next read (a fake consumer stands i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -11,32 +10,7 @@ import pytest
 from infogrowth.kafka import reader
 from infogrowth.kafka.reader import PartitionReader, read_topic
 from tests.fixtures.helpers import make_settings
-
-
-@dataclass
-class Rec:
-    t: str
-    p: int
-    o: int
-    v: bytes | None
-
-    def topic(self) -> str:
-        return self.t
-
-    def partition(self) -> int:
-        return self.p
-
-    def offset(self) -> int:
-        return self.o
-
-    def key(self) -> bytes | None:
-        return None
-
-    def value(self) -> bytes | None:
-        return self.v
-
-    def error(self) -> None:
-        return None
+from tests.unit.test_replication import Msg
 
 
 class GrowingConsumer:
@@ -44,7 +18,7 @@ class GrowingConsumer:
 
     def __init__(self, logs: dict[tuple[str, int], int], grow: int = 0) -> None:
         self.logs, self.grow = dict(logs), grow
-        self.queue: list[Rec] = []
+        self.queue: list[Msg] = []
         self.closed = False
 
     def list_topics(self, topic: str, timeout: float) -> Any:
@@ -60,9 +34,9 @@ class GrowingConsumer:
             key = (tp.topic, tp.partition)
             self.logs[key] += self.grow  # committed after the ends were pinned
             start = max(tp.offset, 0)
-            self.queue += [Rec(*key, o, b"v%d" % o) for o in range(start, self.logs[key])]
+            self.queue += [Msg(b"v%d" % o, key[1], o, key[0]) for o in range(start, self.logs[key])]
 
-    def consume(self, n: int, timeout: float) -> list[Rec]:
+    def consume(self, n: int, timeout: float) -> list[Msg]:
         out, self.queue = self.queue[:n], self.queue[n:]
         return out
 

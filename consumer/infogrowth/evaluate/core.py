@@ -40,7 +40,8 @@ from infogrowth.config import Settings, load_settings
 from infogrowth.evaluate import data as D
 from infogrowth.evaluate import models as M
 from infogrowth.evaluate.metrics import mean_std, precision_recall, roc_auc
-from infogrowth.pipeline import CaptionerLike, Curator, EncoderLike
+from infogrowth.models import CaptionerLike, EncoderLike
+from infogrowth.pipeline import Curator
 from infogrowth.schema import Embedded, Malformed, Sample
 
 log = logging.getLogger(__name__)

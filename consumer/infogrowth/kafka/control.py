@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 import uuid
+from hashlib import sha256
 from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
@@ -44,9 +44,7 @@ def calibration_id(cal: Calibration | None) -> str | None:
     """A short digest of the published calibration (None when nothing was seeded)."""
     if cal is None:
         return None
-    return hashlib.sha256(pack("calibration", calibration_record(cal), check=False)).hexdigest()[
-        :16
-    ]
+    return sha256(pack("calibration", calibration_record(cal), check=False)).hexdigest()[:16]
 
 
 def read_calibration(settings: Settings, settle_s: float = 30.0) -> Calibration | None:

@@ -565,16 +565,15 @@ class SelectProcessor:
                 v = next(verdicts)
                 o = Outcome.from_verdict(v)
                 if v.decision != "rejected":
-                    e = v.result()
                     out.produce(
                         self.topics.changelog,
-                        pack("changelog", changelog_record(e, epoch=self.epoch), check=False),
-                        key=e.id.encode(),
+                        pack("changelog", changelog_record(v.result(), self.epoch), check=False),
+                        key=v.item.id.encode(),
                         partition=p,
                         headers=CHANGELOG_HEADERS,
                     )
                     self.dirty[p] += 1
-                    kept.append(e)
+                    kept.append(v.result())
             else:
                 o = r
             outcomes.append(o)

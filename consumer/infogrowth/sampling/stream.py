@@ -150,12 +150,11 @@ class CuratedStream(IterableDataset[T]):
             ranges = plan_ranges(consumer, own, self.start, self.timeout_s, self.pinned_ends)
             max_bytes = self.settings.limits.max_message_bytes
             for r, m in read_ranges(consumer, ranges, self.timeout_s):
-                offset = int(m.offset())
-                rec = _decode(r, offset, m.value(), max_bytes)
+                rec = _decode(r, m.offset(), m.value(), max_bytes)
                 if by_id and id_bucket(rec["id"], readers) != reader:
                     continue
-                _check(r, offset, rec)
-                yield CuratedSample.from_record(rec, (r.topic, r.partition, offset))
+                _check(r, m.offset(), rec)
+                yield CuratedSample.from_record(rec, (r.topic, r.partition, m.offset()))
             if self.commit:
                 commit_ends(consumer, ranges)
         finally:
