@@ -13,6 +13,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from infogrowth.errors import ConfigError
+
 __all__ = ["Trial", "TuneResult", "is_oom", "tune_batch_size"]
 
 log = logging.getLogger(__name__)
@@ -58,7 +60,7 @@ def tune_batch_size(
     until one fits (down to 1, where the error propagates: nothing fits).
     """
     if start <= 0 or cap <= 0:
-        raise ValueError("batch sizes must be positive")
+        raise ConfigError("batch sizes must be positive")
     size = min(start, cap)
     tried: list[tuple[int, float, int]] = []
     while True:

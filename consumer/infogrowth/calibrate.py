@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from infogrowth.config import Settings
+from infogrowth.errors import ConfigError
 from infogrowth.schema import SPACES, Embedded
 from infogrowth.select import NO_NEIGHBOUR_GAIN, ROUND, Thresholds
 
@@ -396,7 +397,7 @@ def resolve_thresholds(
         policy = "sample" if (sel.keep_fraction is not None or sel.g_scale is not None) else "all"
     g_scale = sel.g_scale
     if policy == "sample" and g_scale is None and sel.keep_fraction is None:
-        raise ValueError("select.policy=sample needs select.keep_fraction or select.g_scale")
+        raise ConfigError("select.policy=sample needs select.keep_fraction or select.g_scale")
     if policy == "sample" and g_scale is None and stats is not None and stats.gains:
         assert sel.keep_fraction is not None
         g_scale = initial_scale(stats.gains, sel.keep_fraction)
@@ -495,28 +496,3 @@ class Calibration:
     epoch: int = 0
     """Bumped by every ``seed --reset``; embedded and changelog records and snapshots carry the
     epoch they were made under (0: no calibration, or one published before epochs existed)."""
-
-    def as_record(self) -> dict[str, Any]:
-        rec: dict[str, Any] = {"v": 1, "spaces": list(self.spaces), "dims": dict(self.dims)}
-        rec.update(self.thresholds.as_record())
-        rec.update(
-            {
-                "seed_count": self.seed_count,
-                "fingerprint": self.fingerprint,
-                "cells": self.cells,
-                "epoch": self.epoch,
-            }
-        )
-        return rec
-
-    @classmethod
-    def from_record(cls, rec: dict[str, Any]) -> Calibration:
-        return cls(
-            thresholds=Thresholds.from_record(rec),
-            spaces=tuple(rec["spaces"]),
-            dims={k: int(v) for k, v in rec["dims"].items()},
-            seed_count=int(rec.get("seed_count", 0)),
-            fingerprint=rec.get("fingerprint"),
-            cells=rec.get("cells"),
-            epoch=int(rec.get("epoch", 0)),
-        )

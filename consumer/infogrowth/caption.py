@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from infogrowth.encode import from_pretrained_kwargs, resolve_device, resolve_dtype
+from infogrowth.errors import ConfigError
 
 __all__ = ["Captioner"]
 
@@ -32,9 +33,9 @@ class Captioner:
         trust_remote_code: bool = False,
     ) -> None:
         if max_new_tokens <= 0:
-            raise ValueError("max_new_tokens must be positive")
+            raise ConfigError("max_new_tokens must be positive")
         if batch_size <= 0:
-            raise ValueError("batch_size must be positive")
+            raise ConfigError("batch_size must be positive")
         self.name = model
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
@@ -89,7 +90,7 @@ def _load_captioning_model(name: str, dtype: torch.dtype, trust_remote_code: boo
     try:
         config = transformers.AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"cannot load captioning model {name!r}: {exc}") from exc
+        raise ConfigError(f"cannot load captioning model {name!r}: {exc}") from exc
     model_type = getattr(config, "model_type", "")
     candidates: list[Any] = []
     if model_type == "blip":
@@ -108,7 +109,7 @@ def _load_captioning_model(name: str, dtype: torch.dtype, trust_remote_code: boo
         except (OSError, ValueError, KeyError) as exc:
             errors.append(f"{getattr(cls, '__name__', cls)}: {exc}")
             log.debug("captioner %s: %s failed: %s", name, cls, exc)
-    raise ValueError(
+    raise ConfigError(
         f"cannot load {name!r} (model_type={model_type!r}) as an image-to-text model: "
         + "; ".join(errors)
     )
@@ -135,5 +136,5 @@ def _load_processor(name: str, trust_remote_code: bool) -> tuple[Any, Any]:
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"cannot load the processor/tokenizer of {name!r}: {exc}") from exc
+        raise ConfigError(f"cannot load the processor/tokenizer of {name!r}: {exc}") from exc
     return image_processor, tokenizer

@@ -29,6 +29,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from infogrowth.errors import DataError
+
 HYPERPLANE_SEED = 20240528
 CENTROID_SEED = 20240528
 
@@ -51,7 +53,7 @@ def routing_vectors(
         v = vectors.get(s)
         if v is None:
             if dims is None or s not in dims:
-                raise ValueError(f"routing needs the {s} vector")
+                raise DataError(f"routing needs the {s} vector")
             blocks.append(np.zeros((*lead, dims[s]), dtype=np.float64))
             continue
         v = np.asarray(v, dtype=np.float64)

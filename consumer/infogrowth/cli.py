@@ -13,7 +13,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from infogrowth.config import ConfigError, Settings, load_settings
+from infogrowth.config import Settings, load_settings
+from infogrowth.errors import ConfigError
 
 if TYPE_CHECKING:
     from importlib.metadata import EntryPoint
@@ -321,6 +322,7 @@ def seed(input_: Any, config: Path | None, reset: bool, image_root: Path | None)
     Refuses when a calibration is already published, unless --reset (a new calibration epoch:
     running stages change to it cleanly)."""
     from infogrowth.kafka.seed import seed as run_seed
+    from infogrowth.messages import calibration_record
 
     settings = _settings(config)
     _setup_logging(settings)
@@ -328,8 +330,7 @@ def seed(input_: Any, config: Path | None, reset: bool, image_root: Path | None)
         res = run_seed(settings, input_, reset=reset, image_root=image_root)
     except ValueError as exc:
         raise _failure(exc, settings) from None
-    rec = res.calibration.as_record()
-    rec.pop("cells", None)
+    rec = {k: v for k, v in calibration_record(res.calibration).items() if k != "cells"}
     console.print(f"seeded {res.items} items ({res.malformed} malformed) into {res.per_partition}")
     console.print(f"calibration: {rec}")
 

@@ -16,6 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from infogrowth.errors import ConfigError
+
 ENV_PREFIX = "INFOGROWTH_"
 NON_SETTINGS_ENV = frozenset(
     {"INFOGROWTH_CACHE_DIR", "INFOGROWTH_CHAOS_SAMPLES", "INFOGROWTH_TESTING_EMBED_DELAY_S"}
@@ -26,10 +28,6 @@ settings."""
 
 ImageMode = bool | Literal["reference"]
 """What output records carry of an image: bytes (True), only its ``image_uri``, or nothing."""
-
-
-class ConfigError(ValueError):
-    """A setting is missing, unknown or invalid; the message names the key."""
 
 
 # ---------------------------------------------------------------------- redaction
@@ -178,7 +176,7 @@ class ColumnsConfig(_Section):
     def _spaces(cls, value: dict[str, str]) -> dict[str, str]:
         bad = sorted(set(value) - set(SPACE_NAMES))
         if bad:
-            raise ValueError(f"unknown space {bad[0]!r}: spaces are {list(SPACE_NAMES)}")
+            raise ConfigError(f"unknown space {bad[0]!r}: spaces are {list(SPACE_NAMES)}")
         return value
 
 
@@ -232,7 +230,7 @@ class EncoderConfig(_Section):
     @model_validator(mode="after")
     def _batch_bounds(self) -> EncoderConfig:
         if self.max_batch_size < self.batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"encoder.max_batch_size ({self.max_batch_size}) must be >= "
                 f"encoder.batch_size ({self.batch_size})"
             )
@@ -368,7 +366,7 @@ class TopicsConfig(_Section):
             self.rejected,
         )
         if self.dead_letter is not None and self.dead_letter in others:
-            raise ValueError(
+            raise ConfigError(
                 f"kafka.topics.dead_letter ({self.dead_letter!r}) must name a topic of its own: "
                 "its records are raw input, not output records"
             )
@@ -458,20 +456,25 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.index.ef < self.select.k:
-            raise ValueError(f"index.ef ({self.index.ef}) must be >= select.k ({self.select.k})")
+            raise ConfigError(f"index.ef ({self.index.ef}) must be >= select.k ({self.select.k})")
         if self.clean.neighbour_min > self.clean.neighbour_k:
-            raise ValueError(
+            raise ConfigError(
                 f"clean.neighbour_min ({self.clean.neighbour_min}) must be <= "
                 f"clean.neighbour_k ({self.clean.neighbour_k})"
             )
         if self.index.ef < self.clean.neighbour_k:
-            raise ValueError(
+            raise ConfigError(
                 f"index.ef ({self.index.ef}) must be >= clean.neighbour_k "
                 f"({self.clean.neighbour_k})"
             )
         sel = self.select
         if sel.policy == "sample" and sel.keep_fraction is None and sel.g_scale is None:
-            raise ValueError("select.policy=sample needs select.keep_fraction or select.g_scale")
+            raise ConfigError("select.policy=sample needs select.keep_fraction or select.g_scale")
+        clean = self.clean
+        if clean.fixer == "recaption" and not clean.recaption_model:
+            raise ConfigError("clean.fixer=recaption needs clean.recaption_model")
+        if clean.fixer == "zero-shot" and not clean.classes:
+            raise ConfigError("clean.fixer=zero-shot needs clean.classes")
         return self
 
 

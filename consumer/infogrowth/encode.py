@@ -38,6 +38,7 @@ from PIL import Image
 from infogrowth.batchtune import Trial, is_oom, tune_batch_size
 from infogrowth.config import EncoderConfig, LimitsConfig
 from infogrowth.devimage import TensorTransform, UnsupportedProcessor, torchvision_available
+from infogrowth.errors import ConfigError
 from infogrowth.prefetch import prefetch
 
 __all__ = [
@@ -120,9 +121,9 @@ def resolve_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError as exc:
-        raise ValueError(f"encoder.device: invalid device {device!r}: {exc}") from exc
+        raise ConfigError(f"encoder.device: invalid device {device!r}: {exc}") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"encoder.device={device!r} but CUDA is not available")
+        raise ConfigError(f"encoder.device={device!r} but CUDA is not available")
     return dev
 
 
@@ -132,7 +133,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         return torch.float16 if device.type == "cuda" else torch.float32
     table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if dtype not in table:
-        raise ValueError(f"encoder.dtype: unsupported dtype {dtype!r}")
+        raise ConfigError(f"encoder.dtype: unsupported dtype {dtype!r}")
     return table[dtype]
 
 
@@ -146,7 +147,7 @@ def resolve_kind(cfg: EncoderConfig, model: Any | None = None) -> str:
     if cfg.model is None:
         return "precomputed"
     if model is None:
-        raise ValueError("resolve_kind: kind=auto needs the loaded model to inspect")
+        raise ConfigError("resolve_kind: kind=auto needs the loaded model to inspect")
     if _has(model, "get_image_features") and _has(model, "get_text_features"):
         return "dual"
     if _has(model, "get_image_features") or getattr(model, "main_input_name", "") == "pixel_values":
@@ -166,7 +167,7 @@ def build_encoder(cfg: EncoderConfig, limits: LimitsConfig) -> Encoder | None:
         default = minilm_path()
         name = str(default) if default is not None else None
     if name is None:
-        raise ValueError(f"encoder.model is required for encoder.kind={cfg.kind}")
+        raise ConfigError(f"encoder.model is required for encoder.kind={cfg.kind}")
     return TransformersEncoder.load(name, cfg, limits)
 
 
@@ -221,7 +222,7 @@ class TransformersEncoder:
         channels_last: bool = False,
     ) -> None:
         if batch_size <= 0:
-            raise ValueError("batch_size must be positive")
+            raise ConfigError("batch_size must be positive")
         self._model = model
         self.name = name
         self.kind: Kind = kind
@@ -248,11 +249,11 @@ class TransformersEncoder:
         self._text_keys: frozenset[str] | None = None
         if kind in ("dual", "image"):
             if image_processor is None:
-                raise ValueError(f"model {name}: no image processor found")
+                raise ConfigError(f"model {name}: no image processor found")
             self._image_fn, self._image_keys = self._image_tower(interpolate_pos_encoding)
         if kind in ("dual", "text"):
             if tokenizer is None:
-                raise ValueError(f"model {name}: no tokenizer found")
+                raise ConfigError(f"model {name}: no tokenizer found")
             self._text_fn, self._text_keys = self._text_tower()
 
         self._spaces = tuple(
@@ -262,7 +263,7 @@ class TransformersEncoder:
         if max_dim is not None:
             for space, dim in self._dims.items():
                 if dim > max_dim:
-                    raise ValueError(
+                    raise ConfigError(
                         f"model {name}: {space} embeddings have {dim} dimensions, over "
                         f"limits.max_embedding_dim={max_dim}"
                     )
@@ -282,22 +283,22 @@ class TransformersEncoder:
         model = _load_model(name, device, dtype, cfg.trust_remote_code)
         kind = resolve_kind(cfg.model_copy(update={"model": name}), model)
         if kind not in ("dual", "text", "image"):
-            raise ValueError(f"model {name}: cannot encode with kind={kind}")
+            raise ConfigError(f"model {name}: cannot encode with kind={kind}")
         resolved: Kind = "dual" if kind == "dual" else "text" if kind == "text" else "image"
         if resolved == "dual" and not (
             _has(model, "get_image_features") and _has(model, "get_text_features")
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"model {name} ({type(model).__name__}) is not a dual-tower model: it lacks "
                 "get_image_features/get_text_features"
             )
         if resolved == "text" and getattr(model, "main_input_name", "") == "pixel_values":
-            raise ValueError(f"model {name} ({type(model).__name__}) has no text tower")
+            raise ConfigError(f"model {name} ({type(model).__name__}) has no text tower")
         if resolved == "image" and not (
             _has(model, "get_image_features")
             or getattr(model, "main_input_name", "") == "pixel_values"
         ):
-            raise ValueError(f"model {name} ({type(model).__name__}) has no vision tower")
+            raise ConfigError(f"model {name} ({type(model).__name__}) has no vision tower")
 
         tokenizer, image_processor = _load_processors(
             name,
@@ -399,7 +400,7 @@ class TransformersEncoder:
         tensor transform (``image_decode == "device"`` only). CPU tensors are copied over from
         pinned memory without blocking."""
         if self._transform is None:
-            raise ValueError(f"encoder {self.name} prepares images on the CPU (decode=cpu)")
+            raise ConfigError(f"encoder {self.name} prepares images on the CPU (decode=cpu)")
         moved = [self._upload(im) for im in images]
         pixels = self._transform.batch(moved)
         return {"pixel_values": self._image_layout(pixels.to(self._dtype))}
@@ -481,7 +482,7 @@ class TransformersEncoder:
     def _require(self, space: str) -> Callable[[TensorBatch], torch.Tensor]:
         fn = self._image_fn if space == "image" else self._text_fn
         if fn is None:
-            raise ValueError(
+            raise ConfigError(
                 f"encoder {self.name} (kind={self.kind}) has no {space} tower; "
                 f"it provides {', '.join(self._spaces)}"
             )
@@ -723,14 +724,14 @@ def _device_transform(
         return None
     if not torchvision_available():
         if mode == "device":
-            raise ValueError("encoder.decode=device needs torchvision, which is not installed")
+            raise ConfigError("encoder.decode=device needs torchvision, which is not installed")
         log.warning("torchvision is not installed: images are decoded on the CPU")
         return None
     try:
         return TensorTransform.from_processor(image_processor)
     except UnsupportedProcessor as exc:
         if mode == "device":
-            raise ValueError(f"encoder.decode=device: {exc}") from exc
+            raise ConfigError(f"encoder.decode=device: {exc}") from exc
         log.warning("images are decoded on the CPU: %s", exc)
         return None
 
@@ -741,7 +742,7 @@ def _load_model(name: str, device: torch.device, dtype: torch.dtype, trust: bool
     try:
         model = AutoModel.from_pretrained(name, **from_pretrained_kwargs(dtype, trust))
     except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"cannot load encoder model {name!r}: {exc}") from exc
+        raise ConfigError(f"cannot load encoder model {name!r}: {exc}") from exc
     model.eval()
     model.to(device)
     return model
@@ -777,7 +778,7 @@ def _load_processors(
                 name, trust_remote_code=trust_remote_code
             )
     except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"cannot load the tokenizer/image processor of {name!r}: {exc}") from exc
+        raise ConfigError(f"cannot load the tokenizer/image processor of {name!r}: {exc}") from exc
     return (tokenizer if text else None), (image_processor if image else None)
 
 

@@ -40,7 +40,8 @@ from typing import IO, Any, Literal
 
 import click
 
-from infogrowth.config import ConfigError, Settings, load_settings
+from infogrowth.config import Settings, load_settings
+from infogrowth.errors import ConfigError, DataError
 from infogrowth.sampling.records import EXPORT_INFO, MANIFEST, recorded_g_scale
 
 Format = Literal["jsonl", "webdataset", "parquet"]
@@ -230,17 +231,12 @@ def _export(
     on_total: Callable[[int], None] | None,
     timeout_s: float,
 ) -> ExportResult:
-    from infogrowth.sampling.kafka import (
-        decode_record,
-        list_partitions,
-        open_consumer,
-        plan_ranges,
-        read_ranges,
-    )
+    from infogrowth.kafka.reader import list_partitions, open_consumer, plan_ranges, read_ranges
+    from infogrowth.sampling.kafka import decode_record
     from infogrowth.schema import validate
 
     if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        raise ConfigError(f"shard_size must be >= 1, got {shard_size}")
     t = settings.kafka.topics
     names = list(topics) if topics else [t.accepted, t.relabeled]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -262,13 +258,14 @@ def _export(
         with _Writer(tmp, fmt, shard_size) as writer:
             for r in ranges:
                 passed = r.start
-                for _, offset, _, value in read_ranges(consumer, [r], timeout_s):
+                for _, m in read_ranges(consumer, [r], timeout_s):
+                    offset = int(m.offset())
                     try:
-                        rec = decode_record(value, max_bytes)
+                        rec = decode_record(m.value(), max_bytes)
                         validate("output", rec)
                     except Exception as exc:
                         where = f"{r.topic}[{r.partition}]@{offset}"
-                        raise ValueError(f"{where}: bad output record: {exc}") from None
+                        raise DataError(f"{where}: bad output record: {exc}") from None
                     writer.write(rec)
                     result.decisions[str(rec["decision"])] += 1
                     recorded.append((rec.get("thresholds") or {}).get("g_scale"))

@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from infogrowth.config import LimitsConfig, StorageConfig
+from infogrowth.errors import ConfigError
 
 SCHEMES = ("file", "http", "https", "s3")
 MAX_URI_CHARS = 4096
@@ -84,9 +85,9 @@ def parse_allow_entry(entry: str) -> Location:
     try:
         loc = _parse(entry.strip(), f"allow-list entry {entry!r}")
     except FetchError as exc:
-        raise ValueError(str(exc)) from None
+        raise ConfigError(str(exc)) from None
     if loc.scheme == "s3" and loc.host is None and loc.path not in ("", "/"):
-        raise ValueError(f"allow-list entry {entry!r}: s3 prefixes name a bucket (s3://bucket/)")
+        raise ConfigError(f"allow-list entry {entry!r}: s3 prefixes name a bucket (s3://bucket/)")
     return loc
 
 

@@ -17,6 +17,7 @@ from typing import IO, Any, Literal
 import msgpack
 
 from infogrowth.config import ColumnsConfig, LimitsConfig, Settings, StorageConfig
+from infogrowth.errors import DataError
 from infogrowth.imaging import ImageError, load_image_field
 from infogrowth.locations import Location, base_name, exists, is_dir, open_stream
 from infogrowth.schema import Malformed, Sample, parse_json_sample, sample_from_obj, to_json_safe
@@ -33,7 +34,7 @@ def _image_loader(base_dir: Path, root: Path, max_bytes: int) -> Any:
         try:
             return load_image_field(value, base_dir, max_bytes=max_bytes, root=root)
         except ImageError as exc:
-            raise ValueError(f"image: {exc}") from None
+            raise DataError(f"image: {exc}") from None
 
     return load
 
@@ -101,7 +102,7 @@ def read_tar(
                     meta = json.loads(data)
             if meta is not None:
                 if not isinstance(meta, dict):
-                    raise ValueError("key.json must hold an object")
+                    raise DataError("key.json must hold an object")
                 obj["meta"] = meta
                 if obj.get("text") is None and isinstance(meta.get("caption"), str):
                     obj["text"] = meta["caption"]
@@ -226,7 +227,7 @@ def _inline_images(limits: LimitsConfig) -> Any:
         try:
             return load_image_field(value, None, max_bytes=limits.max_image_bytes, paths=False)
         except ImageError as exc:
-            raise ValueError(f"image: {exc}") from None
+            raise DataError(f"image: {exc}") from None
 
     return load
 

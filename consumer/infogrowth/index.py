@@ -27,6 +27,7 @@ import hnswlib
 import numpy as np
 
 from infogrowth.config import IndexConfig
+from infogrowth.errors import DataError
 from infogrowth.mirror import VectorMirror
 from infogrowth.online import OnlineState
 
@@ -339,7 +340,7 @@ class PartitionState:
         for s in self.spaces:
             v = np.asarray(vectors[s], dtype=np.float32)
             if v.shape != (n, self.dims[s]):
-                raise ValueError(f"{s}: expected shape {(n, self.dims[s])}, got {v.shape}")
+                raise DataError(f"{s}: expected shape {(n, self.dims[s])}, got {v.shape}")
             mats[s] = v
         # One insert thread per index, in the background unless the config asks for one thread.
         background = _threads(self.cfg) > 1

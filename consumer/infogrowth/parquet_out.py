@@ -16,6 +16,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from infogrowth.errors import DataError
 from infogrowth.schema import BINARY_FIELDS, load_schema, to_json_safe
 
 OUTPUTS = ("accepted", "relabeled", "rejected")
@@ -169,7 +170,7 @@ class ParquetWriter:
         try:
             table = pa.Table.from_pylist(rows, schema=output_schema())
         except (pa.ArrowTypeError, pa.ArrowInvalid) as exc:
-            raise ValueError(f"{name} table: {_culprit(rows)}: {exc}") from None
+            raise DataError(f"{name} table: {_culprit(rows)}: {exc}") from None
         writer.write_table(table)
         rows.clear()
 

@@ -20,17 +20,19 @@ import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
-from infogrowth.calibrate import SeedStats, resolve_thresholds, seed_stats
+from infogrowth.calibrate import Calibration, SeedStats, resolve_thresholds, seed_stats
 from infogrowth.config import Settings
+from infogrowth.errors import ConfigError, DataError
 from infogrowth.imagefeed import DecodeFailure
 from infogrowth.index import PartitionState
+from infogrowth.messages import Outcome, thresholds_record
+from infogrowth.models import CaptionerLike, EncoderLike, StagedImageEncoder
 from infogrowth.prefetch import prefetch
-from infogrowth.records import Outcome
 from infogrowth.schema import SPACES, Embedded, Malformed, Sample
 from infogrowth.select import Selector, Thresholds
 
@@ -45,27 +47,6 @@ IMAGE_FIT_MIN = 448
 IMAGE_FIT_DEFAULT = 1024
 """Shorter side decoded images are reduced to when the encoder does not say its input size."""
 """Stream alignments compared with the seed's before the drift warning."""
-
-
-class EncoderLike(Protocol):
-    """The part of :class:`infogrowth.encode.Encoder` the stages use (no torch import here)."""
-
-    @property
-    def spaces(self) -> tuple[str, ...]: ...
-
-    @property
-    def dims(self) -> dict[str, int]: ...
-
-    @property
-    def fingerprint(self) -> str: ...
-
-    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray: ...
-
-    def encode_texts(self, texts: Sequence[str]) -> np.ndarray: ...
-
-
-class CaptionerLike(Protocol):
-    def caption(self, images: Sequence[Image.Image]) -> list[str]: ...
 
 
 @dataclass
@@ -97,10 +78,10 @@ def _unit(v: np.ndarray) -> np.ndarray:
     x = v.astype(np.float64)
     n = float(np.linalg.norm(x))
     if not (n > 0.0 and np.isfinite(n)):
-        raise ValueError(f"embedding cannot be normalised (norm {n})")
+        raise DataError(f"embedding cannot be normalised (norm {n})")
     u = (x / n).astype(np.float32)
     if not np.all(np.isfinite(u)) or not np.any(u):
-        raise ValueError("embedding is not finite after normalisation")
+        raise DataError("embedding is not finite after normalisation")
     return u
 
 
@@ -115,14 +96,13 @@ class EmbedStage:
         *,
         spaces: Sequence[str] | None = None,
         dims: dict[str, int] | None = None,
-        router: Callable[[Embedded], int] | None = None,
+        thresholds: Thresholds | None = None,
     ) -> None:
         self.settings = settings
         self.encoder = encoder
         self.captioner = captioner
-        self.router = router
         self.delta: float | None = settings.clean.delta if settings.clean.enabled else None
-        """Alignment threshold; the seed calibration may set it later."""
+        """Alignment threshold: ``clean.delta`` until thresholds are given (:meth:`use`)."""
         self.alignment_reference: tuple[float, float, float] | None = None
         """Seed alignment quartiles; the stream's early median is checked against them."""
         self._early_alignments: list[float] = []
@@ -138,17 +118,26 @@ class EmbedStage:
         else:
             self.spaces = tuple(spaces) if spaces else None
             self.dims = dict(dims) if dims else None
-        fixer = settings.clean.fixer
-        if fixer == "recaption" and captioner is None:
-            raise ValueError("clean.fixer=recaption needs clean.recaption_model")
+        fixer = settings.clean.fixer  # its other needs are checked by the settings model
         self.recaption = captioner is not None and fixer in ("auto", "recaption")
         self.zero_shot = fixer == "zero-shot"
         self._prompts: tuple[list[str], np.ndarray] | None = None
-        if self.zero_shot:
-            if not settings.clean.classes:
-                raise ValueError("clean.fixer=zero-shot needs clean.classes")
-            if encoder is None or "text" not in encoder.spaces:
-                raise ValueError("clean.fixer=zero-shot needs an encoder with a text tower")
+        if self.zero_shot and (encoder is None or "text" not in encoder.spaces):
+            raise ConfigError("clean.fixer=zero-shot needs an encoder with a text tower")
+        if thresholds is not None:
+            self.use(thresholds)
+
+    def use(self, thresholds: Thresholds) -> None:
+        """Clean with ``thresholds`` (δ and the seed's alignment quartiles) from now on."""
+        self.delta = thresholds.delta
+        self.alignment_reference = thresholds.alignment_quartiles
+
+    def calibrate(self, cal: Calibration) -> None:
+        """Take up a published calibration: its thresholds, and its layout when this stage
+        runs without an encoder (precomputed vectors)."""
+        self.use(cal.thresholds)
+        if self.encoder is None:
+            self.spaces, self.dims = cal.spaces, dict(cal.dims)
 
     @property
     def fingerprint(self) -> str:
@@ -335,11 +324,6 @@ class EmbedStage:
         if clean:
             self._check_drift(out)
             self._clean(out, images)
-        if self.router is not None:
-            for i, r in enumerate(out):
-                if isinstance(r, Embedded):
-                    r.cell = self.router(r)
-                    out[i] = r
         self.times.add("clean", time.perf_counter() - t1, len(todo))
         result = [r for r in out if r is not None]
         assert len(result) == len(items)
@@ -350,24 +334,24 @@ class EmbedStage:
         emb = sample.embedding or {}
         spaces = self.spaces or ()
         if not spaces:
-            raise ValueError("sample has no embedding and no encoder is configured (encoder.model)")
+            raise DataError("sample has no embedding and no encoder is configured (encoder.model)")
         for s, v in emb.items():
             if s not in spaces:
-                raise ValueError(f"embedding.{s}: this pipeline indexes only {list(spaces)}")
+                raise DataError(f"embedding.{s}: this pipeline indexes only {list(spaces)}")
             want = (self.dims or {})[s]
             if v.shape[0] != want:
-                raise ValueError(f"embedding.{s}: dimension {v.shape[0]}, expected {want}")
+                raise DataError(f"embedding.{s}: dimension {v.shape[0]}, expected {want}")
             vecs[s] = _unit(v)
         for s in spaces:
             if s in vecs:
                 continue
             enc = self.encoder
             if enc is None or s not in enc.spaces:
-                raise ValueError(f"no {s} embedding in the sample and no {s} encoder configured")
+                raise DataError(f"no {s} embedding in the sample and no {s} encoder configured")
             if s == "text" and sample.text is None:
-                raise ValueError("sample has no text to embed")
+                raise DataError("sample has no text to embed")
             if s == "image" and sample.image is None:
-                raise ValueError("sample has no image to embed")
+                raise DataError("sample has no image to embed")
         return vecs
 
     def _encode_missing(
@@ -514,16 +498,15 @@ class EmbedStage:
         Each batch is preprocessed in slices on the pool and joined (into pinned memory on CUDA),
         then the model runs on exactly the batches ``encode_images`` would give it.
         """
-        enc: Any = self.encoder
+        enc = self.encoder
         assert enc is not None
-        pre = getattr(enc, "preprocess_images", None)
-        fwd = getattr(enc, "forward_images", None)
-        bs = getattr(enc, "batch_size", None)
-        if pre is None or fwd is None or not isinstance(bs, int) or self.threads <= 1:
+        staged = isinstance(enc, StagedImageEncoder) and isinstance(enc.batch_size, int)
+        if not isinstance(enc, StagedImageEncoder) or not staged or self.threads <= 1:
             return np.asarray(enc.encode_images(images), dtype=np.float32)
+        pre, fwd, bs = enc.preprocess_images, enc.forward_images, enc.batch_size
         chunks = [images[i : i + bs] for i in range(0, len(images), bs)]
         pool = self._executor()
-        pinned = str(getattr(enc, "device", "cpu")).startswith("cuda")
+        pinned = str(enc.device).startswith("cuda")
 
         def prepare(chunk: list[Image.Image]) -> Any:
             step = -(-len(chunk) // self.threads)
@@ -532,7 +515,7 @@ class EmbedStage:
             # Slices that do not stack: preprocess the batch whole.
             return batch if batch is not None else pre(chunk)
 
-        depth = getattr(enc, "prefetch_depth", 1) if len(chunks) > 1 else 0
+        depth = enc.prefetch_depth if len(chunks) > 1 else 0
         parts = [
             np.asarray(fwd(batch), dtype=np.float32)
             for batch in prefetch(chunks, prepare, depth, name="embed-images")
@@ -676,7 +659,7 @@ class Curator:
         good = [r for r in results if isinstance(r, Embedded)]
         self.seed_rejected = [r for r in results if isinstance(r, Outcome)]
         if not good:
-            raise ValueError("the seed set has no valid sample")
+            raise DataError("the seed set has no valid sample")
         spaces = self.embed.spaces or ()
         self.stats = seed_stats(
             good, spaces, self.settings.select.k, self.settings.clean.neighbour_k
@@ -732,8 +715,7 @@ class Curator:
         dims = self.embed.dims
         assert spaces is not None and dims is not None
         self.thresholds = resolve_thresholds(self.settings, spaces, stats)
-        self.embed.delta = self.thresholds.delta
-        self.embed.alignment_reference = self.thresholds.alignment_quartiles
+        self.embed.use(self.thresholds)
         self.state = PartitionState.empty(spaces, dims, self.settings.index)
         fixer = self.settings.clean.fixer
         self.selector = Selector(
@@ -762,7 +744,7 @@ class Curator:
         return out
 
     def report_thresholds(self) -> dict[str, Any]:
-        return self.thresholds.as_record() if self.thresholds else {}
+        return thresholds_record(self.thresholds) if self.thresholds else {}
 
     def report_online(self) -> dict[str, Any]:
         """Realised keep rate, keep scale and online ε of the run so far."""

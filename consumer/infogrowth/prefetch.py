@@ -15,6 +15,8 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
+from infogrowth.errors import ConfigError
+
 __all__ = ["prefetch"]
 
 J = TypeVar("J")
@@ -36,7 +38,7 @@ def prefetch(
     ``depth`` 0 prepares each job only when the consumer asks for it (no thread).
     """
     if depth < 0:
-        raise ValueError("prefetch depth must be >= 0")
+        raise ConfigError("prefetch depth must be >= 0")
     if depth == 0:
         for job in jobs:
             yield prepare(job)

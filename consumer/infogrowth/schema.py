@@ -22,6 +22,7 @@ import msgpack
 import numpy as np
 
 from infogrowth.config import LimitsConfig
+from infogrowth.errors import DataError
 
 SPACES: tuple[str, ...] = ("image", "text")
 SCHEMA_FILES = {
@@ -34,7 +35,7 @@ SCHEMA_FILES = {
 BINARY_FIELDS = ("image", "payload")
 
 
-class SchemaError(ValueError):
+class SchemaError(DataError):
     """A record does not match its JSON Schema."""
 
 
@@ -287,9 +288,9 @@ def pack(kind: str, obj: dict[str, Any], *, check: bool = True) -> bytes:
 
 
 def unpack(kind: str, data: bytes, *, max_bytes: int) -> dict[str, Any]:
-    """Decode msgpack bytes and validate them; raise ValueError/SchemaError on bad input."""
+    """Decode msgpack bytes and validate them; DataError (or SchemaError) on bad input."""
     if len(data) > max_bytes:
-        raise ValueError(f"message of {len(data)} bytes exceeds the {max_bytes}-byte limit")
+        raise DataError(f"message of {len(data)} bytes exceeds the {max_bytes}-byte limit")
     try:
         obj = msgpack.unpackb(
             data,
@@ -301,9 +302,9 @@ def unpack(kind: str, data: bytes, *, max_bytes: int) -> dict[str, Any]:
             max_map_len=10_000,
         )
     except Exception as exc:  # msgpack raises many types on garbage
-        raise ValueError(f"undecodable msgpack: {type(exc).__name__}: {exc}") from None
+        raise DataError(f"undecodable msgpack: {type(exc).__name__}: {exc}") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"expected a msgpack map, got {type(obj).__name__}")
+        raise DataError(f"expected a msgpack map, got {type(obj).__name__}")
     validate(kind, obj)
     return obj
 
@@ -314,10 +315,10 @@ def vector_to_bytes(v: np.ndarray) -> bytes:
 
 def vector_from_bytes(b: bytes, dim: int | None = None) -> np.ndarray:
     if len(b) % 4:
-        raise ValueError(f"vector of {len(b)} bytes is not float32")
+        raise DataError(f"vector of {len(b)} bytes is not float32")
     v = np.frombuffer(b, dtype="<f4").astype(np.float32)
     if dim is not None and v.shape[0] != dim:
-        raise ValueError(f"vector has dimension {v.shape[0]}, expected {dim}")
+        raise DataError(f"vector has dimension {v.shape[0]}, expected {dim}")
     return v
 
 
@@ -494,24 +495,6 @@ def parse_json_sample(
     except (ValueError, UnicodeDecodeError) as exc:
         return Malformed(None, f"invalid JSON: {exc}", line, source)
     return sample_from_obj(obj, line, limits, image_loader=image_loader, source=source)
-
-
-def sample_to_obj(sample: Sample) -> dict[str, Any]:
-    """The msgpack form of a sample (for `produce`)."""
-    obj: dict[str, Any] = {"v": 1, "id": sample.id}
-    if sample.text is not None:
-        obj["text"] = sample.text
-    if sample.image is not None:
-        obj["image"] = sample.image
-    if sample.image_uri is not None:
-        obj["image_uri"] = sample.image_uri
-    if sample.label is not None:
-        obj["label"] = sample.label
-    if sample.embedding is not None:
-        obj["embedding"] = {k: [float(x) for x in v] for k, v in sample.embedding.items()}
-    if sample.meta is not None:
-        obj["meta"] = sample.meta
-    return obj
 
 
 def to_json_safe(obj: Any) -> Any:

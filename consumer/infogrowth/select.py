@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import numpy as np
 
 from infogrowth.config import CleanConfig, SelectConfig
+from infogrowth.errors import ConfigError
 from infogrowth.index import PartitionState
 from infogrowth.online import OnlineState
 from infogrowth.schema import Embedded
@@ -59,49 +60,6 @@ class Thresholds:
     alignment_quartiles: tuple[float, float, float] | None = None
     """The seed's matched-pair alignment quartiles: the reference for the drift warning."""
 
-    def as_record(self) -> dict[str, Any]:
-        return {
-            "policy": self.policy,
-            "k": self.k,
-            "delta": self.delta,
-            "epsilon": dict(self.epsilon),
-            "epsilon_online": self.epsilon_online,
-            "g_scale": self.g_scale,
-            "keep_fraction": self.keep_fraction,
-            "tau": self.tau,
-            "seed": self.seed,
-            "radius": self.radius,
-            "vote_k": self.vote_k,
-            "confidence": self.confidence,
-            "reject_share": self.reject_share,
-            "vote_scale": self.vote_scale,
-            "alignment_quartiles": list(self.alignment_quartiles)
-            if self.alignment_quartiles
-            else None,
-        }
-
-    @classmethod
-    def from_record(cls, rec: dict[str, Any]) -> Thresholds:
-        return cls(
-            policy=rec["policy"],
-            k=int(rec["k"]),
-            epsilon=dict(rec.get("epsilon") or {}),
-            delta=rec.get("delta"),
-            g_scale=rec.get("g_scale"),
-            tau=rec.get("tau"),
-            seed=int(rec.get("seed", rec.get("sample_seed", 0))),
-            radius=rec.get("radius"),
-            keep_fraction=rec.get("keep_fraction"),
-            epsilon_online=bool(rec.get("epsilon_online", False)),
-            vote_k=int(rec.get("vote_k", 10)),
-            confidence=rec.get("confidence"),
-            reject_share=rec.get("reject_share"),
-            vote_scale=rec.get("vote_scale"),
-            alignment_quartiles=tuple(rec["alignment_quartiles"])  # type: ignore[arg-type]
-            if rec.get("alignment_quartiles")
-            else None,
-        )
-
 
 @dataclass
 class Verdict:
@@ -121,6 +79,27 @@ class Verdict:
     """Weighted label shares of the voting neighbours (labelled items that were voted on)."""
     keep_scale: float | None = None
     """The ``sample`` policy's scale when this item was decided."""
+    relabel: str | None = None
+    """The label the neighbour vote gives the item (None: its own label stands); the input
+    item is never changed."""
+
+    @property
+    def label(self) -> str | None:
+        """The item's label after the vote."""
+        return self.item.label if self.relabel is None else self.relabel
+
+    @property
+    def fix(self) -> str | None:
+        """The fix applied to the item, in the embed stage or by this vote."""
+        return self.item.fix or (None if self.relabel is None else "neighbour_relabel")
+
+    def result(self) -> Embedded:
+        """The item as kept: a relabelled copy when the vote relabels it, else the item."""
+        e = self.item
+        if self.relabel is None:
+            return e
+        original = e.label if e.original_label is None else e.original_label
+        return replace(e, label=self.relabel, original_label=original, fix=self.fix)
 
 
 def coin(sample_id: str, seed: int) -> float:
@@ -175,7 +154,7 @@ class Selector:
             self.label_space = "image" if "image" in state.spaces else state.spaces[0]
         else:
             if cfg.label_space not in state.spaces:
-                raise ValueError(f"select.label_space={cfg.label_space} is not an index space")
+                raise ConfigError(f"select.label_space={cfg.label_space} is not an index space")
             self.label_space = cfg.label_space
         t = thresholds
         self.relabels = neighbour_fixer and t.confidence is not None
@@ -279,8 +258,8 @@ class Selector:
             def lookup(j: int, kept_rows: np.ndarray = kept_rows) -> tuple[str, str | None, bool]:
                 if j < base:
                     return st.ids[j], st.labels[j], self.clean.relabeled_vote or not st.fixed[j]
-                it = batch[int(kept_rows[j - base])]
-                return it.id, it.label, self.clean.relabeled_vote or it.fix is None
+                v = verdicts[int(kept_rows[j - base])]
+                return v.item.id, v.label, self.clean.relabeled_vote or v.fix is None
 
             nb_ids: dict[str, np.ndarray] = {}
             nb_d: dict[str, np.ndarray] = {}
@@ -319,8 +298,8 @@ class Selector:
             st.add(
                 [ids[i] for i in rows_kept.tolist()],
                 {s: q[s][rows_kept] for s in spaces},
-                [batch[i].label for i in rows_kept.tolist()],
-                [batch[i].fix is not None for i in rows_kept.tolist()],
+                [verdicts[i].label for i in rows_kept.tolist()],
+                [verdicts[i].fix is not None for i in rows_kept.tolist()],
             )
         return verdicts
 
@@ -395,10 +374,7 @@ class Selector:
                         and top_label != item.label
                         and top_share >= conf
                     ):
-                        if item.original_label is None:
-                            item.original_label = item.label
-                        item.label = top_label
-                        item.fix = item.fix or "neighbour_relabel"
+                        verdict.relabel = top_label
                     elif t.reject_share is not None and own_share <= t.reject_share:
                         verdict.decision, verdict.reason = "rejected", "label_noise"
                         verdict.detail = (
@@ -433,8 +409,8 @@ class Selector:
                 return verdict
         else:
             online.keep_step(True, None)
-        if item.fix is not None:
-            verdict.decision, verdict.reason = "relabeled", item.fix
+        if verdict.fix is not None:
+            verdict.decision, verdict.reason = "relabeled", verdict.fix
         return verdict
 
     def _nearest_id(self, nb_ids: dict[str, np.ndarray], lookup: Lookup) -> str | None:

@@ -19,7 +19,8 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from infogrowth.config import ColumnsConfig, ConfigError, LimitsConfig, StorageConfig
+from infogrowth.config import ColumnsConfig, LimitsConfig, StorageConfig
+from infogrowth.errors import ConfigError, DataError
 from infogrowth.locations import (
     Location,
     base_name,
@@ -267,7 +268,7 @@ def _npy(loc: Location, storage: StorageConfig | None) -> np.ndarray:
     with open_seekable(loc, storage) as fh:
         arr: np.ndarray = np.asarray(np.load(fh, allow_pickle=False))
     if arr.ndim != 2:
-        raise ValueError(f"{base_name(loc)}: expected a 2-d array, got shape {arr.shape}")
+        raise DataError(f"{base_name(loc)}: expected a 2-d array, got shape {arr.shape}")
     return arr
 
 
@@ -293,13 +294,13 @@ def read_clip_retrieval(
                 if exists(npy, storage):
                     vectors[space] = _npy(npy, storage)
             if not vectors:
-                raise ValueError(f"no img_emb{shard}.npy or text_emb{shard}.npy beside {name}")
+                raise DataError(f"no img_emb{shard}.npy or text_emb{shard}.npy beside {name}")
             with open_seekable(meta, storage) as fh:
                 pf = pq.ParquetFile(fh)
                 rows = pf.metadata.num_rows
                 for space, arr in vectors.items():
                     if arr.shape[0] != rows:
-                        raise ValueError(
+                        raise DataError(
                             f"{space} vectors: {arr.shape[0]} rows for {rows} metadata rows"
                         )
                 cols = resolve_columns(pf.schema_arrow.names, columns, name, vectors=tuple(vectors))

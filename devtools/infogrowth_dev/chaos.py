@@ -339,7 +339,7 @@ def _timed_drain(proc: Proc, settings: Settings, timeout: float = 600.0) -> floa
 
 
 def _decisions(settings: Settings) -> dict[str, tuple[Any, ...]]:
-    from infogrowth.kafka.tools import read_topic
+    from infogrowth.kafka.reader import read_topic
 
     out: dict[str, tuple[Any, ...]] = {}
     for name in ("accepted", "relabeled", "rejected"):
@@ -351,8 +351,8 @@ def _decisions(settings: Settings) -> dict[str, tuple[Any, ...]]:
 
 def _embedded(settings: Settings) -> Counter[str]:
     """How often each ingest position was embedded (committed), replica records aside."""
-    from infogrowth.kafka.tools import read_topic
-    from infogrowth.records import source_key
+    from infogrowth.kafka.reader import read_topic
+    from infogrowth.messages import source_key
 
     seen: Counter[str] = Counter()
     for m in read_topic(settings, settings.kafka.topics.embedded):
@@ -370,8 +370,8 @@ def _position_free(sid: str) -> str:
 def _changelog_size(settings: Settings) -> int:
     """Distinct items in the changelog (ids; a replica shares its id, state records are not
     items)."""
+    from infogrowth.kafka.reader import read_topic
     from infogrowth.kafka.select import STATE_KEY
-    from infogrowth.kafka.tools import read_topic
 
     keys = {m.key() for m in read_topic(settings, settings.kafka.topics.changelog)}
     return len(keys - {STATE_KEY})

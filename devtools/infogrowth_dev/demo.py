@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from infogrowth.config import Settings, load_settings
+from infogrowth.messages import thresholds_record
 
 console = Console()
 LABELS = ("fresh", "rotten", "plot")
@@ -139,9 +140,10 @@ def run_demo(
     n: int = 2000, seed_n: int = 600, port: int = 9108, workdir: Path | None = None
 ) -> int:
     from infogrowth.kafka.admin import admin_config, ensure_topics, topic_specs
+    from infogrowth.kafka.reader import read_topic
     from infogrowth.kafka.run import build, serve, start
     from infogrowth.kafka.seed import seed
-    from infogrowth.kafka.tools import audit, produce, read_topic
+    from infogrowth.kafka.tools import audit, produce
 
     work = workdir or Path("out/demo")
     work.mkdir(parents=True, exist_ok=True)
@@ -162,7 +164,7 @@ def run_demo(
         t0 = time.time()
         res = seed(settings, seed_file)
         console.print(f"seeded {res.items} items in {time.time() - t0:.1f}s; thresholds:")
-        console.print(res.calibration.thresholds.as_record())
+        console.print(thresholds_record(res.calibration.thresholds))
         produced = produce(settings, [stream_file])
         console.print(f"produced {produced} messages to {settings.kafka.topics.ingest}")
         rt = build(settings, "all")

@@ -15,9 +15,10 @@ from confluent_kafka import Producer
 from infogrowth.kafka.admin import admin_config, ensure_topics, topic_specs
 from infogrowth.kafka.clients import producer_config
 from infogrowth.kafka.headers import header
+from infogrowth.kafka.reader import read_topic
 from infogrowth.kafka.run import build
 from infogrowth.kafka.seed import seed
-from infogrowth.kafka.tools import produce, read_topic
+from infogrowth.kafka.tools import produce
 from infogrowth.schema import pack
 from tests.integration.conftest import settings_from, write_config
 from tests.integration.test_pipeline import POISON, _data, _drain_and_audit, run_until_drained

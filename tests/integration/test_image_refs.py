@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from infogrowth.kafka.admin import admin_config, ensure_topics, topic_specs
-from infogrowth.kafka.tools import produce, read_topic
+from infogrowth.kafka.reader import read_topic
+from infogrowth.kafka.tools import produce
 from tests.fixtures.models import make_jpeg, tiny_clip
 from tests.fixtures.servers import http_files
 from tests.integration.conftest import settings_from, write_config

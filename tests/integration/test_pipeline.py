@@ -76,7 +76,7 @@ def curate_decisions(settings: Any, inp: Path, seed_file: Path, out: Path) -> di
 
 
 def kafka_decisions(settings: Any) -> dict[str, Any]:
-    from infogrowth.kafka.tools import read_topic
+    from infogrowth.kafka.reader import read_topic
 
     got = {}
     for name in ("accepted", "relabeled", "rejected"):
@@ -125,7 +125,7 @@ def test_oversized_output_is_rejected_too_large_not_an_abort_loop(
     from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
 
     from infogrowth.kafka.clients import record_limit
-    from infogrowth.kafka.tools import read_topic
+    from infogrowth.kafka.reader import read_topic
 
     inp, seed_file = _data(tmp_path, n=40)
     cfg = write_config(

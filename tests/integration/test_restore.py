@@ -14,11 +14,12 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from infogrowth.kafka import restore as restore_mod
 from infogrowth.kafka.clients import consumer_config, producer_config
-from infogrowth.kafka.control import read_calibration, read_partition_to_end
+from infogrowth.kafka.control import read_calibration
+from infogrowth.kafka.reader import PartitionReader
 from infogrowth.kafka.run import Runtime, build, start
 from infogrowth.kafka.seed import seed
-from infogrowth.kafka.select import changelog_record, embedded_from_record
 from infogrowth.kafka.tools import audit, produce
+from infogrowth.messages import changelog_record, embedded_from_record
 from infogrowth.schema import pack, unpack
 from tests.fixtures.data import clustered, write_jsonl
 from tests.integration.conftest import settings_from, write_config
@@ -37,7 +38,7 @@ def _run_until_drained(rt: Runtime, timeout: float = 240.0) -> None:
 
 
 def _embedded_count(settings: Any) -> int:
-    return sum(1 for _ in read_partition_to_end(settings, settings.kafka.topics.embedded, 0))
+    return sum(1 for _ in PartitionReader(settings, settings.kafka.topics.embedded, 0))
 
 
 def _open_zombie_transaction(settings: Any, k: int) -> tuple[Producer, list[str]]:

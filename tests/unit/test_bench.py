@@ -231,7 +231,7 @@ def test_vectorised_select_matches_one_at_a_time(
                         v.decision,
                         v.reason,
                         v.gain,
-                        v.item.label,
+                        v.label,
                         tuple(sorted(v.nn_distance.items())),
                         v.keep_probability,
                     )

@@ -7,7 +7,8 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from infogrowth.config import ConfigError, load_settings
+from infogrowth.config import load_settings
+from infogrowth.errors import ConfigError
 
 
 def test_defaults_are_the_reference_parameters() -> None:
@@ -66,8 +67,8 @@ def test_an_unseeded_precomputed_run_needs_encoder_dims(monkeypatch: pytest.Monk
     """Without a seeded calibration the dimensions of precomputed vectors come from config, not
     from whichever sample happens to come first; a sample of other dimensions is malformed."""
     from infogrowth.kafka import run
+    from infogrowth.messages import Outcome
     from infogrowth.pipeline import EmbedStage
-    from infogrowth.records import Outcome
     from infogrowth.schema import Embedded, parse_msgpack_sample
 
     monkeypatch.setattr(run, "read_calibration", lambda settings: None)

@@ -11,10 +11,10 @@ import pytest
 
 from infogrowth import snapshot
 from infogrowth.calibrate import calibrate_delta, resolve_thresholds, seed_stats
-from infogrowth.config import ConfigError
+from infogrowth.errors import ConfigError
+from infogrowth.messages import Outcome
 from infogrowth.online import EPS_BINS, OnlineState, valley_epsilon
 from infogrowth.pipeline import Curator
-from infogrowth.records import Outcome
 from infogrowth.schema import Embedded
 from tests.fixtures.data import clustered
 from tests.fixtures.helpers import curate_rows, make_settings, to_samples

@@ -19,8 +19,8 @@ from PIL import Image
 
 from infogrowth import devimage
 from infogrowth.encode import TransformersEncoder
+from infogrowth.messages import Outcome
 from infogrowth.pipeline import EmbedStage
-from infogrowth.records import Outcome
 from infogrowth.schema import Embedded, Sample
 from tests.fixtures.helpers import make_settings
 from tests.fixtures.models import make_jpeg, make_png, tiny_clip

@@ -130,8 +130,8 @@ def test_precomputed_vectors_normalise_or_are_rejected_under_their_id(
     later by select under an ``@embedded:p:o`` position."""
     import msgpack
 
+    from infogrowth.messages import Outcome
     from infogrowth.pipeline import EmbedStage
-    from infogrowth.records import Outcome
     from infogrowth.schema import Malformed, parse_msgpack_sample
 
     settings = make_settings(**{"clean.enabled": False})

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from infogrowth.config import ConfigError
+from infogrowth.errors import ConfigError
 from infogrowth.fetch import FetchError, ImageFetcher, parse_allow_entry, parse_reference
+from infogrowth.messages import Outcome
 from infogrowth.pipeline import EmbedStage
-from infogrowth.records import Outcome
 from infogrowth.schema import Embedded, Sample
 from tests.fixtures.helpers import make_settings
 from tests.fixtures.models import make_jpeg, tiny_clip
@@ -296,14 +296,15 @@ def test_fetching_overlaps_the_forward_pass() -> None:
 
 
 def test_outputs_include_image_takes_reference_and_rejects_other_text() -> None:
-    from infogrowth.records import Outcome, output_record
+    from infogrowth.messages import Outcome, output_record
     from infogrowth.select import Thresholds
 
     assert make_settings(outputs_include_image="reference").outputs_include_image == "reference"
     assert make_settings(outputs_include_image="false").outputs_include_image is False
     with pytest.raises(ConfigError, match="outputs_include_image"):
         make_settings(outputs_include_image="bytes")
-    o = Outcome(id="a", decision="accepted", reason=None, image=b"img", image_uri="s3://b/a")
+    item = Embedded(id="a", vectors={}, image=b"img", image_uri="s3://b/a")
+    o = Outcome(id="a", decision="accepted", reason=None, item=item)
     t = Thresholds(policy="all", k=4, epsilon={})
     carried = {
         mode: (rec["image"], rec["image_uri"])

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from infogrowth.kafka import control
+from infogrowth.kafka import control, restore
 from infogrowth.kafka.select import SelectProcessor
 from infogrowth.select import Thresholds
 from tests.fixtures.helpers import make_settings
@@ -27,6 +27,7 @@ def proc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SelectProcessor:
 
     monkeypatch.setattr(control, "end_offset", lambda *a, **k: 0)
     monkeypatch.setattr(control, "PartitionReader", NoChangelog)
+    monkeypatch.setattr(restore, "PartitionReader", NoChangelog)
     settings = make_settings(**{"index.threads": 1, "snapshot.directory": str(tmp_path)})
     p = SelectProcessor(
         settings, Thresholds(policy="all", k=2, epsilon={"image": 0.01}), None, "test"

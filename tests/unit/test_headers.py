@@ -246,7 +246,7 @@ def test_embed_sends_malformed_input_to_the_dead_letter_topic_as_it_came() -> No
 
 
 def test_dead_letter_must_be_a_topic_of_its_own() -> None:
-    from infogrowth.config import ConfigError
+    from infogrowth.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"kafka\.topics\.dead_letter"):
         make_settings(kafka={"topics": {"dead_letter": "infogrowth.rejected"}})

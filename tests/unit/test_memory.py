@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from infogrowth.messages import Outcome
 from infogrowth.pipeline import EmbedStage
-from infogrowth.records import Outcome
 from infogrowth.schema import Embedded, Malformed, Sample
 from tests.fixtures.helpers import make_settings
 

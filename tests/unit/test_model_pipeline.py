@@ -21,8 +21,8 @@ from PIL import Image
 from infogrowth.caption import Captioner
 from infogrowth.config import Settings
 from infogrowth.encode import Encoder, build_encoder, minilm_path
+from infogrowth.messages import Outcome
 from infogrowth.pipeline import Curator
-from infogrowth.records import Outcome
 from infogrowth.schema import Malformed, Sample
 from tests.fixtures.helpers import make_settings, to_samples
 from tests.fixtures.models import CAPTION_WORDS, make_jpeg, tiny_captioner, tiny_clip

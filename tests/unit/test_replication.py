@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 
 from infogrowth.cells import Cells
-from infogrowth.kafka.embed import embedded_record
 from infogrowth.kafka.select import SelectProcessor
+from infogrowth.messages import embedded_record
 from infogrowth.metrics import Metrics
 from infogrowth.schema import Embedded, pack, unpack
 from infogrowth.select import Thresholds

@@ -13,15 +13,15 @@ from confluent_kafka import TopicPartition
 
 from infogrowth import snapshot
 from infogrowth.calibrate import Calibration
-from infogrowth.kafka import control
+from infogrowth.kafka import control, restore
 from infogrowth.kafka import select as select_mod
-from infogrowth.kafka.embed import EmbedProcessor, embedded_record
+from infogrowth.kafka.embed import EmbedProcessor
 from infogrowth.kafka.loop import FatalStageError, StaleBatch
-from infogrowth.kafka.select import (
-    STATE_KEY,
-    EpochAhead,
-    SelectProcessor,
+from infogrowth.kafka.select import STATE_KEY, EpochAhead, SelectProcessor
+from infogrowth.messages import (
+    calibration_record,
     changelog_record,
+    embedded_record,
     replica_record,
 )
 from infogrowth.pipeline import EmbedStage
@@ -36,7 +36,7 @@ T = Thresholds(policy="all", k=2, epsilon={"image": 0.01})
 
 
 class FakeReader:
-    """Stands in for :class:`control.PartitionReader`: yields the records of ``LOG[partition]``
+    """Stands in for :class:`reader.PartitionReader`: yields the records of ``LOG[partition]``
     from ``start``; records whether it was closed."""
 
     LOG: ClassVar[dict[int, list[bytes]]] = {}
@@ -72,6 +72,7 @@ class FakeWatcher:
 def fake_kafka(monkeypatch: pytest.MonkeyPatch) -> None:
     FakeReader.LOG, FakeReader.closed = {}, []
     monkeypatch.setattr(control, "PartitionReader", FakeReader)
+    monkeypatch.setattr(restore, "PartitionReader", FakeReader)
     monkeypatch.setattr(control, "end_offset", lambda *a, **k: 1 << 40)
 
 
@@ -290,7 +291,7 @@ def test_read_calibration_waits_for_a_just_committed_seed(monkeypatch: pytest.Mo
     read ends before them: the read is repeated until it reaches the high watermark, so a second
     seed sees the first one's epoch (and --reset moves to the next). A read_committed client's
     watermark is the lagging last stable offset as well, so the log end is read uncommitted."""
-    records = [pack("calibration", _cal(e).as_record()) for e in (1, 2)]
+    records = [pack("calibration", calibration_record(_cal(e))) for e in (1, 2)]
     reads: list[int] = []
 
     class Settling:

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from infogrowth.messages import Outcome
 from infogrowth.pipeline import Curator
-from infogrowth.records import Outcome
 from infogrowth.select import coin
 from tests.fixtures.data import clustered
 from tests.fixtures.helpers import curate_rows, make_settings, to_samples

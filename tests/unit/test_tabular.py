@@ -12,7 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from infogrowth.config import ColumnsConfig, ConfigError, LimitsConfig, StorageConfig
+from infogrowth.config import ColumnsConfig, LimitsConfig, StorageConfig
+from infogrowth.errors import ConfigError
 from infogrowth.files import count_inputs, read_inputs
 from infogrowth.schema import Malformed, Sample
 from tests.fixtures.models import make_jpeg

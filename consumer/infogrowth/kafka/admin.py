@@ -27,6 +27,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # re-exported
 from confluent_kafka.cimpl import NewPartitions, NewTopic
 
 from infogrowth.config import LimitsConfig, Settings, TopicsConfig
+from infogrowth.errors import ConfigError
 from infogrowth.kafka.clients import record_limit
 
 __all__ = [
@@ -110,7 +111,7 @@ def topic_specs(topics: TopicsConfig, limits: LimitsConfig | None = None) -> lis
     for spec in rows:
         seen = out.setdefault(spec.name, spec)
         if seen != spec:
-            raise ValueError(
+            raise ConfigError(
                 f"topic {spec.name!r} is configured for two roles with different layouts "
                 f"({seen.partitions} vs {spec.partitions} partitions, "
                 f"{seen.config} vs {spec.config})"
@@ -273,7 +274,7 @@ def ensure_topics(
     """
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
-        raise ValueError(f"duplicate topic names in specs: {sorted(names)}")
+        raise ConfigError(f"duplicate topic names in specs: {sorted(names)}")
     conf: dict[str, Any] = {**admin_conf, "logger": log}
     admin = AdminClient(conf)
     report = TopicReport()

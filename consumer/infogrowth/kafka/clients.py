@@ -8,7 +8,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from infogrowth.config import LimitsConfig, Settings, redact_client
+from infogrowth.config import LimitsConfig, Settings
 
 RECORD_OVERHEAD = 1024
 """Bytes reserved per record for the batch and record headers when checking a record's size."""
@@ -92,11 +92,6 @@ def producer_config(settings: Settings, transactional_id: str | None) -> dict[st
         conf["transactional.id"] = transactional_id
         conf["transaction.timeout.ms"] = k.transaction_timeout_ms
     return conf
-
-
-def redact(conf: dict[str, Any]) -> dict[str, Any]:
-    """A copy safe to log: values of secret-bearing keys are masked (see ``config``)."""
-    return redact_client(conf)
 
 
 _MOVING = frozenset(

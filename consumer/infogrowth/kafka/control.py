@@ -2,93 +2,23 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Generator, Iterator
+from hashlib import sha256
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 
 from infogrowth.calibrate import Calibration
 from infogrowth.config import Settings
 from infogrowth.kafka.clients import consumer_config, watermarks
+from infogrowth.kafka.reader import PartitionReader
+from infogrowth.messages import calibration_from_record, calibration_record
 from infogrowth.schema import pack, unpack
 
 log = logging.getLogger(__name__)
 CALIBRATION_KEY = b"calibration"
-
-
-class PartitionReader:
-    """Committed messages of one partition from ``start`` (-2 = beginning) to its end.
-
-    Iterate once; afterwards :attr:`end` is the offset the partition ended at for this reader
-    (its last stable offset: records of a transaction still open lie at or beyond it). Closing
-    the iterator early (``close()``) releases the consumer at once.
-    """
-
-    def __init__(
-        self,
-        settings: Settings,
-        topic: str,
-        partition: int,
-        start: int = -2,
-        timeout_s: float = 60.0,
-        batch: int = 1000,
-    ) -> None:
-        self.settings, self.topic, self.partition = settings, topic, partition
-        self.start, self.timeout_s, self.batch = start, timeout_s, batch
-        self.end: int | None = None
-        self.high: int | None = None
-        """The high watermark when the read began: above :attr:`end` while a transaction that
-        wrote before it is open or its markers are not written yet."""
-
-    def __iter__(self) -> Generator[Message, None, None]:
-        conf = consumer_config(
-            self.settings,
-            f"infogrowth-reader-{uuid.uuid4().hex[:8]}",
-            **{"enable.partition.eof": True, "partition.assignment.strategy": "range"},
-        )
-        topic, partition = self.topic, self.partition
-        c = Consumer(conf)
-        try:
-            high = self.high = watermarks(c, TopicPartition(topic, partition), self.timeout_s)[1]
-            if high <= 0 or (self.start >= 0 and self.start >= high):
-                self.end = max(high, 0)
-                return
-            c.assign([TopicPartition(topic, partition, self.start)])
-            deadline = time.monotonic() + self.timeout_s
-            while True:
-                msgs = c.consume(self.batch, 0.5)
-                for m in msgs:
-                    err = m.error()
-                    if err is None:
-                        yield m
-                    elif err.code() == KafkaError._PARTITION_EOF:
-                        self.end = int(m.offset() or 0)
-                    else:
-                        raise RuntimeError(f"reading {topic}[{partition}]: {err}")
-                if self.end is not None:
-                    return
-                if msgs:
-                    deadline = time.monotonic() + self.timeout_s
-                elif time.monotonic() > deadline:
-                    raise TimeoutError(f"reading {topic}[{partition}] timed out")
-        finally:
-            c.close()
-
-
-def read_partition_to_end(
-    settings: Settings,
-    topic: str,
-    partition: int,
-    start: int = -2,
-    timeout_s: float = 60.0,
-    batch: int = 1000,
-) -> Iterator[Message]:
-    """Yield committed messages of one partition from ``start`` (-2 = beginning) to its end."""
-    return iter(PartitionReader(settings, topic, partition, start, timeout_s, batch))
 
 
 def end_offset(
@@ -114,7 +44,7 @@ def calibration_id(cal: Calibration | None) -> str | None:
     """A short digest of the published calibration (None when nothing was seeded)."""
     if cal is None:
         return None
-    return hashlib.sha256(pack("calibration", cal.as_record(), check=False)).hexdigest()[:16]
+    return sha256(pack("calibration", calibration_record(cal), check=False)).hexdigest()[:16]
 
 
 def read_calibration(settings: Settings, settle_s: float = 30.0) -> Calibration | None:
@@ -141,7 +71,7 @@ def read_calibration(settings: Settings, settle_s: float = 30.0) -> Calibration 
         if settled or time.monotonic() > deadline:
             if not settled:
                 log.warning("control topic: a transaction is still open; using what committed")
-            return None if latest is None else Calibration.from_record(latest)
+            return None if latest is None else calibration_from_record(latest)
         time.sleep(0.2)
 
 
@@ -166,7 +96,7 @@ class ControlWatcher:
                 continue
             try:
                 rec = unpack("calibration", value, max_bytes=256 * 1024 * 1024)
-                latest = Calibration.from_record(rec)
+                latest = calibration_from_record(rec)
             except (ValueError, KeyError) as exc:
                 log.error("control topic: unreadable calibration at offset %s: %s", m.offset(), exc)
         return latest

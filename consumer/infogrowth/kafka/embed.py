@@ -14,15 +14,15 @@ from infogrowth.calibrate import Calibration
 from infogrowth.cells import Cells, random_centroids
 from infogrowth.codec import codec
 from infogrowth.config import Settings
+from infogrowth.errors import ConfigError
 from infogrowth.kafka import headers
 from infogrowth.kafka.clients import fits, record_limit, source_of
 from infogrowth.kafka.control import ControlWatcher
 from infogrowth.kafka.headers import record_headers, traceparent_of
 from infogrowth.kafka.loop import FatalStageError, Output
+from infogrowth.messages import Outcome, embedded_record, output_record, source_key, too_large
 from infogrowth.pipeline import EmbedStage
-from infogrowth.records import Outcome, output_record, source_key, too_large
 from infogrowth.schema import Embedded, Malformed, Sample, parse_msgpack_sample
-from infogrowth.schema import vector_to_bytes as v2b
 from infogrowth.select import Thresholds
 
 log = logging.getLogger(__name__)
@@ -46,30 +46,8 @@ def delay_from_env() -> float:
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{DELAY_ENV}={raw!r}: expected a number of seconds >= 0")
+        raise ConfigError(f"{DELAY_ENV}={raw!r}: expected a number of seconds >= 0")
     return value
-
-
-def embedded_record(e: Embedded, include_image: bool, epoch: int = 0) -> dict[str, Any]:
-    """The embedded-topic record; image bytes only when the outputs will carry them."""
-    return {
-        "v": 1,
-        "id": e.id,
-        "text": e.text,
-        "label": e.label,
-        "image": e.image if include_image else None,
-        "image_uri": e.image_uri,
-        "meta": e.meta,
-        "vectors": {s: v2b(v) for s, v in e.vectors.items()},
-        "alignment": e.alignment,
-        "original_alignment": e.original_alignment,
-        "original_text": e.original_text,
-        "original_label": e.original_label,
-        "fix": e.fix,
-        "cell": e.cell,
-        "source": e.source,
-        "epoch": epoch,
-    }
 
 
 class EmbedProcessor:
@@ -96,7 +74,6 @@ class EmbedProcessor:
         self.metrics = metrics
         self.topics = settings.kafka.topics
         self.include_image = settings.outputs_include_image
-        stage.router = self._route
         self.epoch = 0
         self.watcher: Any = None
         """The control topic's follower (a ControlWatcher), made on the first maintain()."""
@@ -145,10 +122,7 @@ class EmbedProcessor:
         log.warning("embed: calibration epoch %d -> %d: thresholds reloaded", self.epoch, cal.epoch)
         self.epoch = cal.epoch
         self.thresholds = cal.thresholds
-        stage.delta = cal.thresholds.delta
-        stage.alignment_reference = cal.thresholds.alignment_quartiles
-        if stage.encoder is None:
-            stage.spaces, stage.dims = cal.spaces, dict(cal.dims)
+        stage.calibrate(cal)
         n_cells = self.settings.kafka.cells or self.partitions
         self.cells = Cells.from_record(cal.cells, n_cells) if cal.cells else None
 
@@ -202,6 +176,7 @@ class EmbedProcessor:
         for m, r in zip(messages, results, strict=True):
             trace = traceparent_of(m)
             if isinstance(r, Embedded):
+                r.cell = self._route(r)
                 rec = embedded_record(r, self.include_image is True, self.epoch)
                 value = EMBEDDED.encode(rec, check=False)
                 key = str(r.cell).encode()

@@ -26,8 +26,10 @@ from infogrowth.config import Settings
 from infogrowth.index import PartitionState
 from infogrowth.kafka import control
 from infogrowth.kafka.clients import position
+from infogrowth.kafka.reader import PartitionReader
+from infogrowth.messages import embedded_from_record
 from infogrowth.online import OnlineState
-from infogrowth.schema import Embedded, unpack, vector_from_bytes
+from infogrowth.schema import Embedded, unpack
 
 log = logging.getLogger(__name__)
 CHUNK = 4096
@@ -50,35 +52,6 @@ class Layout:
         if self.dims is None:
             self.spaces = tuple(s for s in ("image", "text") if s in vectors)
             self.dims = {s: len(vectors[s]) // 4 for s in self.spaces}
-
-
-def embedded_from_record(rec: dict[str, Any], dims: dict[str, int] | None) -> Embedded:
-    """An embedded or changelog record's item; ValueError on wrong spaces, dims or NaN/Inf."""
-    vecs = {
-        s: vector_from_bytes(b, None if dims is None else dims.get(s))
-        for s, b in rec["vectors"].items()
-    }
-    if dims is not None and set(vecs) != set(dims):
-        raise ValueError(f"vectors for {sorted(vecs)}, expected {sorted(dims)}")
-    for s, v in vecs.items():
-        if not np.all(np.isfinite(v)):
-            raise ValueError(f"vectors.{s}: NaN or Inf")
-    return Embedded(
-        id=rec["id"],
-        vectors=vecs,
-        text=rec.get("text"),
-        label=rec.get("label"),
-        image=rec.get("image"),
-        meta=rec.get("meta"),
-        alignment=rec.get("alignment"),
-        original_alignment=rec.get("original_alignment"),
-        original_text=rec.get("original_text"),
-        original_label=rec.get("original_label"),
-        fix=rec.get("fix"),
-        cell=rec.get("cell", 0),
-        source=rec.get("source"),
-        image_uri=rec.get("image_uri"),
-    )
 
 
 def apply_items(
@@ -127,7 +100,7 @@ class PartitionRestore:
         state = self._snapshot()
         yield
         start = state.changelog_offset + 1 if state is not None else -2
-        reader = control.PartitionReader(
+        reader = PartitionReader(
             self.settings, self.settings.kafka.topics.changelog, self.partition, start
         )
         records = reader.__iter__()

@@ -14,13 +14,15 @@ from typing import Any
 from infogrowth.calibrate import Calibration, resolve_thresholds
 from infogrowth.cells import Cells
 from infogrowth.config import Settings
-from infogrowth.curate import build_models, resolve_encoder_config
+from infogrowth.errors import ConfigError
 from infogrowth.kafka.clients import instance_id
 from infogrowth.kafka.control import read_calibration
 from infogrowth.kafka.embed import EmbedProcessor
 from infogrowth.kafka.loop import TXN_TIMEOUT_S, TransactionalLoop
 from infogrowth.kafka.select import SelectProcessor
 from infogrowth.membudget import MemoryBudget, resolve_budget
+from infogrowth.messages import calibration_record
+from infogrowth.models import build_models, resolve_encoder_config
 from infogrowth.pipeline import EmbedStage
 from infogrowth.schema import SPACES
 
@@ -123,7 +125,7 @@ def build(settings: Settings, role: str, rt: Runtime | None = None) -> Runtime:
     cal: Calibration | None = read_calibration(settings)
     if cal is not None:
         thresholds = cal.thresholds
-        log.info("calibration: %s", cal.as_record() | {"cells": "..."})
+        log.info("calibration: %s", calibration_record(cal) | {"cells": "..."})
     else:
         thresholds = resolve_thresholds(settings, SPACES, None)
         log.info("no calibration on the control topic: thresholds from config %s", thresholds)
@@ -133,16 +135,15 @@ def build(settings: Settings, role: str, rt: Runtime | None = None) -> Runtime:
     dims = cal.dims if cal else _configured_dims(settings)
     if role in ("embed", "all"):
         encoder, captioner = build_models(settings, None)
+        spaces = tuple(dims) if dims else None
         stage = EmbedStage(
-            settings, encoder, captioner, spaces=tuple(dims) if dims else None, dims=dims
+            settings, encoder, captioner, spaces=spaces, dims=dims, thresholds=thresholds
         )
         if cal is not None and encoder is not None and cal.fingerprint != encoder.fingerprint:
-            raise ValueError(
+            raise ConfigError(
                 f"encoder fingerprint {encoder.fingerprint!r} differs from the seeded "
                 f"calibration's {cal.fingerprint!r}: re-seed or configure the same model"
             )
-        stage.delta = thresholds.delta
-        stage.alignment_reference = thresholds.alignment_quartiles
         n_cells = k.cells or k.topics.embedded_partitions
         cells = Cells.from_record(cal.cells, n_cells) if cal and cal.cells else None
         proc = EmbedProcessor(
@@ -167,7 +168,7 @@ def _configured_dims(settings: Settings) -> dict[str, int] | None:
     if configured:
         return {s: configured[s] for s in SPACES if s in configured}  # type: ignore[index]
     if resolve_encoder_config(settings, None).kind == "precomputed":
-        raise ValueError(
+        raise ConfigError(
             "encoder.dims: an unseeded run on precomputed embeddings needs their dimensions per "
             "space (e.g. encoder.dims: {image: 512, text: 512}), or run `infogrowth seed` first"
         )

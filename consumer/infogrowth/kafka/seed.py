@@ -12,13 +12,14 @@ from confluent_kafka import Producer
 from infogrowth.calibrate import Calibration
 from infogrowth.cells import Cells, kmeans
 from infogrowth.config import Settings
-from infogrowth.curate import build_models
 from infogrowth.files import settings_inputs
 from infogrowth.kafka.clients import instance_id, producer_config
 from infogrowth.kafka.control import CALIBRATION_KEY, read_calibration
 from infogrowth.kafka.headers import record_headers
-from infogrowth.kafka.select import changelog_record, replica_partitions
+from infogrowth.kafka.select import replica_partitions
 from infogrowth.locations import Location
+from infogrowth.messages import calibration_record, changelog_record
+from infogrowth.models import build_models
 from infogrowth.pipeline import Curator
 from infogrowth.schema import Sample, pack
 
@@ -119,7 +120,7 @@ def seed(
             producer.poll(0)
     producer.produce(
         settings.kafka.topics.control,
-        value=pack("calibration", cal.as_record()),
+        value=pack("calibration", calibration_record(cal)),
         key=CALIBRATION_KEY,
         partition=0,
         on_delivery=on_delivery,

@@ -35,13 +35,21 @@ from infogrowth.kafka.clients import fits, position, record_limit, source_of
 from infogrowth.kafka.control import ControlWatcher, calibration_id, read_calibration
 from infogrowth.kafka.headers import TRACEPARENT, record_headers, traceparent_of
 from infogrowth.kafka.loop import Output, StaleBatch
-from infogrowth.kafka.restore import Layout, PartitionRestore, embedded_from_record, run_to_end
-from infogrowth.records import Outcome, output_record, source_key, too_large
+from infogrowth.kafka.restore import Layout, PartitionRestore, run_to_end
+from infogrowth.messages import (
+    Outcome,
+    changelog_record,
+    embedded_from_record,
+    output_record,
+    replica_record,
+    source_key,
+    state_record,
+    too_large,
+)
 from infogrowth.schema import Embedded, Malformed, pack, unpack
-from infogrowth.schema import vector_to_bytes as v2b
 from infogrowth.select import Selector, Thresholds
 
-__all__ = ["SelectProcessor", "changelog_record", "embedded_from_record", "replica_record"]
+__all__ = ["SelectProcessor", "replica_partitions"]
 
 log = logging.getLogger(__name__)
 
@@ -50,20 +58,6 @@ STATE_KEY = b"\x00state"
 CHANGELOG_HEADERS = record_headers("changelog")
 EMBEDDED_HEADERS = record_headers("embedded")
 """Changelog key of a partition's online state records (compaction keeps the latest)."""
-
-
-def replica_record(e: Embedded, cell: int, epoch: int = 0) -> dict[str, Any]:
-    """What the neighbouring cell's partition needs to index a kept item: id, label, vectors."""
-    return {
-        "v": 1,
-        "id": e.id,
-        "label": e.label,
-        "vectors": {s: v2b(v) for s, v in e.vectors.items()},
-        "cell": cell,
-        "replica": True,
-        "fix": e.fix,
-        "epoch": epoch,
-    }
 
 
 def replica_partitions(
@@ -83,25 +77,6 @@ def replica_partitions(
                 seen[q] = c
         out.append([(c, q) for q, c in seen.items()])
     return out
-
-
-def changelog_record(e: Embedded, seed: bool = False, epoch: int = 0) -> dict[str, Any]:
-    rec: dict[str, Any] = {
-        "v": 1,
-        "id": e.id,
-        "label": e.label,
-        "vectors": {s: v2b(v) for s, v in e.vectors.items()},
-        "epoch": epoch,
-    }
-    if e.fix is not None:
-        rec["fixed"] = True
-    if seed:
-        rec["seed"] = True
-    return rec
-
-
-def state_record(state: PartitionState, epoch: int = 0) -> dict[str, Any]:
-    return {"v": 1, "state": state.online.as_record(), "epoch": epoch}
 
 
 class EpochAhead(StaleBatch):
@@ -592,13 +567,13 @@ class SelectProcessor:
                 if v.decision != "rejected":
                     out.produce(
                         self.topics.changelog,
-                        pack("changelog", changelog_record(v.item, epoch=self.epoch), check=False),
+                        pack("changelog", changelog_record(v.result(), self.epoch), check=False),
                         key=v.item.id.encode(),
                         partition=p,
                         headers=CHANGELOG_HEADERS,
                     )
                     self.dirty[p] += 1
-                    kept.append(v.item)
+                    kept.append(v.result())
             else:
                 o = r
             outcomes.append(o)

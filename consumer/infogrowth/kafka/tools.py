@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,9 +26,10 @@ from infogrowth.kafka.headers import (
     header,
     record_headers,
 )
+from infogrowth.kafka.reader import read_topic
 from infogrowth.locations import Location
-from infogrowth.records import source_key
-from infogrowth.schema import Malformed, pack, sample_to_obj
+from infogrowth.messages import sample_record, source_key
+from infogrowth.schema import Malformed, pack
 
 INGEST_HEADERS = record_headers("ingest")
 
@@ -75,7 +76,7 @@ def produce(
         if isinstance(item, Malformed):
             send(item.payload, item.id.encode() if item.id else None, None)
         else:
-            value = pack("ingest", sample_to_obj(item), check=False)
+            value = pack("ingest", sample_record(item), check=False)
             send(value, item.id.encode(), INGEST_HEADERS)
     for value in raw or []:
         send(value, None, None)
@@ -94,47 +95,6 @@ def _partitions(settings: Settings, topic: str) -> list[int]:
     if t is None or t.error is not None:
         raise RuntimeError(f"topic {topic} not found: {t.error if t else 'missing'}")
     return sorted(t.partitions)
-
-
-def read_topic(settings: Settings, topic: str) -> Iterator[Any]:
-    """Every committed message of ``topic`` (read_committed), all partitions, up to their end."""
-    conf = consumer_config(
-        settings,
-        "infogrowth-audit",
-        **{"enable.partition.eof": True, "partition.assignment.strategy": "range"},
-    )
-    c = Consumer(conf)
-    try:
-        parts = _partitions(settings, topic)
-        todo = set()
-        assign = []
-        for p in parts:
-            low, high = watermarks(c, TopicPartition(topic, p), 30)
-            if high > low:
-                todo.add(p)
-                assign.append(TopicPartition(topic, p, -2))
-        if not assign:
-            return
-        c.assign(assign)
-        idle = 0
-        while todo:
-            msgs = c.consume(1000, 1.0)
-            if not msgs:
-                idle += 1
-                if idle > 60:
-                    raise TimeoutError(f"reading {topic}: partitions {sorted(todo)} never ended")
-                continue
-            idle = 0
-            for m in msgs:
-                err = m.error()
-                if err is None:
-                    yield m
-                elif err.code() == KafkaError._PARTITION_EOF:
-                    todo.discard(m.partition())
-                else:
-                    raise RuntimeError(f"reading {topic}: {err}")
-    finally:
-        c.close()
 
 
 def ingest_id(value: bytes | None, src: dict[str, str | int], max_bytes: int) -> str:

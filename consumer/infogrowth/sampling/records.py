@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from infogrowth.errors import ConfigError, DataError
+
 CURATED = ("accepted", "relabeled")
 """The decisions a trainer consumes (``rejected`` samples are never trained on)."""
 MANIFEST = "manifest.jsonl"
@@ -128,7 +130,7 @@ def normalise_gains(gains: np.ndarray, g_scale: float) -> np.ndarray:
     lacking a score.
     """
     if not g_scale > 0:
-        raise ValueError(f"g_scale must be positive, got {g_scale}")
+        raise ConfigError(f"g_scale must be positive, got {g_scale}")
     g = np.asarray(gains, dtype=np.float64)
     q = np.clip(g / g_scale, 0.0, 1.0)
     return np.where(np.isnan(q), 1.0, q)
@@ -152,7 +154,7 @@ DEFAULT_G_PERCENTILE = 99.0
 
 def check_percentile(percentile: float) -> float:
     if not 0.0 < percentile <= 100.0:
-        raise ValueError(f"g_percentile must be in (0, 100], got {percentile}")
+        raise ConfigError(f"g_percentile must be in (0, 100], got {percentile}")
     return float(percentile)
 
 
@@ -183,7 +185,7 @@ def resolve_g_scale(
     the ``percentile``-th percentile of ``gains`` themselves (:func:`percentile_g_scale`)."""
     if explicit is not None:
         if not explicit > 0:
-            raise ValueError(f"g_scale must be positive, got {explicit}")
+            raise ConfigError(f"g_scale must be positive, got {explicit}")
         return float(explicit)
     return percentile_g_scale(gains, percentile)
 
@@ -225,7 +227,7 @@ def gain_weights(
         else np.asarray(sampled_online, dtype=bool).reshape(-1)
     )
     if len(online) != len(g):
-        raise ValueError(f"sampled_online has {len(online)} entries for {len(g)} gains")
+        raise DataError(f"sampled_online has {len(online)} entries for {len(g)} gains")
     if g_scale is not None:
         scale = resolve_g_scale(g_scale, g)
         return GainWeights(normalise_gains(g, scale), scale, np.zeros(len(g), dtype=bool), True)
@@ -244,9 +246,9 @@ def read_jsonl_records(path: Path) -> Iterator[dict[str, Any]]:
             try:
                 rec = json.loads(line)
             except ValueError as exc:
-                raise ValueError(f"{path}:{lineno}: invalid JSON: {exc}") from None
+                raise DataError(f"{path}:{lineno}: invalid JSON: {exc}") from None
             if not isinstance(rec, dict) or "id" not in rec or "decision" not in rec:
-                raise ValueError(f"{path}:{lineno}: not an output record")
+                raise DataError(f"{path}:{lineno}: not an output record")
             yield rec
 
 

@@ -27,6 +27,7 @@ from typing import Literal, Protocol, runtime_checkable
 import numpy as np
 from torch.utils.data import Sampler
 
+from infogrowth.errors import ConfigError
 from infogrowth.sampling.records import (
     DEFAULT_G_PERCENTILE,
     GainWeights,
@@ -107,7 +108,7 @@ class GainSamplerBase(Sampler[int], ABC):
     ) -> None:
         super().__init__()
         if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
+            raise ConfigError(f"seed must be >= 0, got {seed}")
         gains, weights = _weights_of(data, g_scale, g_percentile)
         self.gains = gains
         self.g_scale = weights.g_scale
@@ -132,7 +133,7 @@ class GainSamplerBase(Sampler[int], ABC):
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch the next iteration draws (its draw is a function of seed and epoch)."""
         if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
+            raise ConfigError(f"epoch must be >= 0, got {epoch}")
         self.epoch = epoch
 
     def epoch_indices(self, epoch: int | None = None) -> np.ndarray:
@@ -220,15 +221,15 @@ class GainSampler(GainSamplerBase):
         n = len(self.q)
         self.num_samples = n if num_samples is None else num_samples
         if self.num_samples < 0:
-            raise ValueError(f"num_samples must be >= 0, got {self.num_samples}")
+            raise ConfigError(f"num_samples must be >= 0, got {self.num_samples}")
         self.round_size = float(self.q.sum())
         """``sum(q)``: the expected number of indices one Bernoulli round keeps."""
         if self.num_samples > 0:
             if self.round_size <= 0:
-                raise ValueError("GainSampler needs at least one item with a positive weight")
+                raise ConfigError("GainSampler needs at least one item with a positive weight")
             rounds = self.num_samples / self.round_size
             if rounds > MAX_ROUNDS:
-                raise ValueError(
+                raise ConfigError(
                     f"an epoch of {self.num_samples} would need about {rounds:.0f} Bernoulli "
                     f"rounds (sum of weights {self.round_size:.3g}); more than {MAX_ROUNDS}: "
                     "check g_scale"
@@ -292,9 +293,9 @@ class TwoPhaseGainSampler(GainSamplerBase):
     ) -> None:
         super().__init__(data, g_scale=g_scale, g_percentile=g_percentile, seed=seed)
         if not 0.0 <= floor <= 1.0:
-            raise ValueError(f"floor must be in [0, 1], got {floor}")
+            raise ConfigError(f"floor must be in [0, 1], got {floor}")
         if period < 1:
-            raise ValueError(f"period must be >= 1, got {period}")
+            raise ConfigError(f"period must be >= 1, got {period}")
         self.floor = floor
         self.period = period
         self.start = start
@@ -349,7 +350,7 @@ class DistributedGainSampler(Sampler[int]):
         self.num_replicas = auto_world if num_replicas is None else num_replicas
         self.rank = auto_rank if rank is None else rank
         if not 0 <= self.rank < self.num_replicas:
-            raise ValueError(f"rank {self.rank} is not in [0, {self.num_replicas})")
+            raise ConfigError(f"rank {self.rank} is not in [0, {self.num_replicas})")
         self.remainder = remainder
 
     def set_epoch(self, epoch: int) -> None:

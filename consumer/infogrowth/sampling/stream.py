@@ -8,20 +8,18 @@ from typing import Any, TypeVar, cast, overload
 from torch.utils.data import IterableDataset, get_worker_info
 
 from infogrowth.config import Settings
-from infogrowth.sampling.kafka import (
+from infogrowth.errors import ConfigError, DataError
+from infogrowth.kafka.reader import (
     PartitionRange,
     StartPosition,
     TopicPartitionKey,
-    commit_ends,
-    decode_record,
     end_offsets,
-    id_bucket,
     list_partitions,
     open_consumer,
     plan_ranges,
     read_ranges,
-    reader_share,
 )
+from infogrowth.sampling.kafka import commit_ends, decode_record, id_bucket, reader_share
 from infogrowth.sampling.records import CuratedSample
 from infogrowth.sampling.samplers import distributed_rank
 from infogrowth.schema import SchemaError, validate
@@ -99,7 +97,7 @@ class CuratedStream(IterableDataset[T]):
     ) -> None:
         super().__init__()
         if commit and start == "earliest":
-            raise ValueError('commit=True needs start="committed" or explicit offsets')
+            raise ConfigError('commit=True needs start="committed" or explicit offsets')
         t = settings.kafka.topics
         self.settings = settings
         self.topics: tuple[str, ...] = tuple(topics) if topics else (t.accepted, t.relabeled)
@@ -111,7 +109,7 @@ class CuratedStream(IterableDataset[T]):
         self.rank = auto_rank if rank is None else rank
         self.world_size = auto_world if world_size is None else world_size
         if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
+            raise ConfigError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
         self.timeout_s = timeout_s
         self.pinned_ends: dict[TopicPartitionKey, int] | None = None
 
@@ -151,12 +149,12 @@ class CuratedStream(IterableDataset[T]):
             own, by_id = reader_share(parts, reader, readers)
             ranges = plan_ranges(consumer, own, self.start, self.timeout_s, self.pinned_ends)
             max_bytes = self.settings.limits.max_message_bytes
-            for r, offset, _key, value in read_ranges(consumer, ranges, self.timeout_s):
-                rec = _decode(r, offset, value, max_bytes)
+            for r, m in read_ranges(consumer, ranges, self.timeout_s):
+                rec = _decode(r, m.offset(), m.value(), max_bytes)
                 if by_id and id_bucket(rec["id"], readers) != reader:
                     continue
-                _check(r, offset, rec)
-                yield CuratedSample.from_record(rec, (r.topic, r.partition, offset))
+                _check(r, m.offset(), rec)
+                yield CuratedSample.from_record(rec, (r.topic, r.partition, m.offset()))
             if self.commit:
                 commit_ends(consumer, ranges)
         finally:
@@ -171,11 +169,11 @@ def _decode(r: PartitionRange, offset: int, value: bytes | None, max_bytes: int)
     try:
         return decode_record(value, max_bytes)
     except Exception as exc:  # msgpack raises many types on garbage
-        raise ValueError(f"{_where(r, offset)}: undecodable output record: {exc}") from None
+        raise DataError(f"{_where(r, offset)}: undecodable output record: {exc}") from None
 
 
 def _check(r: PartitionRange, offset: int, rec: Any) -> None:
     try:
         validate("output", rec)
     except SchemaError as exc:
-        raise ValueError(f"{_where(r, offset)}: invalid output record: {exc}") from None
+        raise DataError(f"{_where(r, offset)}: invalid output record: {exc}") from None

@@ -24,14 +24,14 @@ from infogrowth_dev.bench.common import Stat, Table, fmt, progress
 
 def messages(n: int, dim: int, seed: int = 7) -> tuple[list[bytes], list[bytes]]:
     """``n`` ingest messages and the ``n`` embedded records the embed stage makes of them."""
-    from infogrowth.kafka.embed import embedded_record
+    from infogrowth.messages import embedded_record, sample_record
 
     rng = np.random.default_rng(seed)
     ingest, embedded = [], []
     for i in range(n):
         vecs = {s: rng.standard_normal(dim).astype(np.float32) for s in schema.SPACES}
         sample = schema.Sample(id=f"s{i:07d}", label=str(i % 10), embedding=vecs)
-        ingest.append(msgpack.packb(schema.sample_to_obj(sample), use_bin_type=True))
+        ingest.append(msgpack.packb(sample_record(sample), use_bin_type=True))
         unit = {s: v / np.linalg.norm(v) for s, v in vecs.items()}
         e = schema.Embedded(id=sample.id, vectors=unit, label=sample.label, cell=i % 4)
         e.source = {"t": "ingest", "p": 0, "o": i}
@@ -60,7 +60,7 @@ def _rate(n: int, fn: Callable[[], Any], repeats: int) -> Stat:
 
 
 def bench(n: int = 20_000, dim: int = 256, repeats: int = 3) -> dict[str, Any]:
-    from infogrowth.kafka.select import embedded_from_record
+    from infogrowth.messages import embedded_from_record
 
     progress(f"parse: encoding {n:,} ingest messages and embedded records (2×{dim}-d)")
     ingest, embedded = messages(n, dim)

@@ -33,7 +33,7 @@ def bench(
     workdir: Path | None = None,
 ) -> dict[str, Any]:
     from infogrowth import snapshot
-    from infogrowth.kafka.select import changelog_record, embedded_from_record
+    from infogrowth.messages import changelog_record, embedded_from_record
     from infogrowth.schema import Embedded, pack, unpack
 
     settings = load_settings(None)

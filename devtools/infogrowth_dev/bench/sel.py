@@ -28,7 +28,7 @@ import numpy as np
 from infogrowth.calibrate import resolve_thresholds, seed_stats
 from infogrowth.config import IndexConfig, Settings, load_settings
 from infogrowth.index import PartitionState, SpaceIndex
-from infogrowth.records import Outcome
+from infogrowth.messages import Outcome
 from infogrowth.schema import Embedded
 from infogrowth.select import Selector, Thresholds
 from infogrowth_dev.bench import synth

@@ -37,7 +37,8 @@ import yaml
 
 from infogrowth.calibrate import calibrate_vote, flip_trial, label_space, seed_stats
 from infogrowth.config import Settings, load_settings
-from infogrowth.pipeline import CaptionerLike, Curator, EncoderLike
+from infogrowth.models import CaptionerLike, EncoderLike
+from infogrowth.pipeline import Curator
 from infogrowth.schema import Embedded, Malformed, Sample
 from infogrowth_dev.evaluate import data as D
 from infogrowth_dev.evaluate import models as M
