@@ -336,6 +336,22 @@ class SnapshotConfig(_Section):
     keep: int = Field(2, ge=1)
 
 
+class RestoreConfig(_Section):
+    """How a select partition's state is rebuilt from the changelog."""
+
+    batch_items: int = Field(16_384, gt=0)
+    """Changelog items handed to hnswlib per insert call while replaying; every value builds the
+    same state (items go in changelog order, one insert thread per index)."""
+    fast_rebuild: bool = False
+    """With no usable snapshot (a new pod, a lost volume, a corrupt snapshot), rebuild with
+    multi-threaded inserts: the same items and vectors, but a graph that depends on thread
+    timing, so later decisions agree with a replay only up to HNSW recall. Off: a replay
+    rebuilds exactly the graph the live stage built."""
+    threads: int = Field(0, ge=0)
+    """Insert threads of a fast rebuild, shared by the spaces (each index gets at least one);
+    0: every core."""
+
+
 class TopicsConfig(_Section):
     """Topic names and layout. ``changelog`` always gets as many partitions as ``embedded``."""
 
@@ -430,6 +446,7 @@ class Settings(BaseSettings):
     index: IndexConfig = IndexConfig()
     select: SelectConfig = SelectConfig()
     snapshot: SnapshotConfig = SnapshotConfig()
+    restore: RestoreConfig = RestoreConfig()
     kafka: KafkaConfig = KafkaConfig()
     serve: ServeConfig = ServeConfig()
     inputs: InputsConfig = InputsConfig()

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 from collections.abc import Sequence
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +127,23 @@ class SpaceIndex:
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()
+
+    @property
+    def busy(self) -> bool:
+        """A background insert is still running (:meth:`wait` would block)."""
+        return self._pending is not None and not self._pending.done()
+
+    def settle(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the pending insert; whether none is left (its error,
+        if any, is raised here)."""
+        pending = self._pending
+        if pending is None:
+            return True
+        futures.wait([pending], timeout=timeout_s)
+        if not pending.done():
+            return False
+        self.wait()
+        return True
 
     @property
     def count(self) -> int:
@@ -323,14 +342,36 @@ class PartitionState:
         for idx in self.indexes.values():
             idx.wait()
 
+    @property
+    def busy(self) -> bool:
+        """Some index is still inserting in the background."""
+        return any(idx.busy for idx in self.indexes.values())
+
+    def settle(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the background inserts; whether they are all done."""
+        deadline = time.monotonic() + timeout_s
+        for idx in self.indexes.values():
+            if not idx.settle(max(0.0, deadline - time.monotonic())):
+                return False
+        return True
+
     def add(
         self,
         ids: Sequence[str],
         vectors: dict[str, np.ndarray],
         labels: Sequence[str | None],
         fixed: Sequence[bool] | None = None,
+        *,
+        insert_threads: int = 1,
+        background: bool | None = None,
     ) -> None:
-        """Append items in order. ``vectors[space]`` is (n, dim) float32, unit rows."""
+        """Append items in order. ``vectors[space]`` is (n, dim) float32, unit rows.
+
+        ``insert_threads`` > 1 inserts into each index with that many threads (in the
+        background): the ids and vectors are the same, the graph depends on thread timing, so
+        only for a fast rebuild that does not promise restore == replay. ``background``
+        (default: ``index.threads`` ≠ 1) inserts on pool threads and returns at once.
+        """
         n = len(ids)
         if n == 0:
             return
@@ -343,9 +384,10 @@ class PartitionState:
                 raise DataError(f"{s}: expected shape {(n, self.dims[s])}, got {v.shape}")
             mats[s] = v
         # One insert thread per index, in the background unless the config asks for one thread.
-        background = _threads(self.cfg) > 1
+        if background is None:
+            background = _threads(self.cfg) > 1 or insert_threads > 1
         for s in self.spaces:
-            self.indexes[s].add(mats[s], pos, background=background)
+            self.indexes[s].add(mats[s], pos, threads=insert_threads, background=background)
         self.id_pos.update(zip(ids, range(start, start + n), strict=True))
         self.ids.extend(ids)
         self.labels.extend(labels)

@@ -13,8 +13,9 @@ new seed must not make every restore fail.
 from __future__ import annotations
 
 import logging
+import os
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,15 @@ from infogrowth.online import OnlineState
 from infogrowth.schema import Embedded, unpack
 
 log = logging.getLogger(__name__)
-CHUNK = 4096
-"""Changelog items added to the index at once while replaying."""
+SETTLE_S = 0.05
+"""How long a restore step waits for the previous batch's inserts before yielding to the loop."""
+
+
+def fast_threads(settings: Settings, n_spaces: int) -> int:
+    """Insert threads per index of a fast rebuild: ``restore.threads`` (0: every core) shared
+    by the spaces, at least one each."""
+    total = settings.restore.threads or os.cpu_count() or 1
+    return max(1, total // max(1, n_spaces))
 
 
 @dataclass
@@ -59,8 +67,14 @@ def apply_items(
     buf: list[tuple[Embedded, int]],
     layout: Layout,
     settings: Settings,
+    *,
+    insert_threads: int = 1,
 ) -> PartitionState:
-    """Add replayed items in order; an id already present (here or earlier) is skipped."""
+    """Add replayed items in order; an id already present (here or earlier) is skipped.
+
+    The inserts run in the background (the state is ``busy`` until they are done); with
+    ``insert_threads`` 1 (the default) the graph is the one the live stage built.
+    """
     if state is None:
         assert layout.spaces is not None and layout.dims is not None
         state = PartitionState.empty(layout.spaces, layout.dims, settings.index)
@@ -76,6 +90,8 @@ def apply_items(
             {s: np.stack([e.vectors[s] for e, _ in fresh]) for s in state.spaces},
             [e.label for e, _ in fresh],
             [e.fix is not None for e, _ in fresh],
+            insert_threads=insert_threads,
+            background=True,
         )
     state.changelog_offset = max(state.changelog_offset, buf[-1][1])
     return state
@@ -95,6 +111,10 @@ class PartitionRestore:
     skipped: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
+    fast: bool = False
+    """This restore rebuilds with multi-threaded inserts (``restore.fast_rebuild``, no
+    snapshot)."""
+
     def steps(self) -> Generator[None, None, PartitionState | None]:
         t0 = time.perf_counter()
         state = self._snapshot()
@@ -104,28 +124,46 @@ class PartitionRestore:
             self.settings, self.settings.kafka.topics.changelog, self.partition, start
         )
         records = reader.__iter__()
-        buf: list[tuple[Embedded, int]] = []
-        online: tuple[dict[str, Any], int] | None = None
         try:
-            for m in records:
-                item, offset = self._read(m.value() or b""), position(m)[2]
-                if isinstance(item, dict):  # items never change the online state: last one wins
-                    online = (item, offset)
-                elif item is not None:
-                    buf.append((item, offset))
-                    if len(buf) >= CHUNK:
-                        state = self._apply(state, buf)
-                        buf = []
-                yield
+            pairs = ((m.value() or b"", position(m)[2]) for m in records)
+            state = yield from self.replay(state, pairs)
         finally:
             records.close()
-        if buf:
-            state = self._apply(state, buf)
-        state = self._online(state, online)
         self.end = reader.end
         self.seconds = time.perf_counter() - t0
         self._report(state)
         return state
+
+    def replay(
+        self, state: PartitionState | None, records: Iterable[tuple[bytes, int]]
+    ) -> Generator[None, None, PartitionState | None]:
+        """Apply changelog ``(value, offset)`` records onto ``state`` (None: nothing yet).
+
+        Items go to the index in batches of ``restore.batch_items``, in changelog order; while
+        one batch inserts in the background the next is read and decoded, and a step that
+        would wait for the inserts yields instead, so the loop keeps polling. Starting from
+        nothing with ``restore.fast_rebuild`` on, the inserts are multi-threaded.
+        """
+        self.fast = state is None and self.settings.restore.fast_rebuild
+        batch = self.settings.restore.batch_items
+        buf: list[tuple[Embedded, int]] = []
+        online: tuple[dict[str, Any], int] | None = None
+        for value, offset in records:
+            item = self._read(value)
+            if isinstance(item, dict):  # items never change the online state: last one wins
+                online = (item, offset)
+            elif item is not None:
+                buf.append((item, offset))
+                if len(buf) >= batch:
+                    yield from _settled(state)
+                    state = self._apply(state, buf)
+                    buf = []
+            yield
+        if buf:
+            yield from _settled(state)
+            state = self._apply(state, buf)
+        yield from _settled(state)
+        return self._online(state, online)
 
     def _snapshot(self) -> PartitionState | None:
         lay = self.layout
@@ -187,7 +225,10 @@ class PartitionRestore:
         self, state: PartitionState | None, buf: list[tuple[Embedded, int]]
     ) -> PartitionState:
         self.replayed += len(buf)
-        return apply_items(state, buf, self.layout, self.settings)
+        threads = 1
+        if self.fast and self.layout.spaces is not None:
+            threads = fast_threads(self.settings, len(self.layout.spaces))
+        return apply_items(state, buf, self.layout, self.settings, insert_threads=threads)
 
     def _online(
         self, state: PartitionState | None, online: tuple[dict[str, Any], int] | None
@@ -214,20 +255,33 @@ class PartitionRestore:
                 ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items())),
             )
         log.info(
-            "partition %d: restored %d items (%d replayed) in %.2fs",
+            "partition %d: restored %d items (%d replayed%s) in %.2fs",
             p,
             state.count if state else 0,
             self.replayed,
+            ", fast rebuild: multi-threaded inserts" if self.fast else "",
             self.seconds,
         )
 
 
+def _settled(state: PartitionState | None) -> Generator[None, None, None]:
+    """Yield until ``state``'s background inserts are done (waiting a little each step)."""
+    while state is not None and not state.settle(SETTLE_S):
+        yield
+
+
 def run_to_end(restore: PartitionRestore) -> PartitionState | None:
     """Restore in one go (after an aborted transaction, in tests)."""
-    gen = restore.steps()
+    return run_to_end_of(restore.steps())
+
+
+def run_to_end_of(
+    steps: Generator[None, None, PartitionState | None],
+) -> PartitionState | None:
+    """Drive restore steps (:meth:`PartitionRestore.steps` or ``replay``) to their result."""
     while True:
         try:
-            next(gen)
+            next(steps)
         except StopIteration as done:
             state: PartitionState | None = done.value
             return state

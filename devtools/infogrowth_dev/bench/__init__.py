@@ -245,12 +245,15 @@ def _run(stage: str, **kw: Any) -> tuple[dict[str, Any], list[Any]]:
         )
         return res, scale.tables(res)
     if stage == "restore":
-        from infogrowth_dev.bench import restore
+        from infogrowth_dev.bench import rebuild, restore
 
         res = restore.bench(
             sizes=kw["restore_sizes"], dim=kw["dim"], repeats=kw["repeats"], workdir=kw["workdir"]
         )
-        return res, restore.tables(res)
+        res["rebuild"] = rebuild.bench(
+            sizes=kw["restore_sizes"], dim=kw["dim"], workdir=kw["workdir"]
+        )
+        return res, restore.tables(res) + rebuild.tables(res["rebuild"])
     if stage == "memory":
         from infogrowth_dev.bench import memory
 

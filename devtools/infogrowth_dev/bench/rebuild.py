@@ -1,0 +1,171 @@
+"""Restore of one partition, with and without a snapshot, through the select stage's own code.
+
+Per size N (2 spaces): a changelog of N + tail packed records is made once. Then, side by side in
+one run:
+
+* **full replay** (no snapshot): the N records replayed from nothing by
+  :meth:`PartitionRestore.replay` with the defaults (batches of ``restore.batch_items``, one
+  insert thread per index, the live graph byte for byte);
+* **fast rebuild**: the same with ``restore.fast_rebuild`` (multi-threaded inserts,
+  ``restore.threads`` shared by the spaces);
+* **with snapshot**: the full replay's state saved with ``snapshot.save``, dropped from the page
+  cache, then ``snapshot.load`` (verify + load) and the tail replayed onto it.
+
+Only the Kafka read is left out (records come from memory): what is timed is decode + index.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from infogrowth.config import Settings, load_settings
+from infogrowth.index import PartitionState
+from infogrowth_dev.bench import synth
+from infogrowth_dev.bench.common import Table, progress
+
+
+def _records(n: int, tail: int, dim: int) -> tuple[list[tuple[bytes, int]], tuple[str, ...]]:
+    from infogrowth.messages import changelog_record
+    from infogrowth.schema import Embedded, pack
+
+    vec = synth.make(n, tail, dim=dim, dup_rate=0.0, seed=5)
+    spaces = tuple(vec.prefill)
+    out: list[tuple[bytes, int]] = []
+    for part, prefix in ((vec.prefill, "p"), (vec.stream, "t")):
+        rows = len(part[spaces[0]])
+        for i in range(rows):
+            e = Embedded(id=f"{prefix}{i}", vectors={s: part[s][i] for s in spaces})
+            out.append((pack("changelog", changelog_record(e), check=False), len(out)))
+    return out, spaces
+
+
+def _replay(
+    settings: Settings,
+    spaces: tuple[str, ...],
+    dim: int,
+    records: list[tuple[bytes, int]],
+    state: PartitionState | None,
+) -> tuple[PartitionState, float, bool]:
+    """Replay ``records`` onto ``state``; the state, seconds, whether it was a fast rebuild."""
+    from infogrowth.kafka.restore import Layout, PartitionRestore, run_to_end_of
+
+    layout = Layout("bench", spaces=spaces, dims={s: dim for s in spaces})
+    r = PartitionRestore(settings, 0, Path("."), layout)
+    before = state.count if state is not None else 0
+    gc.collect()
+    t0 = time.perf_counter()
+    out = run_to_end_of(r.replay(state, records))
+    seconds = time.perf_counter() - t0
+    assert out is not None and out.count == before + len(records)
+    return out, seconds, r.fast
+
+
+def bench(
+    sizes: list[int] | None = None,
+    dim: int = 256,
+    tail: int = 8192,
+    workdir: Path | None = None,
+) -> dict[str, Any]:
+    from infogrowth import snapshot
+    from infogrowth_dev.bench.restore import _drop_cache
+
+    exact = load_settings(None)
+    fast = load_settings(None, **{"restore.fast_rebuild": True})
+    rows = []
+    for n in sizes or [100_000]:
+        progress(f"rebuild: {n:,}-item changelog (+{tail:,} tail)")
+        records, spaces = _records(n, tail, dim)
+        head, rest = records[:n], records[n:]
+        progress(f"rebuild: {n:,}: fast rebuild")
+        state, fast_s, was_fast = _replay(fast, spaces, dim, head, None)
+        assert was_fast
+        del state
+        progress(f"rebuild: {n:,}: full replay (default)")
+        state, full_s, _ = _replay(exact, spaces, dim, head, None)
+        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+            d = Path(tmp) / "snap"
+            info = snapshot.save(state, d, "bench", keep=1)
+            del state
+            gc.collect()
+            _drop_cache(d)
+            progress(f"rebuild: {n:,}: snapshot load + {tail:,}-record tail")
+            t0 = time.perf_counter()
+            loaded = snapshot.load(
+                d, exact.index, fingerprint="bench", spaces=spaces, dims={s: dim for s in spaces}
+            )
+            load_s = time.perf_counter() - t0
+            _, tail_s, _ = _replay(exact, spaces, dim, rest, loaded)
+            del loaded
+        rows.append(
+            {
+                "n": n,
+                "snapshot_bytes": info.bytes,
+                "snapshot_load_s": round(load_s, 2),
+                "tail_s": round(tail_s, 2),
+                "tail_items_per_s": round(tail / tail_s, 1),
+                "with_snapshot_s": round(load_s + tail_s, 2),
+                "full_replay_s": round(full_s, 1),
+                "full_replay_items_per_s": round(n / full_s, 1),
+                "fast_rebuild_s": round(fast_s, 1),
+                "fast_rebuild_items_per_s": round(n / fast_s, 1),
+            }
+        )
+        progress(
+            f"rebuild: {n:,}: with snapshot {load_s + tail_s:.1f}s; full replay "
+            f"{n / full_s:,.0f} items/s, fast rebuild {n / fast_s:,.0f} items/s"
+        )
+        del records, head, rest
+        gc.collect()
+    from infogrowth.kafka.restore import fast_threads
+
+    return {
+        "params": {
+            "dim": dim,
+            "spaces": 2,
+            "tail": tail,
+            "batch_items": exact.restore.batch_items,
+            "fast_threads_per_index": fast_threads(fast, 2),
+            "cores": os.cpu_count(),
+            "m": exact.index.m,
+            "ef_construction": exact.index.ef_construction,
+        },
+        "sizes": rows,
+    }
+
+
+def tables(res: dict[str, Any]) -> list[Table]:
+    p = res["params"]
+    t = Table(
+        f"restore at scale: with and without a snapshot, 2×{p['dim']}-d, M={p['m']}, "
+        f"ef_c={p['ef_construction']}",
+        [
+            "items",
+            "with snapshot: load + tail (s)",
+            "tail (items/s)",
+            "full replay (s)",
+            "full replay (items/s)",
+            "fast rebuild (s)",
+            "fast rebuild (items/s)",
+        ],
+        note=(
+            f"tail = {p['tail']:,} records after the snapshot; replays in batches of "
+            f"{p['batch_items']:,}; fast rebuild with {p['fast_threads_per_index']} insert "
+            f"threads per index on {p['cores']} cores; one run each"
+        ),
+    )
+    for r in res["sizes"]:
+        t.add(
+            f"{r['n']:,}",
+            f"{r['snapshot_load_s']:.1f} + {r['tail_s']:.1f} = {r['with_snapshot_s']:.1f}",
+            f"{r['tail_items_per_s']:,.0f}",
+            f"{r['full_replay_s']:,.0f}",
+            f"{r['full_replay_items_per_s']:,.0f}",
+            f"{r['fast_rebuild_s']:,.0f}",
+            f"{r['fast_rebuild_items_per_s']:,.0f}",
+        )
+    return [t]
