@@ -152,16 +152,18 @@ def test_a_restore_runs_in_steps_and_a_revoke_cancels_it(tmp_path: Path) -> None
 
 def test_an_embedded_record_of_an_older_epoch_is_rejected_as_stale(tmp_path: Path) -> None:
     """The documented rule: an older epoch's record is rejected ``stale_epoch`` (carrying its
-    text, label and meta for re-producing); an older epoch's replica is dropped silently."""
+    text, label, meta and image reference for re-producing); an older epoch's replica is dropped
+    silently."""
     proc = _proc(tmp_path, epoch=2)
     a, b, c = _items(3, "e")
-    a.text, a.label = "caption", "c1"
+    a.text, a.label, a.image_uri = "caption", "c1", "s3://bucket/a.jpg"
     out = Out()
     replica = Msg(pack("embedded", replica_record(c, 0, epoch=1)), 0, 2)
     proc.process([_msg(a, 0, epoch=1), _msg(b, 1, epoch=2), replica], out)  # type: ignore[list-item]
     rejected = [r for _, r in out.on("rejected")]
     assert [(r["id"], r["reason"]) for r in rejected] == [(a.id, "stale_epoch")]
     assert rejected[0]["text"] == "caption" and rejected[0]["label"] == "c1"
+    assert rejected[0]["image_uri"] == "s3://bucket/a.jpg"
     assert "epoch 1" in rejected[0]["detail"]
     assert [r["id"] for _, r in out.on("accepted")] == [b.id]
     assert proc.states[0].ids == [b.id] and proc.stale_epoch == 2

@@ -505,6 +505,7 @@ class SelectProcessor:
                 text=rec.get("text"),
                 label=rec.get("label"),
                 image=rec.get("image"),
+                image_uri=rec.get("image_uri"),
                 meta=rec.get("meta"),
                 source=rec.get("source") or source_of(m),
             )
