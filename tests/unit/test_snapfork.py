@@ -109,7 +109,9 @@ def test_a_failed_child_leaves_the_previous_snapshot_current(
     assert _load(tmp_path, st).count == 120
 
 
-def test_a_child_killed_midway_is_a_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_child_killed_midway_is_a_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     st = _state(60)
 
     def dies(state: PartitionState) -> bytes:
@@ -183,7 +185,7 @@ def test_publish_refuses_files_that_disagree_with_the_manifest(tmp_path: Path) -
     snapshot.write(st, pending)
     with (pending.tmp / "items.msgpack").open("ab") as fh:
         fh.write(b"x")
-    with pytest.raises(snapshot.SnapshotError, match="items.msgpack holds"):
+    with pytest.raises(snapshot.SnapshotError, match=r"items\.msgpack holds"):
         snapshot.publish(pending)
     other = snapshot.prepare(st, tmp_path / "b", "fp")
     with pytest.raises(snapshot.SnapshotError, match="no complete manifest"):
