@@ -27,6 +27,7 @@ see :mod:`infogrowth.membudget`.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import gc
 import hashlib
@@ -47,6 +48,28 @@ log = logging.getLogger(__name__)
 
 REPORT_LIMIT = 4000
 """Characters of a child's error message that reach the parent."""
+_PR_SET_PDEATHSIG = 1
+
+
+def _load_prctl() -> Any:
+    """libc's ``prctl``, looked up now: a child must not ``dlopen`` (another thread may have held
+    the loader's lock at the fork)."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl()
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL this process when its parent dies (Linux), so a writer never outlives the stage
+    (an orphan would hold the whole image alone); if the parent is already gone, exit now."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def fork_available() -> bool:
@@ -113,9 +136,20 @@ class SnapshotWriter:
         if partition in self._children:
             raise RuntimeError(f"partition {partition}: a snapshot is already being written")
         t0 = time.perf_counter()
-        pending = snapshot.prepare(
-            state, directory, fingerprint, topic_id=topic_id, calibration=calibration, epoch=epoch
-        )
+        try:
+            pending = snapshot.prepare(
+                state,
+                directory,
+                fingerprint,
+                topic_id=topic_id,
+                calibration=calibration,
+                epoch=epoch,
+            )
+        except OSError as exc:
+            log.error("partition %d: cannot start a snapshot in %s: %s", partition, directory, exc)
+            spent = time.perf_counter() - t0
+            self._done.append(Result(partition, None, str(exc), spent, spent, self.forking))
+            return spent
         if self.forking:
             state.wait()  # the child has no insert thread: nothing may be pending at the fork
             hashers: dict[str, Hasher] = {f: hashlib.sha256() for f in pending.files}
@@ -175,6 +209,7 @@ class SnapshotWriter:
             os.kill(c.pid, signal.SIGKILL)  # not yet in its own group
         with contextlib.suppress(ChildProcessError):
             os.waitpid(c.pid, 0)
+        _reap_group(c.pid)
         os.close(c.report)
         snapshot.discard(c.pending)
         log.warning("partition %d: snapshot %s abandoned: %s", partition, c.pending.name, why)
@@ -239,6 +274,19 @@ def _in_process(
     return Result(partition, info, None, spent, spent, False)
 
 
+def _reap_group(pgid: int, within_s: float = 1.0) -> None:
+    """Reap what is left of a killed writer's group that became this process's child (when it
+    is PID 1 in a container, orphans are re-parented to it)."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            pid, _ = os.waitpid(-pgid, os.WNOHANG)
+        except ChildProcessError:
+            return  # none of the group is (or will become) our child
+        if pid == 0:
+            time.sleep(0.01)
+
+
 def _read_report(fd: int) -> dict[str, Any]:
     """The child's report (it has exited, so all of it is in the pipe); {} when none."""
     os.set_blocking(fd, False)
@@ -264,6 +312,7 @@ def _read_report(fd: int) -> dict[str, Any]:
 def _fork(state: PartitionState, pending: Pending, hashers: dict[str, Hasher]) -> tuple[int, int]:
     """Fork the writer; (its pid, the read end of its report pipe)."""
     r, w = os.pipe()
+    parent = os.getpid()
     try:
         pid = os.fork()
     except OSError:
@@ -271,16 +320,19 @@ def _fork(state: PartitionState, pending: Pending, hashers: dict[str, Hasher]) -
         os.close(w)
         raise
     if pid == 0:
-        _child(state, pending, hashers, w)
+        _child(state, pending, hashers, w, parent)
     os.close(w)
     return pid, r
 
 
-def _child(state: PartitionState, pending: Pending, hashers: dict[str, Hasher], w: int) -> NoReturn:
+def _child(
+    state: PartitionState, pending: Pending, hashers: dict[str, Hasher], w: int, parent: int
+) -> NoReturn:
     """The forked writer: file I/O, hashing and hnswlib saves only, then ``os._exit``."""
     code = 1
     try:
         gc.disable()
+        _die_with_parent(parent)
         os.setpgid(0, 0)  # a terminal's Ctrl-C is the parent's to handle; abandon kills the group
         t0 = time.perf_counter()
         try:
@@ -300,10 +352,12 @@ def _save_piped(idx: SpaceIndex, path: Path, h: Hasher) -> int:
     r, w = os.pipe()
     with contextlib.suppress(OSError, AttributeError):
         fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, snapshot.CHUNK)
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
+            _die_with_parent(parent)
             os.close(r)
             idx.save(f"/proc/self/fd/{w}")
             code = 0

@@ -286,3 +286,45 @@ def test_an_epoch_change_abandons_the_old_epochs_snapshot_uncounted(
     assert proc.metrics.registry.get_sample_value("infogrowth_snapshot_failures_total") == 0
     assert not (proc.snapshot_dir(0) / "CURRENT").exists()
     assert not list(proc.snapshot_dir(0).glob(".tmp-*"))
+
+
+def _gone_or_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def test_a_writer_dies_with_the_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stage killed while its child writes must not leave the child holding the image alone."""
+
+    def hangs(state: PartitionState) -> bytes:
+        time.sleep(60)
+        return b""
+
+    monkeypatch.setattr(snapshot, "items_bytes", hangs)
+    st = _state(40)
+    r, w = os.pipe()
+    stage = os.fork()
+    if stage == 0:  # the "stage": starts a writer, says its pid, waits to be killed
+        code = 1
+        try:
+            writer = SnapshotWriter()
+            writer.start(0, st, tmp_path, "fp")
+            os.write(w, str(writer._children[0].pid).encode())
+            time.sleep(60)
+        finally:
+            os._exit(code)
+    os.close(w)
+    try:
+        child = int(os.read(r, 64))
+    finally:
+        os.close(r)
+    assert not _gone_or_zombie(child)
+    os.kill(stage, 9)
+    os.waitpid(stage, 0)
+    deadline = time.monotonic() + 10
+    while not _gone_or_zombie(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _gone_or_zombie(child), "the writer outlived the stage"
