@@ -135,6 +135,7 @@ def bench(
             "m": cfg.m,
             "ef_construction": cfg.ef_construction,
             "threads": os.cpu_count(),
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
         },
         "sizes": rows,
     }
@@ -189,7 +190,8 @@ def tables(res: dict[str, Any]) -> list[Table]:
         ],
         note=(
             f"replay of a {p['tail']:,}-record changelog tail onto the loaded state; "
-            f"median [min–max] of {p['repeats']} runs"
+            f"median [min–max] of {p['repeats']} runs; "
+            f"GLIBC_TUNABLES={p.get('glibc_tunables') or 'unset'}"
         ),
     )
     for r in res["sizes"]:
