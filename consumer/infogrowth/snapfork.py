@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 REPORT_LIMIT = 4000
 """Characters of a child's error message that reach the parent."""
+SLOW_STALL_S = 0.1
+"""A fork that holds the stage longer than this is logged once, with the likely fix."""
 _PR_SET_PDEATHSIG = 1
 
 
@@ -110,6 +112,7 @@ class SnapshotWriter:
         self.forking = fork and fork_available()
         self._children: dict[int, _Child] = {}
         self._done: list[Result] = []
+        self._slow_logged = False
 
     def busy(self, partition: int) -> bool:
         """A child is writing this partition's snapshot."""
@@ -166,6 +169,7 @@ class SnapshotWriter:
                 self._children[partition] = _Child(
                     partition, pid, report, pending, keep, stall, time.monotonic()
                 )
+                self._note_slow_fork(partition, stall)
                 return stall
         self._done.append(_in_process(partition, state, pending, keep, t0))
         return self._done[-1].stall_s
@@ -222,6 +226,20 @@ class SnapshotWriter:
         deadline = time.monotonic() + timeout_s
         for p in self.in_flight:
             self.wait(p, max(0.0, deadline - time.monotonic()))
+
+    def _note_slow_fork(self, partition: int, stall: float) -> None:
+        if stall <= SLOW_STALL_S or self._slow_logged:
+            return
+        self._slow_logged = True
+        log.warning(
+            "partition %d: the snapshot fork held the stage %.0f ms: the kernel copies a "
+            "page-table entry for every 4 KiB page; with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 "
+            "(set in the image) and transparent huge pages at 'madvise' or 'always', hnswlib's "
+            "memory is on 2 MiB pages and the fork takes a few ms (GLIBC_TUNABLES=%s)",
+            partition,
+            stall * 1e3,
+            os.environ.get("GLIBC_TUNABLES") or "unset",
+        )
 
     @staticmethod
     def _age(c: _Child) -> float:

@@ -328,3 +328,17 @@ def test_a_writer_dies_with_the_stage(tmp_path: Path, monkeypatch: pytest.Monkey
     while not _gone_or_zombie(child) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _gone_or_zombie(child), "the writer outlived the stage"
+
+
+def test_a_slow_fork_is_logged_once_with_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(snapfork, "SLOW_STALL_S", -1.0)
+    w = SnapshotWriter()
+    st = _state(20)
+    with caplog.at_level("WARNING", logger="infogrowth.snapfork"):
+        w.start(0, st, tmp_path / "a", "fp")
+        w.start(1, st, tmp_path / "b", "fp")
+        _results(w)
+    hints = [r for r in caplog.records if "glibc.malloc.hugetlb" in r.getMessage()]
+    assert len(hints) == 1
