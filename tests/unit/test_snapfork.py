@@ -342,3 +342,31 @@ def test_a_slow_fork_is_logged_once_with_the_fix(
         _results(w)
     hints = [r for r in caplog.records if "glibc.malloc.hugetlb" in r.getMessage()]
     assert len(hints) == 1
+
+
+def test_close_is_bounded_by_the_drain_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hung writer in flight and the final snapshot share one deadline at shutdown."""
+    from tests.fixtures.helpers import make_settings
+
+    proc = _proc(tmp_path)
+    proc.settings = make_settings(
+        kafka={"topics": proc.settings.kafka.topics.model_dump(), "drain_timeout_s": 1.0},
+        **{"index.threads": 1, "snapshot.directory": str(tmp_path)},
+    )
+    proc.metrics = Metrics(runtime=False)
+
+    def hangs(state: PartitionState) -> bytes:
+        time.sleep(60)
+        return b""
+
+    monkeypatch.setattr(snapshot, "items_bytes", hangs)
+    _commit(proc, _batch(proc, _items(5, "a"), 0))  # a hung writer in flight
+    _commit(proc, _batch(proc, _items(5, "b"), 5))  # more changes: close wants a final one
+    assert proc.snapshots.busy(0) and proc.dirty[0] > 0
+    t0 = time.monotonic()
+    proc.close()
+    assert time.monotonic() - t0 < 1.8  # one deadline, not one per wait
+    assert not proc.snapshots.in_flight
+    assert proc.metrics.registry.get_sample_value("infogrowth_snapshot_failures_total") >= 1

@@ -282,17 +282,19 @@ class SelectProcessor:
             entry[1].close()  # closes the changelog reader
             log.info("partition %d: restore cancelled", p)
 
-    def save_snapshot(self, p: int, *, wait: bool = True) -> None:
+    def save_snapshot(self, p: int, *, wait: bool = True, deadline: float | None = None) -> None:
         """Snapshot the partition's state as it is (committed) in a forked child
         (:mod:`infogrowth.snapfork`). ``wait`` (revoke, close) waits for the one in flight first
-        and then for this one, each within ``kafka.drain_timeout_s``; without it the stage goes
-        on at once, and nothing is started while one is still being written."""
+        and then for this one, both until ``deadline`` (``time.monotonic()``; default
+        ``kafka.drain_timeout_s`` from now); without it the stage goes on at once, and nothing is
+        started while one is still being written."""
         state = self.states.get(p)
         if state is None:
             return
-        timeout = self.settings.kafka.drain_timeout_s
+        if deadline is None:
+            deadline = time.monotonic() + self.settings.kafka.drain_timeout_s
         if wait:
-            self.snapshots.wait(p, timeout)
+            self.snapshots.wait(p, max(0.0, deadline - time.monotonic()))
         self.reap_snapshots()
         if self.snapshots.busy(p):
             return
@@ -312,7 +314,7 @@ class SelectProcessor:
         if self.metrics is not None:
             self.metrics.snapshot_stall.observe(stall)
         if wait:
-            self.snapshots.wait(p, timeout)
+            self.snapshots.wait(p, max(0.0, deadline - time.monotonic()))
         self.reap_snapshots()
 
     def reap_snapshots(self) -> None:
@@ -481,13 +483,14 @@ class SelectProcessor:
         Kafka Streams likewise never checkpoints a task that closes dirty under EOS."""
         for p in list(self.restores):
             self._cancel(p)
+        deadline = time.monotonic() + self.settings.kafka.drain_timeout_s
         for p in list(self.states):
             if p in self.uncommitted:
                 log.warning("partition %d: closing with uncommitted changes; state dropped", p)
                 self._drop(p)
             elif self.dirty.get(p) and p not in self.replay:
-                self.save_snapshot(p)
-        self.snapshots.close(self.settings.kafka.drain_timeout_s)
+                self.save_snapshot(p, deadline=deadline)
+        self.snapshots.close(max(0.0, deadline - time.monotonic()))
         self.reap_snapshots()
         if self.watcher is not None:
             self.watcher.close()
