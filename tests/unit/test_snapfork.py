@@ -16,7 +16,7 @@ from infogrowth.config import IndexConfig
 from infogrowth.index import HEADER_BYTES, PartitionState, saved_count
 from infogrowth.metrics import Metrics
 from infogrowth.snapfork import Result, SnapshotWriter
-from tests.unit.test_eos import _batch, _commit, _items, _proc
+from tests.unit.test_eos import CHANGELOG, _batch, _commit, _items, _proc
 
 pytestmark = pytest.mark.skipif(not snapfork.fork_available(), reason="needs fork and /proc")
 
@@ -363,7 +363,10 @@ def test_close_is_bounded_by_the_drain_timeout(
 
     monkeypatch.setattr(snapshot, "items_bytes", hangs)
     _commit(proc, _batch(proc, _items(5, "a"), 0))  # a hung writer in flight
-    _commit(proc, _batch(proc, _items(5, "b"), 5))  # more changes: close wants a final one
+    out = _batch(proc, _items(5, "b"), 5)  # more changes, committed: close wants a final one
+    out.first[(CHANGELOG, 0)] = proc.next_offset[0]  # right after the last commit: no gap
+    _commit(proc, out)
+    assert 0 not in proc.replay
     assert proc.snapshots.busy(0) and proc.dirty[0] > 0
     t0 = time.monotonic()
     proc.close()
