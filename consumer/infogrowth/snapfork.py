@@ -177,7 +177,7 @@ class SnapshotWriter:
     def poll(self) -> list[Result]:
         """Reap the children that finished (never blocks); every result since the last call."""
         for c in list(self._children.values()):
-            pid, status = os.waitpid(c.pid, os.WNOHANG)
+            pid, status = _waitpid(c.pid)
             if pid:
                 self._finish(c, status)
         done, self._done = self._done, []
@@ -192,7 +192,7 @@ class SnapshotWriter:
         deadline = time.monotonic() + timeout_s
         pause = 0.002
         while True:
-            pid, status = os.waitpid(c.pid, os.WNOHANG)
+            pid, status = _waitpid(c.pid)
             if pid:
                 self._finish(c, status)
                 return
@@ -245,11 +245,15 @@ class SnapshotWriter:
     def _age(c: _Child) -> float:
         return time.monotonic() - c.started
 
-    def _finish(self, c: _Child, status: int) -> None:
-        """A child exited: publish what it wrote if it says it succeeded and the files agree."""
+    def _finish(self, c: _Child, status: int | None) -> None:
+        """A child exited: publish what it wrote if it says it succeeded and the files agree.
+        ``status`` None: someone else reaped it, and its report alone tells."""
         del self._children[c.partition]
         report = _read_report(c.report)
-        code = os.waitstatus_to_exitcode(status)
+        if status is None:
+            code = 0 if report.get("ok") else 1
+        else:
+            code = os.waitstatus_to_exitcode(status)
         error: str | None = None
         info: SnapshotInfo | None = None
         if code != 0 or not report.get("ok"):
@@ -290,6 +294,14 @@ def _in_process(
         return Result(partition, None, str(exc), spent, spent, False)
     spent = time.perf_counter() - t0
     return Result(partition, info, None, spent, spent, False)
+
+
+def _waitpid(pid: int) -> tuple[int, int | None]:
+    """``os.waitpid(pid, WNOHANG)``; (pid, None) when another part of the process reaped it."""
+    try:
+        return os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return pid, None
 
 
 def _reap_group(pgid: int, within_s: float = 1.0) -> None:

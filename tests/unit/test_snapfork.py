@@ -373,3 +373,13 @@ def test_close_is_bounded_by_the_drain_timeout(
     assert time.monotonic() - t0 < 1.8  # one deadline, not one per wait
     assert not proc.snapshots.in_flight
     assert proc.metrics.registry.get_sample_value("infogrowth_snapshot_failures_total") >= 1
+
+
+def test_a_child_reaped_elsewhere_is_judged_by_its_report(tmp_path: Path) -> None:
+    st = _state(30)
+    w = SnapshotWriter()
+    w.start(0, st, tmp_path, "fp")
+    os.waitpid(w._children[0].pid, 0)  # e.g. a library's waitpid(-1)
+    [r] = w.poll()
+    assert r.info is not None and r.error is None
+    assert _load(tmp_path, st).ids == st.ids
