@@ -113,6 +113,10 @@ COPY --from=builder /opt/venv /opt/venv
 COPY --from=app /app/ /
 COPY --from=models /opt/infogrowth/models /opt/infogrowth/models
 
+# glibc.malloc.hugetlb=1: malloc asks for transparent huge pages (hnswlib's graph is malloc'd),
+# so the fork that writes a snapshot copies 512 times fewer page-table entries: its stall at 1M
+# items drops from hundreds of ms to a few (docs/reliability.md, docs/benchmarks.md §5).
+ENV GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 ENV PATH=/opt/venv/bin:${PATH} \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -334,6 +334,9 @@ class SnapshotConfig(_Section):
     interval_s: float = Field(60.0, gt=0)
     interval_items: int = Field(50_000, gt=0)
     keep: int = Field(2, ge=1)
+    fork: bool = True
+    """Write snapshots from a forked child while the partition goes on processing (its stall is
+    the fork); false, or where fork is unavailable: write them on the processing thread."""
 
 
 class RestoreConfig(_Section):

@@ -36,6 +36,7 @@ from infogrowth.online import OnlineState
 _HEADER = struct.Struct("<QQQQQQiIQQQdQ")
 """hnswlib 0.8 ``saveIndex`` header: offsetLevel0, max_elements, count, size_data_per_element,
 label_offset, offsetData, maxlevel, enterpoint, maxM, maxM0, M, mult, ef_construction."""
+HEADER_BYTES = _HEADER.size
 
 _POOL: ThreadPoolExecutor | None = None
 
@@ -49,6 +50,18 @@ def _pool() -> ThreadPoolExecutor:
 
 def _threads(cfg: IndexConfig) -> int:
     return cfg.threads if cfg.threads > 0 else max(1, os.cpu_count() or 1)
+
+
+def saved_count(head: bytes, size: int) -> int | None:
+    """Items in a saved hnswlib index whose first bytes are ``head`` and whose length is
+    ``size``; None when ``size`` is too short for them (a truncated write) or there is no header.
+    """
+    if len(head) < _HEADER.size:
+        return None
+    count, per_elem = _HEADER.unpack(head[: _HEADER.size])[2:4]
+    if size < _HEADER.size + count * (per_elem + 4):  # level-0 data + a link-list size each
+        return None
+    return int(count)
 
 
 def read_vectors(path: str, dim: int, chunk_bytes: int = 32 << 20) -> np.ndarray | None:

@@ -4,6 +4,14 @@ The budget is ``limits.memory_budget_bytes`` when set, else ``limits.memory_budg
 the container's cgroup memory limit (v2 ``memory.max`` or v1 ``memory.limit_in_bytes``); with
 neither there is no budget. Going over it is logged once (ERROR, with the figures and the keys)
 and makes readiness answer "memory budget exceeded" until resident memory is back under it.
+
+Resident memory is this process's plus what its children hold alone: a snapshot child
+(:mod:`infogrowth.snapfork`) shares every page with the stage at the fork, but each page the
+stage writes while the child runs (new items, the links their inserts rewrite, a capacity growth
+of hnswlib) is copied, and the child's old page is then its own. The cgroup is charged for
+those pages, so the budget counts them (the child's private pages). At the default snapshot
+interval the extra is what the partition inserts during one write; a capacity growth of hnswlib
+during a write costs a whole copy of that index for the length of the write.
 """
 
 from __future__ import annotations
@@ -50,6 +58,40 @@ def rss_bytes() -> int:
     return resident * os.sysconf("SC_PAGE_SIZE")
 
 
+def _private_bytes(pid: str) -> int:
+    """Bytes only process ``pid`` maps (Private_Clean + Private_Dirty); 0 once it is gone."""
+    total = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as fh:
+            for line in fh:
+                if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                    total += int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return 0
+    return total
+
+
+def children_private_bytes(task_dir: Path = Path("/proc/self/task")) -> int:
+    """Memory this process's children hold alone (snapshot children's copied-on-write pages)."""
+    total = 0
+    try:
+        tasks = list(task_dir.iterdir())
+    except OSError:
+        return 0
+    for task in tasks:
+        try:
+            pids = (task / "children").read_text().split()
+        except OSError:
+            continue
+        total += sum(_private_bytes(pid) for pid in pids)
+    return total
+
+
+def resident_bytes() -> int:
+    """This process's resident set plus its children's private pages."""
+    return rss_bytes() + children_private_bytes()
+
+
 def resolve_budget(limits: LimitsConfig, cgroup: int | None = None) -> int | None:
     """The budget in bytes for these settings (None: no budget)."""
     if limits.memory_budget_bytes > 0:
@@ -63,7 +105,7 @@ def resolve_budget(limits: LimitsConfig, cgroup: int | None = None) -> int | Non
 class MemoryBudget:
     """Checks resident memory against the budget; :meth:`check` is cheap enough for a probe."""
 
-    def __init__(self, budget: int | None, read_rss: Callable[[], int] = rss_bytes) -> None:
+    def __init__(self, budget: int | None, read_rss: Callable[[], int] = resident_bytes) -> None:
         self.budget = budget
         self._read = read_rss
         self._over = False

@@ -64,6 +64,7 @@ ALIGNMENT_BUCKETS: Final = tuple(round(-1.0 + 0.1 * i, 1) for i in range(21))
 
 _BATCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_STALL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 _SNAPSHOT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _RESTORE_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 
@@ -254,8 +255,20 @@ class Metrics:
         reg.register(self._snapshot_age)
         self.snapshot_duration: Histogram = Histogram(
             "infogrowth_snapshot_duration_seconds",
-            "Wall time to write one partition snapshot.",
+            "Wall time to write one partition snapshot (in the forked child, or in-process).",
             buckets=_SNAPSHOT_BUCKETS,
+            registry=reg,
+        )
+        self.snapshot_stall: Histogram = Histogram(
+            "infogrowth_snapshot_stall_seconds",
+            "Time one partition snapshot held the partition's processing (the fork, or the "
+            "whole write where snapshots are written in-process).",
+            buckets=_STALL_BUCKETS,
+            registry=reg,
+        )
+        self.snapshot_failures: Counter = Counter(
+            "infogrowth_snapshot_failures",
+            "Snapshots that failed or were abandoned (the previous snapshot stayed current).",
             registry=reg,
         )
         self.snapshot_bytes: Gauge = Gauge(

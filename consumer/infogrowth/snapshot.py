@@ -5,8 +5,11 @@ Layout under a partition directory::
     CURRENT                   name of the live snapshot (replaced atomically)
     snap-<count>-<offset>/    space-<name>.bin (hnswlib), items.msgpack, manifest.json
 
-A snapshot is written to a temp directory, every file fsynced, the directory renamed into place,
-then ``CURRENT`` swapped by rename. Loading verifies the manifest (format, params, model
+A snapshot is written in three steps: :func:`prepare` names it and makes its temp directory,
+:func:`write` writes every file there (hashed as it is written, fsynced) and the manifest last,
+:func:`publish` checks what was written, renames the directory into place and swaps ``CURRENT``
+by rename. :func:`save` runs all three on the calling thread; :mod:`infogrowth.snapfork` runs
+:func:`write` in a forked child. Loading verifies the manifest (format, params, model
 fingerprint, dimensions, count, sha256 of every file) before hnswlib reads a byte.
 """
 
@@ -18,18 +21,20 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 
 from infogrowth.config import IndexConfig
-from infogrowth.index import PartitionState, SpaceIndex
+from infogrowth.index import HEADER_BYTES, PartitionState, SpaceIndex, saved_count
 from infogrowth.online import OnlineState
 
 log = logging.getLogger(__name__)
 FORMAT = 1
+CHUNK = 1 << 20
 
 
 class SnapshotError(RuntimeError):
@@ -38,6 +43,16 @@ class SnapshotError(RuntimeError):
 
 class NoSnapshot(SnapshotError):
     """No snapshot was ever completed in the directory (a first start on this volume)."""
+
+
+class Hasher(Protocol):
+    def update(self, data: bytes | memoryview, /) -> None: ...
+
+    def hexdigest(self) -> str: ...
+
+
+SaveIndex = Callable[[SpaceIndex, Path, Hasher], int]
+"""Writes one index to a path, feeding every byte to the hasher; returns the bytes written."""
 
 
 @dataclass(frozen=True)
@@ -49,10 +64,24 @@ class SnapshotInfo:
     bytes: int
 
 
+@dataclass(frozen=True)
+class Pending:
+    """A snapshot being written into ``tmp``, not yet current."""
+
+    directory: Path
+    name: str
+    tmp: Path
+    count: int
+    changelog_offset: int
+    files: tuple[str, ...]
+    manifest: dict[str, Any]
+    """Every manifest field but ``created``, ``files`` and ``sizes`` (added by :func:`write`)."""
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
+        for chunk in iter(lambda: fh.read(CHUNK), b""):
             h.update(chunk)
     return h.hexdigest()
 
@@ -74,6 +103,172 @@ def _params(cfg: IndexConfig) -> dict[str, Any]:
     return {"m": cfg.m, "ef_construction": cfg.ef_construction, "random_seed": cfg.random_seed}
 
 
+def prepare(
+    state: PartitionState,
+    directory: Path,
+    fingerprint: str,
+    *,
+    topic_id: str | None = None,
+    calibration: str | None = None,
+    epoch: int = 0,
+) -> Pending:
+    """Name the snapshot of ``state`` as it is now and make its (empty) temp directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"snap-{state.count:012d}-{state.changelog_offset + 1:012d}"
+    tmp = directory / f".tmp-{name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    manifest = {
+        "format": FORMAT,
+        "spaces": list(state.spaces),
+        "dims": dict(state.dims),
+        "params": _params(state.cfg),
+        "fingerprint": fingerprint,
+        "count": state.count,
+        "changelog_offset": state.changelog_offset,
+        "changelog_topic_id": topic_id,
+        "calibration": calibration,
+        "epoch": epoch,
+    }
+    files = (*(f"space-{s}.bin" for s in state.spaces), "items.msgpack")
+    return Pending(directory, name, tmp, state.count, state.changelog_offset, files, manifest)
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def write_hashed(path: Path, data: bytes, h: Hasher) -> int:
+    """Write ``data`` to a new file at ``path``, hashing it on the way; fsynced."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        for lo in range(0, len(view), CHUNK):
+            part = view[lo : lo + CHUNK]
+            h.update(part)
+            write_all(fd, part)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return len(data)
+
+
+def check_index_bytes(head: bytes, size: int, idx: SpaceIndex) -> None:
+    """Raise :class:`SnapshotError` unless ``head`` (the first bytes of a saved index of
+    ``size`` bytes) is an hnswlib header for ``idx``'s item count (hnswlib's own save reports
+    no write error, so a short file is caught here)."""
+    count = saved_count(head, size)
+    if count != idx.count:
+        raise SnapshotError(
+            f"hnswlib wrote {size} bytes holding {count} items, expected {idx.count}"
+        )
+
+
+def save_then_hash(idx: SpaceIndex, path: Path, h: Hasher) -> int:
+    """hnswlib writes the file, then a second pass reads it back into the hasher (the
+    in-process path: hnswlib holds the GIL while it saves, so nothing can hash alongside)."""
+    idx.save(str(path))
+    _fsync_file(path)
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(HEADER_BYTES)
+        h.update(head)
+        for chunk in iter(lambda: fh.read(CHUNK), b""):
+            h.update(chunk)
+    check_index_bytes(head, size, idx)
+    return size
+
+
+def items_bytes(state: PartitionState) -> bytes:
+    return msgpack.packb(  # type: ignore[no-any-return]
+        {
+            "ids": state.ids,
+            "labels": state.labels,
+            "fixed": state.fixed,
+            "online": state.online.as_record(),
+        },
+        use_bin_type=True,
+    )
+
+
+def write(
+    state: PartitionState,
+    pending: Pending,
+    *,
+    save_index: SaveIndex = save_then_hash,
+    hashers: dict[str, Hasher] | None = None,
+) -> int:
+    """Write every file of ``pending`` (indexes, items, then the manifest) into its temp
+    directory, fsynced; the bytes written (manifest not counted).
+
+    ``hashers`` (one per file name, fresh) lets a forked child use hash objects made before the
+    fork; ``save_index`` writes one index (see :func:`save_then_hash`).
+    """
+    hs: dict[str, Hasher] = hashers or {f: hashlib.sha256() for f in pending.files}
+    sizes: dict[str, int] = {}
+    for s in state.spaces:
+        fname = f"space-{s}.bin"
+        sizes[fname] = save_index(state.indexes[s], pending.tmp / fname, hs[fname])
+    sizes["items.msgpack"] = write_hashed(
+        pending.tmp / "items.msgpack", items_bytes(state), hs["items.msgpack"]
+    )
+    manifest = dict(pending.manifest)
+    manifest["created"] = time.time()
+    manifest["files"] = {f: hs[f].hexdigest() for f in pending.files}
+    manifest["sizes"] = sizes
+    text = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    write_hashed(pending.tmp / "manifest.json", text, hashlib.sha256())
+    _fsync_dir(pending.tmp)
+    return sum(sizes.values())
+
+
+def publish(pending: Pending, keep: int = 2) -> SnapshotInfo:
+    """Check the written files against their manifest (count, offset, sizes), move the
+    snapshot into place, make it current and prune older ones beyond ``keep``."""
+    tmp = pending.tmp
+    try:
+        manifest = json.loads((tmp / "manifest.json").read_text())
+        sizes = {str(k): int(v) for k, v in manifest["sizes"].items()}
+        count, offset = int(manifest["count"]), int(manifest["changelog_offset"])
+        created = float(manifest["created"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise SnapshotError(f"{tmp}: no complete manifest: {exc}") from None
+    if (count, offset) != (pending.count, pending.changelog_offset):
+        raise SnapshotError(
+            f"{tmp}: manifest says {count} items at offset {offset}, "
+            f"expected {pending.count} at {pending.changelog_offset}"
+        )
+    if set(sizes) != set(pending.files) or set(manifest.get("files", {})) != set(pending.files):
+        raise SnapshotError(f"{tmp}: manifest lists {sorted(sizes)}, expected {pending.files}")
+    for fname, size in sizes.items():
+        try:
+            got = (tmp / fname).stat().st_size
+        except OSError:
+            got = -1
+        if got != size:
+            raise SnapshotError(f"{tmp}: {fname} holds {got} bytes, the manifest says {size}")
+    directory = pending.directory
+    final = directory / pending.name
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    cur_tmp = directory / f".CURRENT.{os.getpid()}"
+    cur_tmp.write_text(pending.name)
+    _fsync_file(cur_tmp)
+    os.replace(cur_tmp, directory / "CURRENT")
+    _fsync_dir(directory)
+    _prune(directory, keep, pending.name)
+    return SnapshotInfo(final, count, offset, created, sum(sizes.values()))
+
+
+def discard(pending: Pending) -> None:
+    """Remove an unpublished snapshot's temp directory (CURRENT is left as it was)."""
+    shutil.rmtree(pending.tmp, ignore_errors=True)
+
+
 def save(
     state: PartitionState,
     directory: Path,
@@ -84,70 +279,21 @@ def save(
     calibration: str | None = None,
     epoch: int = 0,
 ) -> SnapshotInfo:
-    """Write a snapshot of ``state`` and make it current; prune older ones beyond ``keep``.
+    """Write a snapshot of ``state`` on this thread and make it current; prune older ones
+    beyond ``keep``.
 
     ``topic_id`` names the changelog topic the state's offset refers to, ``calibration`` and
     ``epoch`` the calibration it was decided under: a snapshot is only valid against all three.
     """
-    directory.mkdir(parents=True, exist_ok=True)
-    name = f"snap-{state.count:012d}-{state.changelog_offset + 1:012d}"
-    tmp = directory / f".tmp-{name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    files: dict[str, str] = {}
-    for s in state.spaces:
-        fname = f"space-{s}.bin"
-        state.indexes[s].save(str(tmp / fname))
-        files[fname] = ""
-    items = tmp / "items.msgpack"
-    items.write_bytes(
-        msgpack.packb(
-            {
-                "ids": state.ids,
-                "labels": state.labels,
-                "fixed": state.fixed,
-                "online": state.online.as_record(),
-            },
-            use_bin_type=True,
-        )
+    pending = prepare(
+        state, directory, fingerprint, topic_id=topic_id, calibration=calibration, epoch=epoch
     )
-    files["items.msgpack"] = ""
-    total = 0
-    for fname in files:
-        p = tmp / fname
-        _fsync_file(p)
-        files[fname] = _sha256(p)
-        total += p.stat().st_size
-    created = time.time()
-    manifest = {
-        "format": FORMAT,
-        "spaces": list(state.spaces),
-        "dims": state.dims,
-        "params": _params(state.cfg),
-        "fingerprint": fingerprint,
-        "count": state.count,
-        "changelog_offset": state.changelog_offset,
-        "changelog_topic_id": topic_id,
-        "calibration": calibration,
-        "epoch": epoch,
-        "created": created,
-        "files": files,
-    }
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    _fsync_file(tmp / "manifest.json")
-    _fsync_dir(tmp)
-    final = directory / name
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    cur_tmp = directory / f".CURRENT.{os.getpid()}"
-    cur_tmp.write_text(name)
-    _fsync_file(cur_tmp)
-    os.replace(cur_tmp, directory / "CURRENT")
-    _fsync_dir(directory)
-    _prune(directory, keep, name)
-    return SnapshotInfo(final, state.count, state.changelog_offset, created, total)
+    try:
+        write(state, pending)
+        return publish(pending, keep)
+    except BaseException:
+        discard(pending)
+        raise
 
 
 def _prune(directory: Path, keep: int, current: str) -> None:

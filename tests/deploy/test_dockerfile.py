@@ -100,6 +100,8 @@ def test_runtime_environment() -> None:
     assert env["PYTHONUNBUFFERED"] == "1"
     assert env["HF_HUB_OFFLINE"] == "1"
     assert env["HF_HOME"] == "/opt/infogrowth/models"
+    # hnswlib's memory on huge pages: a snapshot's fork copies few page-table entries.
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
     # Caches go to /tmp, the only writable path besides the state volume.
     for key in ("XDG_CACHE_HOME", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
         assert env[key].startswith("/tmp/"), key

@@ -111,6 +111,9 @@ def test_restore_bench(tmp_path: Path) -> None:
     res = restore.bench(sizes=[500], dim=8, repeats=1, tail=300, workdir=tmp_path)
     row = res["sizes"][0]
     assert row["snapshot_bytes"] > 0 and row["replay_items_per_s"]["median"] > 0
+    assert row["fork_stall_s"]["runs"] == 1 and row["fork_write_s"]["median"] > 0
+    assert row["fork_published_s"]["median"] >= row["fork_stall_s"]["median"]
+    assert restore.tables(res)[0].rows[0][3] != "-"
 
 
 def test_memory_bench_runs_in_a_child(tmp_path: Path) -> None:

@@ -84,3 +84,35 @@ def test_state_memory_estimate_tracks_what_it_holds() -> None:
     st.add([f"i{i}" for i in range(100)], {"image": v}, [None] * 100)
     per = st.memory_bytes() / 100
     assert 2 * 4 * 64 < per < 2 * 4 * 64 + 8 * cfg.m + 600  # vectors twice, links, bookkeeping
+
+
+def test_a_childs_copied_pages_count_against_the_budget() -> None:
+    """Pages the parent writes after a fork become the child's own: the budget sees them."""
+    import os
+    import time
+
+    from infogrowth.membudget import children_private_bytes, resident_bytes
+
+    block = bytearray(64 << 20)
+    block[::4096] = b"\x02" * len(block[::4096])  # resident, then shared with the child
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(w)
+        os.read(r, 1)  # hold the shared pages until the parent has written its copy
+        os._exit(0)
+    os.close(r)
+    try:
+        before = children_private_bytes()
+        for i in range(0, len(block), 4096):
+            block[i] = 1  # copy-on-write: the child now holds the old pages alone
+        deadline = time.monotonic() + 5
+        while children_private_bytes() < before + (48 << 20) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert children_private_bytes() >= before + (48 << 20)
+        assert resident_bytes() >= rss_bytes() + (48 << 20)
+    finally:
+        os.write(w, b"x")
+        os.close(w)
+        os.waitpid(pid, 0)
+    assert children_private_bytes() < 48 << 20

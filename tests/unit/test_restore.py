@@ -223,12 +223,14 @@ def test_a_gap_in_the_changelog_at_commit_replays_the_partition(tmp_path: Path) 
     n = len(out.on("changelog"))
     out.first[(CHANGELOG, 0)], out.offsets[(CHANGELOG, 0)] = 2, 1 + n  # right after the restore
     proc.on_commit(out)  # type: ignore[arg-type]
+    proc.snapshots.wait(0, 30)  # a forked child writes it; maintain() publishes it
     assert proc.maintain() == [] and proc.next_offset[0] == 3 + n  # after the commit marker
     current = (tmp_path / f"{EMBEDDED}-0" / "CURRENT").read_text()
     out = Out()
     proc.process([_msg(e, 2 + i, 1) for i, e in enumerate(_items(2, "b"))], out)  # type: ignore[misc]
     out.first[(CHANGELOG, 0)], out.offsets[(CHANGELOG, 0)] = 3 + n + 5, 3 + n + 5 + 3
     proc.on_commit(out)  # type: ignore[arg-type]
+    assert not proc.snapshots.busy(0), "due, yet not started"
     assert (tmp_path / f"{EMBEDDED}-0" / "CURRENT").read_text() == current, "due, yet not taken"
     assert proc.maintain() == [0] and proc.maintain() == []
 

@@ -16,6 +16,7 @@ still meets its original.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import defaultdict
 from collections.abc import Generator
@@ -25,7 +26,6 @@ from typing import Any
 import numpy as np
 from confluent_kafka import Message, TopicPartition
 
-from infogrowth import snapshot
 from infogrowth.calibrate import Calibration
 from infogrowth.cells import Cells, random_centroids
 from infogrowth.config import Settings
@@ -48,6 +48,7 @@ from infogrowth.messages import (
 )
 from infogrowth.schema import Embedded, Malformed, pack, unpack
 from infogrowth.select import Selector, Thresholds
+from infogrowth.snapfork import SnapshotWriter
 
 __all__ = ["SelectProcessor", "replica_partitions"]
 
@@ -106,6 +107,12 @@ class SelectProcessor:
         self.uncommitted: set[int] = set()
         """Partitions whose state holds changes of a transaction that has not committed (yet)."""
         self.last_snapshot: dict[int, float] = {}
+        self.snapshots = SnapshotWriter(settings.snapshot.fork)
+        self._snapshot_dirty: dict[int, int] = {}
+        """Changes held by the snapshot being written per partition (back to ``dirty`` if it
+        fails)."""
+        self._snapshot_failed: dict[int, float] = {}
+        """When the partition's last snapshot failed (the next try waits an interval)."""
         self.restores: dict[int, tuple[PartitionRestore, Generator[None, None, Any]]] = {}
         """Partitions being restored in steps (see :meth:`restore_step`)."""
         self._restoring_now = False
@@ -250,12 +257,24 @@ class SelectProcessor:
             entry[1].close()  # closes the changelog reader
             log.info("partition %d: restore cancelled", p)
 
-    def save_snapshot(self, p: int) -> None:
+    def save_snapshot(self, p: int, *, wait: bool = True, deadline: float | None = None) -> None:
+        """Snapshot the partition's state as it is (committed) in a forked child
+        (:mod:`infogrowth.snapfork`). ``wait`` (revoke, close) waits for the one in flight first
+        and then for this one, both until ``deadline`` (``time.monotonic()``; default
+        ``kafka.drain_timeout_s`` from now); without it the stage goes on at once, and nothing is
+        started while one is still being written."""
         state = self.states.get(p)
         if state is None:
             return
-        t0 = time.perf_counter()
-        info = snapshot.save(
+        if deadline is None:
+            deadline = time.monotonic() + self.settings.kafka.drain_timeout_s
+        if wait:
+            self.snapshots.wait(p, max(0.0, deadline - time.monotonic()))
+        self.reap_snapshots()
+        if self.snapshots.busy(p):
+            return
+        stall = self.snapshots.start(
+            p,
             state,
             self.snapshot_dir(p),
             self.fingerprint,
@@ -264,24 +283,51 @@ class SelectProcessor:
             calibration=self.calibration_id,
             epoch=self.epoch,
         )
+        self._snapshot_dirty[p] = self.dirty[p]
         self.dirty[p] = 0
         self.last_snapshot[p] = time.time()
         if self.metrics is not None:
-            self.metrics.snapshot_duration.observe(time.perf_counter() - t0)
-            self.metrics.mark_snapshot(str(p), info.created)
-            self.metrics.snapshot_bytes.labels(partition=str(p)).set(info.bytes)
+            self.metrics.snapshot_stall.observe(stall)
+        if wait:
+            self.snapshots.wait(p, max(0.0, deadline - time.monotonic()))
+        self.reap_snapshots()
+
+    def reap_snapshots(self) -> None:
+        """Adopt the snapshots that ended: a published one sets the snapshot metrics; a failed
+        one is counted, its changes count as not snapshotted again, and the partition waits
+        ``snapshot.interval_s`` before the next try."""
+        for r in self.snapshots.poll():
+            p = r.partition
+            held = self._snapshot_dirty.pop(p, 0)
+            owned = p in self.states
+            if r.info is None:
+                if owned:
+                    self.dirty[p] += held
+                    self._snapshot_failed[p] = time.time()
+                if self.metrics is not None:
+                    self.metrics.snapshot_failures.inc()
+                continue
+            if self.metrics is not None:
+                self.metrics.snapshot_duration.observe(r.write_s)
+                if owned:
+                    self.metrics.mark_snapshot(str(p), r.info.created, size_bytes=r.info.bytes)
 
     def _maybe_snapshot(self, p: int) -> None:
         cfg = self.settings.snapshot
+        now = time.time()
+        if self.snapshots.busy(p) or now - self._snapshot_failed.get(p, -math.inf) < cfg.interval_s:
+            return
         due_items = self.dirty[p] >= cfg.interval_items
-        due_time = time.time() - self.last_snapshot.get(p, 0.0) >= cfg.interval_s
+        due_time = now - self.last_snapshot.get(p, 0.0) >= cfg.interval_s
         if self.dirty[p] and (due_items or due_time):
-            self.save_snapshot(p)
+            self.save_snapshot(p, wait=False)
 
     def _drop(self, p: int) -> None:
         self.states.pop(p, None)
         self.selectors.pop(p, None)
         self.dirty.pop(p, None)
+        self._snapshot_dirty.pop(p, None)
+        self._snapshot_failed.pop(p, None)
         self.uncommitted.discard(p)
         self.next_offset.pop(p, None)
         if self.metrics is not None:
@@ -292,6 +338,7 @@ class SelectProcessor:
     def maintain(self) -> list[int]:
         """Between batches: a new calibration epoch on the control topic (every owned partition
         is rebuilt under it) or a changelog gap seen at commit (that partition is replayed)."""
+        self.reap_snapshots()
         if self.watcher is None:
             self.watcher = ControlWatcher(self.settings)
         cal = self._next_cal or self.watcher.poll()
@@ -316,6 +363,9 @@ class SelectProcessor:
         )
         for p in list(self.restores):
             self._cancel(p)
+        for p in self.snapshots.in_flight:
+            self.snapshots.abandon(p, f"calibration epoch {cal.epoch} replaces {self.epoch}")
+        self.snapshots.poll()  # the old epoch's: neither counted nor marked
         for p in list(self.states):
             self._drop(p)
         self.last_snapshot.clear()
@@ -408,12 +458,15 @@ class SelectProcessor:
         Kafka Streams likewise never checkpoints a task that closes dirty under EOS."""
         for p in list(self.restores):
             self._cancel(p)
+        deadline = time.monotonic() + self.settings.kafka.drain_timeout_s
         for p in list(self.states):
             if p in self.uncommitted:
                 log.warning("partition %d: closing with uncommitted changes; state dropped", p)
                 self._drop(p)
             elif self.dirty.get(p) and p not in self.replay:
-                self.save_snapshot(p)
+                self.save_snapshot(p, deadline=deadline)
+        self.snapshots.close(max(0.0, deadline - time.monotonic()))
+        self.reap_snapshots()
         if self.watcher is not None:
             self.watcher.close()
             self.watcher = None

@@ -3,8 +3,10 @@
 A state of N items (2 spaces) is built once (multi-threaded, not measured), then: ``snapshot.save``
 (hnswlib files, ids, manifest, fsync, sha256) and ``snapshot.load`` (verify + load) are timed, and
 a changelog tail of packed records is replayed onto the loaded state the way the select stage
-restores (unpack, decode vectors, add in chunks of 4096). The select stage writes snapshots on
-its own thread between transactions, so the stall equals the write time.
+restores (unpack, decode vectors, add in chunks of 4096). The same state is also snapshotted the
+way the select stage does by default, from a forked child (:mod:`infogrowth.snapfork`): the
+stall is the time ``start`` holds the caller, the write time the child's, and the snapshot is
+published when the parent reaps it. In-process, the stall equals the write time.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ def bench(
             for i in range(tail)
         ]
         save_s, load_s, replay = Stat(), Stat(), Stat()
+        fork_stall, fork_write, fork_total = Stat(), Stat(), Stat()
         size_bytes = 0
         with tempfile.TemporaryDirectory(dir=workdir) as tmp:
             d = Path(tmp) / "snap"
@@ -101,6 +104,8 @@ def bench(
                 replay.add(tail / (time.perf_counter() - t0))
                 del loaded
                 shutil.rmtree(d, ignore_errors=True)
+                gc.collect()
+                _forked(state, Path(tmp) / "fork", fork_stall, fork_write, fork_total)
         row = {
             "n": n,
             "snapshot_bytes": size_bytes,
@@ -108,11 +113,15 @@ def bench(
             "load_s": load_s.as_dict(3),
             "replay_items_per_s": replay.as_dict(1),
             "stall_s": save_s.as_dict(3),
+            "fork_stall_s": fork_stall.as_dict(4),
+            "fork_write_s": fork_write.as_dict(3),
+            "fork_published_s": fork_total.as_dict(3),
             "full_replay_estimate_s": round(n / replay.median, 1) if replay.values else None,
         }
         progress(
             f"restore: {n:,}: save {save_s.median:.2f}s, load {load_s.median:.2f}s, "
-            f"replay {replay.median:,.0f} items/s"
+            f"replay {replay.median:,.0f} items/s; forked: stall {fork_stall.median * 1e3:.1f} ms, "
+            f"write {fork_write.median:.2f}s"
         )
         rows.append(row)
         del state, indexes
@@ -126,9 +135,28 @@ def bench(
             "m": cfg.m,
             "ef_construction": cfg.ef_construction,
             "threads": os.cpu_count(),
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
         },
         "sizes": rows,
     }
+
+
+def _forked(state: PartitionState, d: Path, stall: Stat, write: Stat, total: Stat) -> None:
+    """One snapshot written by a forked child, timed as the select stage sees it."""
+    from infogrowth.snapfork import SnapshotWriter
+
+    w = SnapshotWriter(fork=True)
+    if not w.forking:
+        return
+    t0 = time.perf_counter()
+    stall.add(w.start(0, state, d, "bench", keep=1))
+    w.wait(0, 3600)
+    [r] = w.poll()
+    if r.info is None:
+        raise RuntimeError(f"forked snapshot failed: {r.error}")
+    total.add(time.perf_counter() - t0)
+    write.add(r.write_s)
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def _drop_cache(path: Path) -> None:
@@ -153,14 +181,17 @@ def tables(res: dict[str, Any]) -> list[Table]:
         [
             "items",
             "snapshot size",
-            "write = stall (s)",
+            "in-process write = stall (s)",
+            "forked: stall (ms)",
+            "forked: write (s)",
             "load + verify (s)",
             "replay (items/s)",
             "full replay (est. s)",
         ],
         note=(
             f"replay of a {p['tail']:,}-record changelog tail onto the loaded state; "
-            f"median [min–max] of {p['repeats']} runs"
+            f"median [min–max] of {p['repeats']} runs; "
+            f"GLIBC_TUNABLES={p.get('glibc_tunables') or 'unset'}"
         ),
     )
     for r in res["sizes"]:
@@ -168,8 +199,16 @@ def tables(res: dict[str, Any]) -> list[Table]:
             f"{r['n']:,}",
             f"{r['snapshot_bytes'] / 2**20:,.0f} MiB",
             fmt(r["save_s"], 2),
+            _ms(r.get("fork_stall_s")),
+            fmt(r.get("fork_write_s"), 2),
             fmt(r["load_s"], 2),
             fmt(r["replay_items_per_s"]),
             f"{r['full_replay_estimate_s']:,.0f}" if r["full_replay_estimate_s"] else "-",
         )
     return [t]
+
+
+def _ms(stat: dict[str, Any] | None) -> str:
+    if not stat:
+        return "-"
+    return fmt({k: v * 1e3 if isinstance(v, float) else v for k, v in stat.items()}, 1)
