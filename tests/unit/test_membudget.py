@@ -109,10 +109,12 @@ def test_a_childs_copied_pages_count_against_the_budget() -> None:
         deadline = time.monotonic() + 5
         while children_private_bytes() < before + (48 << 20) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert children_private_bytes() >= before + (48 << 20)
+        held = children_private_bytes()
+        assert held >= before + (48 << 20)
         assert resident_bytes() >= rss_bytes() + (48 << 20)
     finally:
         os.write(w, b"x")
         os.close(w)
         os.waitpid(pid, 0)
-    assert children_private_bytes() < 48 << 20
+    # relative: every child of the test process counts (the test broker's JVM, in a full run)
+    assert children_private_bytes() < held - (32 << 20)
