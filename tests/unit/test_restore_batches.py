@@ -27,6 +27,7 @@ from infogrowth.schema import Embedded, pack
 from infogrowth.select import Selector
 from tests.fixtures.data import clustered
 from tests.fixtures.helpers import make_settings, to_samples
+from tests.unit.test_snapshot import _decide
 
 CFG: dict[str, Any] = {
     "select.keep_fraction": 0.5,
@@ -43,14 +44,6 @@ def _curator(**over: Any) -> Curator:
     cur = Curator(settings, None)
     cur.seed(to_samples(clustered(80, seed=20, prefix="seed").samples, settings))
     return cur
-
-
-def _decide(cur: Curator, rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
-    items = to_samples(rows, cur.settings)
-    out = []
-    for lo in range(0, len(items), 25):
-        out += [(o.id, o.decision, o.reason, o.gain) for o in cur.process(items[lo : lo + 25])]
-    return out
 
 
 def _changelog(state: PartitionState) -> list[tuple[bytes, int]]:
