@@ -73,7 +73,8 @@ def gpu_name() -> str | None:
 
 
 def commit() -> dict[str, Any]:
-    """The git commit of the package checkout, and whether the tree has local changes."""
+    """The git commit of the package checkout, and whether the tree has local changes; where the
+    checkout has no git metadata (a copied tree, an installed package), ``$BENCH_COMMIT``."""
     root = Path(__file__).resolve().parents[3]
     out: dict[str, Any] = {"sha": None, "dirty": None}
     try:
@@ -93,7 +94,8 @@ def commit() -> dict[str, Any]:
         ).stdout
         out = {"sha": sha, "dirty": bool(status.strip())}
     except (OSError, subprocess.SubprocessError):
-        pass
+        if os.environ.get("BENCH_COMMIT"):
+            out = {"sha": os.environ["BENCH_COMMIT"], "dirty": None}
     return out
 
 
