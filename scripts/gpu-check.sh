@@ -15,7 +15,8 @@
 # Without CUDA it refuses to run unless GPU_CHECK_ALLOW_CPU=1 (the test suite runs it that way,
 # reduced). Sizes: GPU_CHECK_MODEL (b16 | tiny | path), GPU_CHECK_SAMPLES (8192),
 # GPU_CHECK_BATCH (empty: the warm-up picks it), GPU_CHECK_REPEATS (3), GPU_CHECK_SELECT_N
-# (100000, prefilled index), GPU_CHECK_SELECT_STREAM (4096), GPU_CHECK_TIMEOUT (330 s).
+# (100000, prefilled index), GPU_CHECK_SELECT_STREAM (4096), GPU_CHECK_TIMEOUT (330 s),
+# GPU_CHECK_CALLS (samples per stage call, e.g. 512,4096; empty: the bench's default).
 # GPU_CHECK_BIN: a bin directory holding `python` and `infogrowth` to use instead of
 # `make install` + .venv/bin.
 set -euo pipefail
@@ -59,6 +60,7 @@ args=(
   --json "$OUT_DIR/gpu-check.json" --markdown "$OUT_DIR/gpu-check.md"
 )
 [[ -n "$BATCH" ]] && args+=(--embed-batch "$BATCH")
+[[ -n "${GPU_CHECK_CALLS:-}" ]] && args+=(--embed-calls "$GPU_CHECK_CALLS")
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export INFOGROWTH_CACHE_DIR="${INFOGROWTH_CACHE_DIR:-${TMPDIR:-/tmp}/infogrowth-gpu-check-cache}"
 start=$SECONDS

@@ -27,6 +27,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -45,6 +46,7 @@ __all__ = [
     "SPACES",
     "Encoder",
     "FloatArray",
+    "StagedTexts",
     "TransformersEncoder",
     "build_encoder",
     "from_pretrained_kwargs",
@@ -72,6 +74,16 @@ _FIXED_PADDING_MODEL_TYPES = frozenset({"siglip", "siglip2"})
 _TUNE_MEMORY_SHARE = 0.8
 """Share of the device memory free after loading that the batch-size warm-up may plan for."""
 TensorBatch = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class StagedTexts:
+    """Texts tokenised ahead of their forward pass: the batches ``encode_texts`` would run."""
+
+    order: list[int]
+    batches: list[TensorBatch]
+    batch_size: int
+    """The encoder's batch size when staged (a batch halved since then makes them stale)."""
 
 
 @runtime_checkable
@@ -442,12 +454,30 @@ class TransformersEncoder:
         self._require("text")
         # Batch texts of similar length together so little compute goes to padding; the next
         # batch is tokenised on a background thread while the model runs this one.
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        ordered = [texts[i] for i in order]
-        chunks = [ordered[i : i + self.batch_size] for i in range(0, len(ordered), self.batch_size)]
+        order, chunks = self._text_chunks(texts)
         depth = self.prefetch_depth if len(chunks) > 1 else 0
         staged = prefetch(chunks, self._staged_tokens, depth, name="encode-texts")
-        stacked = self._stack([self.forward_texts(b) for b in staged], "text")
+        return self._unsort(order, [self.forward_texts(b) for b in staged])
+
+    def stage_texts(self, texts: Sequence[str]) -> StagedTexts:
+        """Tokenise all of ``encode_texts``'s batches now (CPU only, so another thread can do it
+        while the model runs something else); :meth:`encode_staged_texts` runs them."""
+        self._require("text")
+        order, chunks = self._text_chunks(texts)
+        return StagedTexts(order, [self._staged_tokens(c) for c in chunks], self.batch_size)
+
+    def encode_staged_texts(self, staged: StagedTexts) -> FloatArray:
+        """``encode_texts`` of the staged texts: the same batches, so the same vectors."""
+        return self._unsort(staged.order, [self.forward_texts(b) for b in staged.batches])
+
+    def _text_chunks(self, texts: Sequence[str]) -> tuple[list[int], list[list[str]]]:
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        ordered = [texts[i] for i in order]
+        bs = self.batch_size
+        return order, [ordered[i : i + bs] for i in range(0, len(ordered), bs)]
+
+    def _unsort(self, order: list[int], parts: list[FloatArray]) -> FloatArray:
+        stacked = self._stack(parts, "text")
         out = np.empty_like(stacked)
         out[np.asarray(order, dtype=np.int64)] = stacked
         return out

@@ -52,6 +52,18 @@ class StagedImageEncoder(EncoderLike, Protocol):
     def forward_images(self, batch: Any) -> np.ndarray: ...
 
 
+@runtime_checkable
+class StagedTextEncoder(EncoderLike, Protocol):
+    """An encoder that can tokenise a call's texts ahead (``TransformersEncoder``): the stage
+    does that on a thread of its own while the image tower runs."""
+
+    batch_size: int
+
+    def stage_texts(self, texts: Sequence[str]) -> Any: ...
+
+    def encode_staged_texts(self, staged: Any) -> np.ndarray: ...
+
+
 class CaptionerLike(Protocol):
     def caption(self, images: Sequence[Image.Image]) -> list[str]: ...
 

@@ -31,7 +31,7 @@ from infogrowth.errors import ConfigError, DataError
 from infogrowth.imagefeed import DecodeFailure
 from infogrowth.index import PartitionState
 from infogrowth.messages import Outcome, thresholds_record
-from infogrowth.models import CaptionerLike, EncoderLike, StagedImageEncoder
+from infogrowth.models import CaptionerLike, EncoderLike, StagedImageEncoder, StagedTextEncoder
 from infogrowth.prefetch import prefetch
 from infogrowth.schema import SPACES, Embedded, Malformed, Sample
 from infogrowth.select import Selector, Thresholds
@@ -110,6 +110,7 @@ class EmbedStage:
         self.times = StageTimes()
         self.threads = cpu_threads()
         self._pool: ThreadPoolExecutor | None = None
+        self._text_pool: ThreadPoolExecutor | None = None
         self._fetcher: ImageFetcher | None = None
         self._fetch_deadline = 0.0
         if encoder is not None:
@@ -301,8 +302,9 @@ class EmbedStage:
                 )
         todo = [t for t in todo if out[t[0]] is None]
 
+        staged = self._stage_texts(todo)
         for space in self.spaces or ():
-            self._encode_missing(space, todo, images, out)
+            self._encode_missing(space, todo, images, out, staged if space == "text" else None)
         todo = [t for t in todo if out[t[0]] is None]
         t1 = time.perf_counter()
         self.times.add("embed", t1 - t0, len(items))
@@ -360,11 +362,13 @@ class EmbedStage:
         todo: list[tuple[int, Sample, dict[str, np.ndarray]]],
         images: dict[int, Image.Image],
         out: list[Embedded | Outcome | None],
+        staged: _StagedTexts | None = None,
     ) -> None:
         need = [(pos, s, v) for pos, s, v in todo if space not in v and out[pos] is None]
         if not need or self.encoder is None:
             return
-        rows = self._encode_split(space, need, images)
+        ready = staged.result([pos for pos, _, _ in need]) if staged is not None else None
+        rows = self._encode_split(space, need, images, ready)
         for v, (pos, sample, vecs) in zip(rows, need, strict=True):
             if isinstance(v, DecodeFailure):
                 out[pos] = Outcome.malformed(
@@ -384,6 +388,7 @@ class EmbedStage:
         space: str,
         need: list[tuple[int, Sample, dict[str, np.ndarray]]],
         images: dict[int, Image.Image],
+        staged: Any = None,
     ) -> list[np.ndarray | str]:
         """One row per item, or why the encoder failed on that item alone.
 
@@ -395,7 +400,10 @@ class EmbedStage:
         """
         assert self.encoder is not None
         try:
-            if space == "text":
+            if space == "text" and staged is not None:
+                assert isinstance(self.encoder, StagedTextEncoder)
+                mat = self.encoder.encode_staged_texts(staged)
+            elif space == "text":
                 mat = self.encoder.encode_texts([s.text or "" for _, s, _ in need])
             elif self._decodes_on_device():
                 return list(self._encode_image_bytes([s.image or b"" for _, s, _ in need]))
@@ -434,6 +442,26 @@ class EmbedStage:
             pass
 
     # -- CPU work beside the model ---------------------------------------------------------
+
+    def _stage_texts(
+        self, todo: list[tuple[int, Sample, dict[str, np.ndarray]]]
+    ) -> _StagedTexts | None:
+        """Tokenise the call's texts on a thread of their own while an earlier space (the image
+        tower) runs. The staged batches are used only if the texts to embed are still exactly
+        these and the batch size has not changed; otherwise the text space runs as usual."""
+        enc = self.encoder
+        spaces = self.spaces or ()
+        if not isinstance(enc, StagedTextEncoder) or "text" not in spaces or self.threads <= 1:
+            return None
+        before = spaces[: spaces.index("text")]
+        need = [(pos, s) for pos, s, v in todo if "text" not in v]
+        if not need or not any(sp not in v for _, _, v in todo for sp in before):
+            return None
+        if self._text_pool is None:
+            self._text_pool = ThreadPoolExecutor(1, thread_name_prefix="embed-text")
+        texts = [s.text or "" for _, s in need]
+        future = self._text_pool.submit(enc.stage_texts, texts)
+        return _StagedTexts([pos for pos, _ in need], enc.batch_size, future, enc)
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -526,6 +554,9 @@ class EmbedStage:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
             self._pool = None
+        if self._text_pool is not None:
+            self._text_pool.shutdown(wait=False)
+            self._text_pool = None
         if self._fetcher is not None:
             self._fetcher.close()
             self._fetcher = None
@@ -774,6 +805,26 @@ class Curator:
             "vote": vote,
             "notes": notes,
         }
+
+
+@dataclass
+class _StagedTexts:
+    """A call's texts being tokenised ahead (:meth:`EmbedStage._stage_texts`)."""
+
+    positions: list[int]
+    batch_size: int
+    future: Future[Any]
+    encoder: StagedTextEncoder
+
+    def result(self, positions: list[int]) -> Any:
+        """The staged batches if they still fit what is to be embedded, else None."""
+        try:
+            staged = self.future.result()
+        except Exception:  # the plain path tokenises again and reports the error per item
+            return None
+        if positions != self.positions or self.encoder.batch_size != self.batch_size:
+            return None
+        return staged
 
 
 def _is_cuda_oom(exc: BaseException) -> bool:

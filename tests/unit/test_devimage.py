@@ -173,5 +173,11 @@ def test_nvjpeg_matches_the_cpu_decoder() -> None:
     assert gpu[-1] is None
     for g, c in zip(gpu, cpu, strict=False):
         assert g is not None and c is not None and g.is_cuda
-        # nvJPEG's IDCT and chroma upsampling differ slightly from libjpeg's.
-        assert float((g.cpu().float() - c.float()).abs().mean()) < 2.0
+        # nvJPEG's IDCT and chroma upsampling differ slightly from libjpeg's: on these noisy
+        # synthetic JPEGs by 2.1 levels on average (H200, torchvision 0.26), against tens of
+        # levels between two different images.
+        assert float((g.cpu().float() - c.float()).abs().mean()) < 3.0
+    other = cpu[1]
+    assert other is not None and cpu[0] is not None
+    far = (cpu[0].float() - other[:, :200, :300].float()).abs().mean()
+    assert float(far) > 20.0

@@ -59,6 +59,12 @@ STAGES = ("select", "embed", "parse", "kafka", "scale", "restore", "memory")
     help="embed: encoder batch size (default: the warm-up picks it on CUDA, 64 on a CPU).",
 )
 @click.option(
+    "--embed-calls",
+    default=None,
+    help="embed: samples per stage call, e.g. 512,4096 (what one Kafka batch hands the stage; "
+    "default max(256, 4 × batch)).",
+)
+@click.option(
     "--decode",
     "decodes",
     default="cpu,device",
@@ -89,6 +95,7 @@ def command(
     embed_model: str,
     embed_samples: int | None,
     embed_batch: int | None,
+    embed_calls: str | None,
     decodes: str,
 ) -> None:
     """Measure stages against their floors; print tables, optionally write JSON."""
@@ -125,6 +132,7 @@ def command(
             embed_model=embed_model,
             embed_samples=embed_samples,
             embed_batch=embed_batch,
+            embed_calls=_ints(embed_calls),
             decodes=[d.strip() for d in decodes.split(",") if d.strip()],
         )
         res["seconds"] = round(time.perf_counter() - t0, 1)
@@ -232,6 +240,7 @@ def _run(stage: str, **kw: Any) -> tuple[dict[str, Any], list[Any]]:
             model=kw["embed_model"],
             batch=kw["embed_batch"],
             decodes=kw["decodes"],
+            calls=kw["embed_calls"],
         )
         return res, embedbench.tables(res)
     if stage == "scale":

@@ -50,9 +50,12 @@ def bench(
     model: str = "tiny",
     batch: int | None = None,
     decodes: list[str] | None = None,
+    calls: list[int] | None = None,
 ) -> dict[str, Any]:
     """Floor, stage per decode path and the CPU parts; ``batch`` None: the warm-up picks it
-    on CUDA, 64 on a CPU."""
+    on CUDA, 64 on a CPU. ``calls``: samples per ``process`` call (what one Kafka batch hands
+    the stage, ``kafka.commit_max_messages``); the first gives the plain rows, each further
+    one its own rows (default: max(256, 4 × batch))."""
     from infogrowth_dev.bench import models
 
     threads = threads or [1, os.cpu_count() or 1]
@@ -67,7 +70,7 @@ def bench(
         pool = [models.jpeg(500, 375, i) for i in range(min(n, DISTINCT_IMAGES))]
         blobs = [pool[i % len(pool)] for i in range(n)]
         texts = [models.caption(rng) for _ in range(n)]
-        runner = _Runner(setup, blobs, texts)
+        runner = _Runner(setup, blobs, texts, calls)
         stats = runner.measure(repeats, threads)
     return {
         "params": {
@@ -82,6 +85,7 @@ def bench(
             "gpu": gpu_name(),
             "batch": setup.batch,
             "stage_call": runner.chunk,
+            "stage_calls": runner.calls,
             "decodes": list(setup.pairs),
             "threads": threads,
             "stage_threads": runner.cores,
@@ -160,7 +164,9 @@ def _settings(path: str, batch: int | None, decode: str, *, tune: bool = True) -
 class _Runner:
     """Times the floor, the stage per decode path and the CPU parts, round-robin per repeat."""
 
-    def __init__(self, setup: _Setup, blobs: list[bytes], texts: list[str]) -> None:
+    def __init__(
+        self, setup: _Setup, blobs: list[bytes], texts: list[str], calls: list[int] | None
+    ) -> None:
         from infogrowth.imaging import decode_image
         from infogrowth.pipeline import EmbedStage
         from infogrowth.schema import Sample
@@ -168,8 +174,9 @@ class _Runner:
         self.setup = setup
         self.blobs, self.texts, self.n = blobs, texts, len(blobs)
         self.batch = setup.batch
-        self.chunk = max(256, 4 * self.batch)
+        self.calls = calls or [max(256, 4 * self.batch)]
         """Samples per ``process`` call, as a Kafka batch hands them over."""
+        self.chunk = self.calls[0]
         self.samples = [
             Sample(id=f"s{i}", text=texts[i], image=blobs[i], source={"bench": i})
             for i in range(self.n)
@@ -208,34 +215,42 @@ class _Runner:
         for t in self.tokens:
             pair.text.forward_texts(t)
 
-    def stage_run(self, mode: str) -> None:
+    def stage_run(self, mode: str, call: int) -> None:
         stage = self.stages[mode]
-        for i in range(0, self.n, self.chunk):
-            stage.process(self.samples[i : i + self.chunk], clean=False)
+        for i in range(0, self.n, call):
+            stage.process(self.samples[i : i + call], clean=False)
+
+    def _runs(self) -> list[tuple[str, int, str]]:
+        """(decode path, samples per call, row suffix) for each stage figure."""
+        return [
+            (mode, call, "" if j == 0 else f", {call:,} per call")
+            for mode in self.stages
+            for j, call in enumerate(self.calls)
+        ]
 
     def measure(self, repeats: int, threads: list[int]) -> dict[str, Stat]:
         pair = next(iter(self.setup.pairs.values()))
         sub = self.subset
         names = {t: f"decode ×{t} (Pillow, {sub} images)" for t in threads}
         stats: dict[str, Stat] = {"bare forward (floor)": Stat()}
-        for mode in self.stages:
-            stats[f"embed stage, decode {mode}"] = Stat()
+        for mode, _, suffix in self._runs():
+            stats[f"embed stage, decode {mode}{suffix}"] = Stat()
         for name in [*names.values(), "resize+normalise (processor, 1 thread)", "tokenise"]:
             stats[name] = Stat()
-        for mode in self.stages:
-            stats[f"ratio decode {mode}"] = Stat()
+        for mode, _, suffix in self._runs():
+            stats[f"ratio decode {mode}{suffix}"] = Stat()
         self.forward()  # warm-up: kernels, allocator, thread pools
         for mode in self.stages:
-            self.stage_run(mode)
+            self.stage_run(mode, self.chunk)
         for _ in range(repeats):
             f = _rate(self.n, self.forward)
             stats["bare forward (floor)"].add(f)
             line = [f"floor {f:,.0f}/s"]
-            for mode in self.stages:
-                e = _rate(self.n, functools.partial(self.stage_run, mode))
-                stats[f"embed stage, decode {mode}"].add(e)
-                stats[f"ratio decode {mode}"].add(e / f)
-                line.append(f"decode {mode} {e:,.0f}/s ({e / f:.3f})")
+            for mode, call, suffix in self._runs():
+                e = _rate(self.n, functools.partial(self.stage_run, mode, call))
+                stats[f"embed stage, decode {mode}{suffix}"].add(e)
+                stats[f"ratio decode {mode}{suffix}"].add(e / f)
+                line.append(f"decode {mode}{suffix} {e:,.0f}/s ({e / f:.3f})")
             progress("embed: " + ", ".join(line))
             for t, name in names.items():
                 stats[name].add(_rate(sub, functools.partial(self._decode_all, t)))
@@ -271,7 +286,8 @@ def tables(res: dict[str, Any]) -> list[Table]:
         note=(
             "floor = bare forward of both towers on pre-made device tensors; embed stage = "
             "decode + resize + tokenise + forward from bytes, "
-            f"{p['stage_call']} samples per call, {p['stage_threads']} CPU threads; "
+            f"{p['stage_call']:,} samples per call unless a row says otherwise, "
+            f"{p['stage_threads']} CPU threads; "
             f"median [min–max] of {p['repeats']} runs"
             + (
                 "; no GPU here: the GPU target (≥ 0.85) is pending a GPU run"
