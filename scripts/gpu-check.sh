@@ -16,7 +16,8 @@
 # reduced). Sizes: GPU_CHECK_MODEL (b16 | tiny | path), GPU_CHECK_SAMPLES (8192),
 # GPU_CHECK_BATCH (empty: the warm-up picks it), GPU_CHECK_REPEATS (3), GPU_CHECK_SELECT_N
 # (100000, prefilled index), GPU_CHECK_SELECT_STREAM (4096), GPU_CHECK_TIMEOUT (330 s),
-# GPU_CHECK_CALLS (samples per stage call, e.g. 512,4096; empty: the bench's default).
+# GPU_CHECK_CALLS (samples per stage call, e.g. 512,4096; empty: the bench's default),
+# GPU_CHECK_DECODE (cpu,device).
 # GPU_CHECK_BIN: a bin directory holding `python` and `infogrowth` to use instead of
 # `make install` + .venv/bin.
 set -euo pipefail
@@ -53,7 +54,7 @@ CORES="$(nproc)"
 mkdir -p "$OUT_DIR"
 args=(
   bench --stage embed --stage select
-  --embed-model "$MODEL" --embed-samples "$SAMPLES" --decode cpu,device
+  --embed-model "$MODEL" --embed-samples "$SAMPLES" --decode "${GPU_CHECK_DECODE:-cpu,device}"
   --threads "$CORES" --repeats "$REPEATS"
   --n "$SELECT_N" --stream "$SELECT_STREAM"
   --workdir "$OUT_DIR/work"

@@ -235,7 +235,10 @@ class _Runner:
         stats: dict[str, Stat] = {"bare forward (floor)": Stat()}
         for mode, _, suffix in self._runs():
             stats[f"embed stage, decode {mode}{suffix}"] = Stat()
+        device_parts = self._device_parts()
         for name in [*names.values(), "resize+normalise (processor, 1 thread)", "tokenise"]:
+            stats[name] = Stat()
+        for name in device_parts:
             stats[name] = Stat()
         for mode, _, suffix in self._runs():
             stats[f"ratio decode {mode}{suffix}"] = Stat()
@@ -258,9 +261,53 @@ class _Runner:
                 _rate(sub, lambda: pair.image.preprocess_images(self.images[:sub]))
             )
             stats["tokenise"].add(_rate(sub, lambda: pair.text.tokenize_texts(self.texts[:sub])))
+            for name, fn in device_parts.items():
+                stats[name].add(_rate(sub, fn))
         for stage in self.stages.values():
             stage.close()
         return stats
+
+    def _device_parts(self) -> dict[str, Callable[[], Any]]:
+        """The device path's own parts, each alone and waited for: the JPEG decode in batches
+        (nvJPEG on CUDA) and the resize + normalise of decoded batches. When the stage runs
+        below both, the two are not overlapping with the forward pass."""
+        pair = self.setup.pairs.get("device")
+        if pair is None:
+            return {}
+        import torch
+
+        from infogrowth.devimage import decode_jpegs
+
+        enc: Any = pair.image
+        dev = enc.torch_device
+        blobs, bs = self.blobs[: self.subset], self.batch
+        chunks = [blobs[i : i + bs] for i in range(0, len(blobs), bs)]
+        decoded = [[t for t in decode_jpegs(c, dev) if t is not None] for c in chunks]
+
+        def sync() -> None:
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+
+        def decode() -> None:
+            for c in chunks:
+                decode_jpegs(c, dev)
+            sync()
+
+        def resize() -> None:
+            for d in decoded:
+                enc.pixel_batch(d)
+            sync()
+
+        def image_forward() -> None:
+            for p in self.pixels[: len(chunks)]:
+                pair.image.forward_images(p)
+
+        where = "nvJPEG" if dev.type == "cuda" else "torchvision, CPU"
+        return {
+            "image tower forward alone (the floor's image half)": image_forward,
+            f"decode on device alone ({where}, batches of {bs})": decode,
+            "resize+normalise on device alone": resize,
+        }
 
     def _decode_all(self, t: int) -> list[Any]:
         blobs = self.blobs[: self.subset]
