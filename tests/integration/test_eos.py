@@ -248,7 +248,7 @@ class _FailingProducer:
     """A real transactional producer whose ``fail_at``-th commit fails as after a broker bounce
     longer than the transaction timeout: the commit is refused as abortable (records timed
     out), then the abort fails fatally with INVALID_TXN_STATE (the coordinator aborted the
-    transaction itself)."""
+    transaction itself); purging it then raises too."""
 
     def __init__(self, inner: Any, fail_at: int) -> None:
         self.inner = inner
@@ -274,6 +274,12 @@ class _FailingProducer:
             err = KafkaError(KafkaError.INVALID_TXN_STATE, "Failed to end transaction", fatal=True)
             raise KafkaException(err)
         self.inner.abort_transaction(timeout)
+
+    def purge(self, *args: Any, **kwargs: Any) -> None:
+        """Purges, then complains as a producer in a fatal state may: the stage goes on."""
+        self.inner.purge(*args, **kwargs)
+        if self.failed:
+            raise KafkaException(KafkaError(KafkaError._FATAL, "purge after fatal", fatal=True))
 
 
 def test_a_producer_failing_fatally_is_replaced_and_nothing_is_lost(

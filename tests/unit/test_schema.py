@@ -37,6 +37,22 @@ def test_schemas_are_valid_json_schema() -> None:
         jsonschema.Draft7Validator.check_schema(load_schema(kind))
 
 
+def test_schema_files_have_no_duplicate_keys() -> None:
+    """json.load keeps the last of two equal keys silently; a schema must say each once."""
+    from pathlib import Path
+
+    def once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in pairs]
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        assert not dup, f"duplicate keys {dup}"
+        return dict(pairs)
+
+    files = sorted((Path(__file__).resolve().parents[2] / "schemas").glob("*.json"))
+    assert len(files) >= 5
+    for f in files:
+        json.loads(f.read_text(), object_pairs_hook=once)
+
+
 def test_good_sample_parses() -> None:
     s = parse_msgpack_sample(msgpack.packb(GOOD), LIMITS)
     assert isinstance(s, Sample) and s.id == "a" and s.embedding is not None

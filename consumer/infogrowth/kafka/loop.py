@@ -16,6 +16,7 @@ the restore cancels it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -597,7 +598,10 @@ class TransactionalLoop:
         log.warning("%s: producer failed fatally (%s); replacing it", name, exc.args[0])
         old, self.producer = self.producer, None
         if old is not None:
-            old.purge()  # undelivered records of a transaction that will never commit
+            # Undelivered records of a transaction that will never commit; a producer in this
+            # state may refuse even that, and the new one's init_transactions aborts it anyway.
+            with contextlib.suppress(KafkaException, RuntimeError):
+                old.purge()
         del old
         self._new_producer(stop)
 
