@@ -157,6 +157,22 @@ def test_unseeded_stream_catches_near_copies() -> None:
     assert cur.report_online()["epsilon"]["text"] > 0
 
 
+def test_seed_without_measured_copies_warms_up_then_follows_the_stream() -> None:
+    """A seed of precomputed vectors cannot measure copies: its ε only serves the warm-up."""
+    settings = make_settings()
+    stats = seed_stats(_embedded(near_copies(300, seed=5)), ("text",), 4, 10)
+    t = resolve_thresholds(settings, ("text",), stats)
+    assert t.epsilon_online and t.epsilon["text"] > 0
+    online = OnlineState()
+    selector_eps = t.epsilon["text"]
+    assert online.epsilon("text", selector_eps, settings.select.epsilon_warmup) == selector_eps
+    stats.copy_distances = [1e-4] * 50  # augmented image copies measured: the seed fixes ε
+    stats.nn["image"] = list(stats.nn["text"])
+    assert not resolve_thresholds(settings, ("text",), stats).epsilon_online
+    fixed = make_settings(**{"select.epsilon_mode": "seed"})
+    assert not resolve_thresholds(fixed, ("text",), stats).epsilon_online
+
+
 @pytest.mark.parametrize("batch", [1, 13, 200])
 def test_online_epsilon_batched_equals_sequential(batch: int) -> None:
     rows = near_copies(500, seed=2)
