@@ -466,7 +466,7 @@ def dataset_section(res: dict[str, Any], figs: list[str]) -> str:
             "kept too. The online ε spends a stated false-flag rate on originals "
             "(`select.epsilon_false_flags`, 2%, the vote's budget for clean items): where near "
             "copies' distances overlap the originals' low tail, catching more copies costs "
-            "originals, and the last column is that price.",
+            "originals, and the column `originals rejected` is that price.",
             "",
         ]
     kr = res.get("keep_rate")
