@@ -372,9 +372,11 @@ def resolve_thresholds(
             delta = calibrate_delta(stats.alignments, stats.mismatched, cl.delta_false_flags)
 
     eps: dict[str, float] = {}
-    seeded = stats is not None and bool(stats.nn)
+    # auto: a seed that measured known copies (augmented images) fixes ε; otherwise the stream's
+    # own distances do, the seed's value serving only through the warm-up.
+    measured = stats is not None and bool(stats.copy_distances) and bool(stats.nn.get("image"))
     online = sel.epsilon is None and (
-        sel.epsilon_mode == "online" or (sel.epsilon_mode == "auto" and not seeded)
+        sel.epsilon_mode == "online" or (sel.epsilon_mode == "auto" and not measured)
     )
     for s in SPACES:  # every space, so records do not depend on which ones a run has
         if sel.epsilon is not None:

@@ -12,9 +12,10 @@ is therefore ``Δlog(scale) / rate``, bounded whatever the gains do, so the real
 converges to f while the scale tracks gains that fall as the index grows.
 
 **Online ε** (unless ``select.epsilon`` is set). A histogram of log10 nearest-neighbour distances
-at arrival, exponentially forgetting (half-life ``EPS_HALF_LIFE`` items). ε sits in the valley
-between the bulk of originals and the mode of near-copies below it (see :func:`valley_epsilon`).
-Without a copies mode it stays half a decade below the originals.
+at arrival, exponentially forgetting (half-life ``EPS_HALF_LIFE`` items), fitted as a mode of
+near copies below the bulk of originals; ε flags at most ``select.epsilon_false_flags`` of the
+originals (see :func:`mixture_epsilon`). Without a copies mode it stays half a decade below the
+originals.
 """
 
 from __future__ import annotations
@@ -30,11 +31,16 @@ EPS_LOG_MIN = -6.0
 EPS_LOG_MAX = math.log10(2.0)
 EPS_HALF_LIFE = 8192
 EPS_REFIT_EVERY = 64
-EPS_SMOOTH = 5
-EPS_VALLEY_Z = 2.0
-EPS_VALLEY_DEPTH = 0.15
 EPS_LOW_PERCENTILE = 0.5
 EPS_NO_VALLEY_DECADES = 0.5
+EPS_EM_ROUNDS = 200
+EPS_COPY_Z = 2.3263478740408408
+"""The copies mode's reach: its mean plus this many deviations (its 99th percentile)."""
+EPS_MIN_COPIES = 10.0
+"""A copies mode needs at least this many (weighted) items."""
+EPS_SEPARATION = 3.0
+"""... and a mean this many of the bulk's deviations below the bulk's (one bulk fitted as two
+modes never puts them that far apart)."""
 EPS_MAX = 0.5
 """ε never exceeds this distance (cosine distance 0.5 is 60°: no copy is that far)."""
 KEEP_RATE = 0.05
@@ -53,39 +59,73 @@ def _edge(b: float) -> float:
     return float(10.0 ** (EPS_LOG_MIN + b * (EPS_LOG_MAX - EPS_LOG_MIN) / EPS_BINS))
 
 
-def valley_epsilon(hist: np.ndarray) -> float:
-    """ε from a histogram of log10 nearest-neighbour distances.
+def two_modes(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Shares, means and deviations (low mode first) of two Gaussians
+    fitted by EM to binned data: bin centres ``x`` with weights ``w``. Deterministic: a narrow,
+    light low mode starts at the ``EPS_LOW_PERCENTILE``-th percentile, the bulk at the median."""
+    cdf = np.cumsum(w) / w.sum()
+    spread = math.sqrt(float(np.average((x - np.average(x, weights=w)) ** 2, weights=w)))
+    floor = float(x[1] - x[0]) / 4  # one bin holds a mode of equal distances
+    mu = np.asarray(
+        [x[np.searchsorted(cdf, EPS_LOW_PERCENTILE / 100)], x[np.searchsorted(cdf, 0.5)]],
+        dtype=np.float64,
+    )
+    sd = np.maximum(np.asarray([spread / 4, spread / 2]), floor)
+    pi = np.asarray([0.05, 0.95])
+    for _ in range(EPS_EM_ROUNDS):
+        z = (x[:, None] - mu) / sd
+        lik = pi * np.exp(-0.5 * z * z) / sd
+        tot = lik.sum(axis=1, keepdims=True)
+        r = np.divide(lik, tot, out=np.full_like(lik, 0.5), where=tot > 0) * w[:, None]
+        n = np.maximum(r.sum(axis=0), 1e-300)
+        pi = n / n.sum()
+        mu = (r * x[:, None]).sum(axis=0) / n
+        sd = np.maximum(np.sqrt((r * (x[:, None] - mu) ** 2).sum(axis=0) / n), floor)
+    order = np.argsort(mu, kind="stable")
+    return pi[order], mu[order], sd[order]
+
+
+def mixture_epsilon(hist: np.ndarray, false_flags: float, weight: float = 1.0) -> float:
+    """ε from a histogram of log10 nearest-neighbour distances, for a stated false-flag rate.
 
     Exact copies (the lowest bin) are copies whatever else holds; they are left out of the
-    shape. On the smoothed rest, every local minimum below the bulk's mode is a candidate
-    valley; its prominence is the lower of the two peaks around it minus its own height. The
-    most prominent valley wins if it is real: deeper than ``EPS_VALLEY_Z`` counting-noise
-    deviations and than ``EPS_VALLEY_DEPTH`` of its left peak. ε is then at the valley's bottom.
-    Without a real valley there is no near-copies mode: ε goes ``EPS_NO_VALLEY_DECADES`` below
-    the ``EPS_LOW_PERCENTILE``-th percentile of the distances.
+    shape. The rest is fitted as two Gaussians in log distance: near copies (the low mode) and
+    originals (the bulk). Where a real copies mode exists (at least ``EPS_MIN_COPIES`` items
+    whose mean lies ``EPS_SEPARATION`` of the bulk's deviations below the bulk's), ε is the
+    lower of
+
+    * the copies mode's reach, its 99th percentile: beyond it there is nothing left to catch,
+      so separated modes cost no originals; and
+    * the largest bin edge below which at most ``false_flags`` of the originals lie: the share
+      of originals below an edge is what the histogram holds below it minus what the copies
+      mode accounts for, so a heavy low tail of originals counts against ε where a Gaussian
+      would not put it. Where the modes overlap (real embeddings), this is what binds: ε goes
+      as far into the originals' low tail as the stated rate allows.
+
+    Without a copies mode ε goes ``EPS_NO_VALLEY_DECADES`` below the ``EPS_LOW_PERCENTILE``-th
+    percentile of the distances: nothing to catch, so (almost) nothing is flagged.
     """
     h = np.asarray(hist, dtype=np.float64).copy()
     h[0] = 0.0
     total = float(h.sum())
     if total <= 0:
         return round(_edge(1), 9)
-    s = np.convolve(h / total, np.ones(EPS_SMOOTH) / EPS_SMOOTH, mode="same")
-    mode = int(np.argmax(s))
-    best, best_pos = 0.0, -1
-    for v in range(1, mode):
-        if not (s[v] < s[v - 1] and s[v] <= s[v + 1]):
-            continue
-        left = float(s[:v].max())
-        right = float(s[v + 1 : mode + 1].max())
-        prominence = min(left, right) - float(s[v])
-        noise = math.sqrt(max(float(s[v]), 1.0 / total) / (EPS_SMOOTH * total))
-        if prominence >= max(EPS_VALLEY_Z * noise, EPS_VALLEY_DEPTH * left) and prominence > best:
-            best, best_pos = prominence, v
-    if best_pos >= 0:
-        return round(min(math.sqrt(_edge(best_pos) * _edge(best_pos + 1)), EPS_MAX), 9)
-    cdf = np.cumsum(h) / total
-    low = _edge(int(np.searchsorted(cdf, EPS_LOW_PERCENTILE / 100)))
-    return round(min(float(low * 10.0**-EPS_NO_VALLEY_DECADES), EPS_MAX), 9)
+    edges = np.linspace(EPS_LOG_MIN, EPS_LOG_MAX, EPS_BINS + 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    pi, mu, sd = two_modes(centres[1:], h[1:])
+    if pi[0] * total / weight < EPS_MIN_COPIES or mu[1] - mu[0] < EPS_SEPARATION * sd[1]:
+        cdf = np.cumsum(h) / total
+        low = _edge(int(np.searchsorted(cdf, EPS_LOW_PERCENTILE / 100)))
+        return round(max(min(float(low * 10.0**-EPS_NO_VALLEY_DECADES), EPS_MAX), _edge(1)), 9)
+    below = np.cumsum(h) / total  # share below each bin's upper edge
+    # the copies mode as the fit saw it: its density at the bin centres, normalised over bins
+    dens = np.exp(-0.5 * ((centres[1:] - mu[0]) / sd[0]) ** 2)
+    copies_below = pi[0] * np.concatenate([[0.0], np.cumsum(dens) / dens.sum()])
+    originals_below = (below - copies_below) / pi[1]
+    over = np.flatnonzero(originals_below > false_flags)
+    spare = _edge(int(over[0])) if len(over) else EPS_MAX
+    reach = float(10.0 ** (mu[0] + EPS_COPY_Z * sd[0]))
+    return round(max(min(spare, reach, EPS_MAX), _edge(1)), 9)
 
 
 @dataclass
@@ -142,14 +182,14 @@ class OnlineState:
         if fraction is not None and self.scale is not None:
             self.scale = self.scale * math.exp(KEEP_RATE * (float(kept) - fraction))
 
-    def observe_nn(self, space: str, d: float, warmup: int) -> None:
+    def observe_nn(self, space: str, d: float, warmup: int, false_flags: float) -> None:
         """Record one arrival's nearest-neighbour distance; refit ε on a fixed item cadence."""
         est = self.eps.get(space)
         if est is None:
             est = self.eps[space] = EpsilonEstimate()
         est.observe(d)
         if (est.count >= warmup and est.count % EPS_REFIT_EVERY == 0) or est.count == warmup:
-            est.epsilon = valley_epsilon(est.hist)
+            est.epsilon = mixture_epsilon(est.hist, false_flags, est.weight)
 
     def epsilon(self, space: str, default: float, warmup: int) -> float:
         est = self.eps.get(space)

@@ -306,7 +306,8 @@ class Selector:
     def _epsilon(self, space: str, online: OnlineState) -> float:
         t = self.t
         if t.epsilon_online:
-            return online.epsilon(space, self.cfg.epsilon_default, self.cfg.epsilon_warmup)
+            warm_up = t.epsilon.get(space, self.cfg.epsilon_default)
+            return online.epsilon(space, warm_up, self.cfg.epsilon_warmup)
         return t.epsilon.get(space, 0.0)
 
     def _judge(
@@ -337,7 +338,7 @@ class Selector:
         if t.epsilon_online:
             for s, d in nn.items():
                 if d is not None:
-                    online.observe_nn(s, d, self.cfg.epsilon_warmup)
+                    online.observe_nn(s, d, self.cfg.epsilon_warmup, self.cfg.epsilon_false_flags)
         close = [nn[s] is not None and nn[s] < eps[s] for s in nn]  # type: ignore[operator]
         is_dup = all(close) if self.cfg.duplicate_mode == "all" else any(close)
         if is_dup and close:

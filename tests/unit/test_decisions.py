@@ -13,7 +13,7 @@ from infogrowth import snapshot
 from infogrowth.calibrate import calibrate_delta, resolve_thresholds, seed_stats
 from infogrowth.errors import ConfigError
 from infogrowth.messages import Outcome
-from infogrowth.online import EPS_BINS, OnlineState, valley_epsilon
+from infogrowth.online import EPS_BINS, OnlineState, mixture_epsilon
 from infogrowth.pipeline import Curator
 from infogrowth.schema import Embedded
 from tests.fixtures.data import clustered
@@ -101,21 +101,46 @@ def test_keep_fraction_batched_equals_sequential(batch: int) -> None:
 # -- online ε -----------------------------------------------------------------------------
 
 
-def test_valley_sits_between_copies_and_originals() -> None:
+def test_online_epsilon_spends_the_stated_false_flag_rate() -> None:
+    """Overlapping modes: ε flags about ``false_flags`` of the originals (not more) and
+    catches the copies up to there; a larger rate catches more copies."""
     rng = np.random.default_rng(0)
+    originals = 10 ** rng.normal(-1.0, 0.3, size=4000)
+    copies = 10 ** rng.normal(-2.5, 0.4, size=600)
+    flagged = {}
+    for rate in (0.01, 0.05):
+        est = OnlineState()
+        for d in rng.permutation(np.concatenate([originals, copies])):
+            est.observe_nn("text", float(d), 100, rate)
+        eps = est.epsilon("text", 0.02, 100)
+        flagged[rate] = (float(np.mean(originals < eps)), float(np.mean(copies < eps)))
+        assert 0.3 * rate <= flagged[rate][0] <= 1.3 * rate
+    assert flagged[0.05][1] > flagged[0.01][1] > 0.9
+
+
+def test_online_epsilon_well_separated_modes() -> None:
+    rng = np.random.default_rng(1)
     est = OnlineState()
     originals = 10 ** rng.normal(-1.0, 0.15, size=2000)
     copies = 10 ** rng.normal(-3.0, 0.3, size=400)
     for d in rng.permutation(np.concatenate([originals, copies])):
-        est.observe_nn("text", float(d), warmup=100)
+        est.observe_nn("text", float(d), 100, 0.02)
     eps = est.epsilon("text", 0.02, 100)
-    assert np.mean(copies < eps) > 0.98
-    assert np.mean(originals < eps) < 0.01
-    # no copies at all: the floor stays below the originals
+    assert np.mean(copies < eps) > 0.99
+    assert np.mean(originals < eps) <= 0.02
+
+
+def test_online_epsilon_without_copies_flags_nothing() -> None:
+    rng = np.random.default_rng(2)
+    originals = 10 ** rng.normal(-1.0, 0.15, size=2000)
     only = np.zeros(EPS_BINS)
     for d in originals:
         only[int((np.log10(d) + 6) / (np.log10(2) + 6) * EPS_BINS)] += 1
-    assert valley_epsilon(only) < originals.min()
+    assert mixture_epsilon(only, 0.02) < originals.min()
+    # a few copies are not a mode: still nothing flagged among the originals
+    few = only.copy()
+    few[30] += 5
+    assert mixture_epsilon(few, 0.02) < originals.min()
 
 
 def test_unseeded_stream_catches_near_copies() -> None:
@@ -130,6 +155,22 @@ def test_unseeded_stream_catches_near_copies() -> None:
     dup = next(o for o in late if o.reason == "duplicate")
     assert dup.duplicate_of == "o" + dup.id[1:]
     assert cur.report_online()["epsilon"]["text"] > 0
+
+
+def test_seed_without_measured_copies_warms_up_then_follows_the_stream() -> None:
+    """A seed of precomputed vectors cannot measure copies: its ε only serves the warm-up."""
+    settings = make_settings()
+    stats = seed_stats(_embedded(near_copies(300, seed=5)), ("text",), 4, 10)
+    t = resolve_thresholds(settings, ("text",), stats)
+    assert t.epsilon_online and t.epsilon["text"] > 0
+    online = OnlineState()
+    selector_eps = t.epsilon["text"]
+    assert online.epsilon("text", selector_eps, settings.select.epsilon_warmup) == selector_eps
+    stats.copy_distances = [1e-4] * 50  # augmented image copies measured: the seed fixes ε
+    stats.nn["image"] = list(stats.nn["text"])
+    assert not resolve_thresholds(settings, ("text",), stats).epsilon_online
+    fixed = make_settings(**{"select.epsilon_mode": "seed"})
+    assert not resolve_thresholds(fixed, ("text",), stats).epsilon_online
 
 
 @pytest.mark.parametrize("batch", [1, 13, 200])

@@ -932,6 +932,7 @@ def evaluate(prep: Prepared, opts: Options) -> dict[str, Any]:
             "seeded": _copies_beside(st, main),
             "unseeded": _copies_beside(st, unseeded),
             "unseeded_epsilon": unseeded.online.get("epsilon"),
+            "seeded_epsilon": main.online.get("epsilon"),
             "originals_rejected_seeded": _originals_duplicate(st, main),
             "originals_rejected_unseeded": _originals_duplicate(st, unseeded),
         },
