@@ -34,6 +34,8 @@ EPS_REFIT_EVERY = 64
 EPS_LOW_PERCENTILE = 0.5
 EPS_NO_VALLEY_DECADES = 0.5
 EPS_EM_ROUNDS = 200
+EPS_EM_TOL = 1e-6
+"""EM stops once no share, mean or deviation (log10 units) moves by more than this."""
 EPS_COPY_Z = 2.3263478740408408
 """The copies mode's reach: its mean plus this many deviations (its 99th percentile)."""
 EPS_MIN_COPIES = 10.0
@@ -73,6 +75,7 @@ def two_modes(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
     sd = np.maximum(np.asarray([spread / 4, spread / 2]), floor)
     pi = np.asarray([0.05, 0.95])
     for _ in range(EPS_EM_ROUNDS):
+        before = (pi, mu, sd)
         z = (x[:, None] - mu) / sd
         lik = pi * np.exp(-0.5 * z * z) / sd
         tot = lik.sum(axis=1, keepdims=True)
@@ -81,6 +84,9 @@ def two_modes(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
         pi = n / n.sum()
         mu = (r * x[:, None]).sum(axis=0) / n
         sd = np.maximum(np.sqrt((r * (x[:, None] - mu) ** 2).sum(axis=0) / n), floor)
+        moved = max(float(np.abs(a - b).max()) for a, b in zip(before, (pi, mu, sd), strict=True))
+        if moved < EPS_EM_TOL:
+            break  # converged: further rounds move nothing that ε depends on
     order = np.argsort(mu, kind="stable")
     return pi[order], mu[order], sd[order]
 
