@@ -14,8 +14,8 @@ import pytest
 from infogrowth.encode import TransformersEncoder
 from infogrowth.pipeline import EmbedStage
 from infogrowth.schema import Embedded, Sample
-from tests.fixtures.helpers import make_settings
 from tests.fixtures.models import make_jpeg, tiny_clip
+from tests.unit.test_device_path import _settings
 
 
 @pytest.fixture(scope="module")
@@ -27,18 +27,6 @@ def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def enc(request: pytest.FixtureRequest, clip_dir: Path) -> TransformersEncoder:
     s = _settings(clip_dir, request.param)
     return TransformersEncoder.load(str(clip_dir), s.encoder, s.limits)
-
-
-def _settings(clip_dir: Path, decode: str) -> Any:
-    return make_settings(
-        **{
-            "encoder.kind": "dual",
-            "encoder.model": str(clip_dir),
-            "encoder.batch_size": 3,
-            "encoder.decode": decode,
-            "clean.enabled": False,
-        }
-    )
 
 
 def _samples(n: int, broken: tuple[int, ...] = ()) -> list[Sample]:
