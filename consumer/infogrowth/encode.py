@@ -82,8 +82,6 @@ class StagedTexts:
 
     order: list[int]
     batches: list[TensorBatch]
-    batch_size: int
-    """The encoder's batch size when staged (a batch halved since then makes them stale)."""
 
 
 @runtime_checkable
@@ -464,7 +462,7 @@ class TransformersEncoder:
         while the model runs something else); :meth:`encode_staged_texts` runs them."""
         self._require("text")
         order, chunks = self._text_chunks(texts)
-        return StagedTexts(order, [self._staged_tokens(c) for c in chunks], self.batch_size)
+        return StagedTexts(order, [self._staged_tokens(c) for c in chunks])
 
     def encode_staged_texts(self, staged: StagedTexts) -> FloatArray:
         """``encode_texts`` of the staged texts: the same batches, so the same vectors."""

@@ -813,6 +813,8 @@ class _StagedTexts:
 
     positions: list[int]
     batch_size: int
+    """The encoder's batch size at submission; batch sizes only shrink (CUDA OOM), so an
+    unchanged one means the staged chunks are the ones ``encode_texts`` would make now."""
     future: Future[Any]
     encoder: StagedTextEncoder
 
