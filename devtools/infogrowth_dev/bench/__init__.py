@@ -41,6 +41,20 @@ STAGES = ("select", "embed", "parse", "kafka", "scale", "restore", "memory")
 @click.option("--dim", type=int, default=256, show_default=True, help="Vector dimension.")
 @click.option("--sizes", default=None, help="select: index sizes for the throughput-vs-size sweep.")
 @click.option("--restore-sizes", default=None, help="restore: index sizes (default: --n).")
+@click.option(
+    "--rebuild-sizes",
+    default=None,
+    help="restore: sizes for the replay/fast-rebuild table (default: --restore-sizes; "
+    "'none' skips it: a full single-writer replay of millions of items takes hours on few cores).",
+)
+@click.option(
+    "--spaces",
+    "spaces_n",
+    type=click.IntRange(1, 2),
+    default=2,
+    show_default=True,
+    help="restore: embedding spaces per item (1 where two do not fit in memory).",
+)
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="select: sweep PNG.")
 @click.option("--workdir", type=click.Path(path_type=Path), help="Scratch directory.")
 @click.option(
@@ -89,6 +103,8 @@ def command(
     dim: int,
     sizes: str | None,
     restore_sizes: str | None,
+    rebuild_sizes: str | None,
+    spaces_n: int,
     plot_path: Path | None,
     workdir: Path | None,
     cache: bool,
@@ -127,6 +143,8 @@ def command(
             dim=dim,
             sizes=_ints(sizes),
             restore_sizes=_ints(restore_sizes) or [n],
+            rebuild_sizes=None if rebuild_sizes is None else _ints(rebuild_sizes),
+            spaces_n=spaces_n,
             workdir=workdir,
             cache=cache,
             embed_model=embed_model,
@@ -184,7 +202,7 @@ def _markdown(result: dict[str, Any], tables: list[Any]) -> str:
 
 
 def _ints(spec: str | None) -> list[int]:
-    if not spec:
+    if not spec or spec.strip().lower() == "none":
         return []
     return [int(float(x)) for x in spec.split(",") if x.strip()]
 
@@ -257,10 +275,17 @@ def _run(stage: str, **kw: Any) -> tuple[dict[str, Any], list[Any]]:
         from infogrowth_dev.bench import rebuild, restore
 
         res = restore.bench(
-            sizes=kw["restore_sizes"], dim=kw["dim"], repeats=kw["repeats"], workdir=kw["workdir"]
+            sizes=kw["restore_sizes"],
+            dim=kw["dim"],
+            repeats=kw["repeats"],
+            workdir=kw["workdir"],
+            spaces_n=kw["spaces_n"],
         )
+        rebuild_sizes = kw["restore_sizes"] if kw["rebuild_sizes"] is None else kw["rebuild_sizes"]
+        if not rebuild_sizes:
+            return res, restore.tables(res)
         res["rebuild"] = rebuild.bench(
-            sizes=kw["restore_sizes"], dim=kw["dim"], workdir=kw["workdir"]
+            sizes=rebuild_sizes, dim=kw["dim"], workdir=kw["workdir"], spaces_n=kw["spaces_n"]
         )
         return res, restore.tables(res) + rebuild.tables(res["rebuild"])
     if stage == "memory":

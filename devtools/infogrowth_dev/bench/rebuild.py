@@ -29,11 +29,13 @@ from infogrowth_dev.bench import synth
 from infogrowth_dev.bench.common import Table, progress
 
 
-def _records(n: int, tail: int, dim: int) -> tuple[list[tuple[bytes, int]], tuple[str, ...]]:
+def _records(
+    n: int, tail: int, dim: int, spaces_n: int = 2
+) -> tuple[list[tuple[bytes, int]], tuple[str, ...]]:
     from infogrowth.messages import changelog_record
     from infogrowth.schema import Embedded, pack
 
-    vec = synth.make(n, tail, dim=dim, dup_rate=0.0, seed=5)
+    vec = synth.make(n, tail, dim=dim, dup_rate=0.0, seed=5, spaces=synth.SPACES[:spaces_n])
     spaces = tuple(vec.prefill)
     out: list[tuple[bytes, int]] = []
     for part, prefix in ((vec.prefill, "p"), (vec.stream, "t")):
@@ -70,6 +72,7 @@ def bench(
     dim: int = 256,
     tail: int = 8192,
     workdir: Path | None = None,
+    spaces_n: int = 2,
 ) -> dict[str, Any]:
     from infogrowth import snapshot
     from infogrowth_dev.bench.restore import _drop_cache
@@ -79,7 +82,7 @@ def bench(
     rows = []
     for n in sizes or [100_000]:
         progress(f"rebuild: {n:,}-item changelog (+{tail:,} tail)")
-        records, spaces = _records(n, tail, dim)
+        records, spaces = _records(n, tail, dim, spaces_n)
         head, rest = records[:n], records[n:]
         progress(f"rebuild: {n:,}: fast rebuild")
         state, fast_s, was_fast = _replay(fast, spaces, dim, head, None)
@@ -126,10 +129,10 @@ def bench(
     return {
         "params": {
             "dim": dim,
-            "spaces": 2,
+            "spaces": spaces_n,
             "tail": tail,
             "batch_items": exact.restore.batch_items,
-            "fast_threads_per_index": fast_threads(fast, 2),
+            "fast_threads_per_index": fast_threads(fast, spaces_n),
             "cores": os.cpu_count(),
             "m": exact.index.m,
             "ef_construction": exact.index.ef_construction,
@@ -141,7 +144,7 @@ def bench(
 def tables(res: dict[str, Any]) -> list[Table]:
     p = res["params"]
     t = Table(
-        f"restore at scale: with and without a snapshot, 2×{p['dim']}-d, M={p['m']}, "
+        f"restore at scale: with and without a snapshot, {p['spaces']}×{p['dim']}-d, M={p['m']}, "
         f"ef_c={p['ef_construction']}",
         [
             "items",

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 SPACES = ("image", "text")
+_BLOCK = 65_536
 
 
 @dataclass
@@ -83,11 +84,14 @@ def make(
     )
     out: dict[str, np.ndarray] = {}
     for s in spaces:
-        parts = []
+        # Row blocks: the same draws as one call (a generator's stream does not depend on how
+        # it is cut), with float64 temporaries of one block, so millions of rows fit in memory.
+        out[s] = np.empty((total, dim), dtype=np.float32)
         for gen, lo, hi in ((prng, 0, n_prefill), (rng, n_prefill, total)):
-            noise = gen.normal(scale=spread / np.sqrt(dim), size=(hi - lo, dim))
-            parts.append(centres[s][cluster[lo:hi]] + noise)
-        out[s] = _unit(np.concatenate(parts))
+            for a in range(lo, hi, _BLOCK):
+                b = min(a + _BLOCK, hi)
+                noise = gen.normal(scale=spread / np.sqrt(dim), size=(b - a, dim))
+                out[s][a:b] = _unit(centres[s][cluster[a:b]] + noise)
     dup = np.zeros(n_stream, dtype=bool)
     source = np.full(n_stream, -1, dtype=np.int64)
     if n_stream > 1 and dup_rate > 0:
