@@ -413,6 +413,10 @@ class KafkaConfig(_Section):
     static_membership: bool = False
     commit_interval_ms: int = Field(500, gt=0)
     commit_max_messages: int = Field(500, gt=0)
+    commit_idle_ms: int = Field(50, gt=0)
+    """Once every partition a stage reads is at its end, a partial batch commits after this
+    long without new messages instead of waiting out ``commit_interval_ms`` (the end of a
+    burst reaches the outputs at once; a steady trickle still gathers into batches)."""
     transaction_timeout_ms: int = Field(60_000, gt=0)
     session_timeout_ms: int = Field(45_000, gt=0)
     max_poll_interval_ms: int = Field(300_000, gt=0)

@@ -1,7 +1,8 @@
 """The transactional consume → process → produce loop both stages run.
 
-One ``consume()`` call (up to ``commit_max_messages`` messages or ``commit_interval_ms``) is one
-Kafka transaction: the batch's outputs, its changelog records and its input offsets commit
+One fetch (up to ``commit_max_messages`` messages, waiting at most ``commit_interval_ms`` for
+them, or ``commit_idle_ms`` of quiet once every partition read is at its end) is one Kafka
+transaction: the batch's outputs, its changelog records and its input offsets commit
 together or not at all. After an abort the consumer is rewound to the committed offsets and the
 processor rebuilds its state before the next batch. Rebalance callbacks run inside ``consume()``,
 so no transaction is ever open while partitions move.
@@ -203,6 +204,8 @@ class TransactionalLoop:
         """Paused partitions being restored -> their committed offset (None until fetched)."""
         self.producer_resets: list[float] = []
         """When the producer was replaced after a fatal error (within the last window)."""
+        self._at_end: set[tuple[str, int]] = set()
+        """Partitions whose end the consumer reached (an EOF event after their last message)."""
 
     # -- rebalance callbacks (run inside consume) ---------------------------------------
 
@@ -210,6 +213,7 @@ class TransactionalLoop:
         log.info("%s: assigned %s", self.processor.name, _fmt(partitions))
         self.processor.on_assign(partitions)
         self.assigned |= {(tp.topic, tp.partition) for tp in partitions}
+        self._at_end -= {(tp.topic, tp.partition) for tp in partitions}
         self.rebalances += bool(partitions)
         if partitions and self.processor.stateful:
             # Assign here (the client would right after this callback) so that the partitions
@@ -223,6 +227,7 @@ class TransactionalLoop:
         self._unqueue(partitions)
         self.processor.on_revoke(partitions)
         self.assigned -= {(tp.topic, tp.partition) for tp in partitions}
+        self._at_end -= {(tp.topic, tp.partition) for tp in partitions}
         self.rebalances += bool(partitions)
 
     def _lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -230,6 +235,7 @@ class TransactionalLoop:
         self._unqueue(partitions)
         self.processor.on_lost(partitions)
         self.assigned -= {(tp.topic, tp.partition) for tp in partitions}
+        self._at_end -= {(tp.topic, tp.partition) for tp in partitions}
         self.rebalances += bool(partitions)
 
     # -- restores (main loop, between batches) ------------------------------------------
@@ -288,6 +294,7 @@ class TransactionalLoop:
     def _seek(self, tp: TopicPartition) -> None:
         """Seek, waiting out the moment right after an assignment when the client refuses."""
         assert self.consumer is not None
+        self._at_end.discard((tp.topic, tp.partition))
         for attempt in range(SEEK_TRIES):
             try:
                 self.consumer.seek(tp)
@@ -316,7 +323,7 @@ class TransactionalLoop:
                 self._maintain()
                 generation = self.rebalances
                 wait = 0.0 if self.restoring else k.commit_interval_ms / 1000.0
-                msgs = self.consumer.consume(k.commit_max_messages, wait)
+                msgs = self._fetch(wait)
                 ends = self._note_backlog(msgs)
                 batch = self._owned([m for m in msgs if self._keep(m)], generation)
                 self.last_progress = time.monotonic()
@@ -330,6 +337,54 @@ class TransactionalLoop:
             self._shutdown(clean=False)
             raise
         self._shutdown(clean=True)
+
+    def _fetch(self, wait: float) -> list[Message]:
+        """The next batch: up to ``commit_max_messages`` messages, waiting at most ``wait``
+        seconds for it to fill. Once every partition read is at its end and nothing new came
+        for ``commit_idle_ms``, a partial batch is taken at once: the end of a burst commits
+        within tens of milliseconds instead of lingering for ``commit_interval_ms``, while a
+        steady trickle still gathers into batches. Batch boundaries never change decisions
+        (batched == sequential), only how many transactions carry them."""
+        assert self.consumer is not None
+        k = self.settings.kafka
+        want = k.commit_max_messages
+        msgs = self.consumer.consume(want, 0.0)  # what the client has fetched already
+        got = self._track_ends(msgs)
+        deadline = time.monotonic() + wait
+        idle = k.commit_idle_ms / 1000.0
+        quiet = False
+        while got < want:
+            left = deadline - time.monotonic()
+            # The client counts its timeout in whole milliseconds: less is no wait at all.
+            if left < 0.001 or (got and quiet and self._all_at_end()):
+                break
+            more = self.consumer.consume(want - got, min(idle, left))
+            n = self._track_ends(more)
+            msgs.extend(more)
+            got += n
+            quiet = n == 0
+        return msgs
+
+    def _track_ends(self, msgs: list[Message]) -> int:
+        """Note partitions reaching (EOF event) or leaving (a message) their end, in order;
+        the number of messages that are not events or errors."""
+        n = 0
+        for m in msgs:
+            err, tp = m.error(), (m.topic(), m.partition())
+            if err is None:
+                n += 1
+            if tp[0] is None or tp[1] is None:
+                continue
+            if err is None:
+                self._at_end.discard((tp[0], tp[1]))
+            elif err.code() == KafkaError._PARTITION_EOF:
+                self._at_end.add((tp[0], tp[1]))
+        return n
+
+    def _all_at_end(self) -> bool:
+        """Every partition this member reads (assigned, not restoring) is at its end."""
+        reading = self.assigned - self.restoring.keys()
+        return bool(reading) and reading <= self._at_end
 
     def _keep(self, m: Message) -> bool:
         err = m.error()
@@ -618,6 +673,7 @@ class TransactionalLoop:
         committed = box[0]
         for tp in committed:
             offset = tp.offset if tp.offset >= 0 else -2  # OFFSET_BEGINNING
+            self._at_end.discard((tp.topic, tp.partition))
             self.consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
 
     def _retry(self, fn: Callable[[], None], stop: threading.Event, what: str) -> None:
