@@ -919,6 +919,7 @@ def evaluate(prep: Prepared, opts: Options) -> dict[str, Any]:
             "noisy_labels": int(st.noisy.sum()),
         },
         "thresholds": main.thresholds,
+        "epsilon_false_flags": exp.settings({}).select.epsilon_false_flags,
         "calibration": main.calibration,
         "counts": {"main": main.counts(), "budget": budget.counts()},
         "keep_rate": {
