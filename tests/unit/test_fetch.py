@@ -150,3 +150,16 @@ def test_seek_and_revoke_forget_the_end() -> None:
     loop._track_ends([_Msg("in", 0, 5, eof=True)])
     loop._revoke(loop.consumer, [TopicPartition("in", 0)])
     assert loop._at_end == set()
+
+
+def test_a_rebalance_ends_the_fetch() -> None:
+    class Rebalancing(_Consumer):
+        def consume(self, num: int, timeout: float) -> list[_Msg]:
+            if len(self.calls) == 1:
+                loop.rebalances += 1  # as an assign callback inside consume() would
+            return super().consume(num, timeout)
+
+    c = Rebalancing([])
+    loop = _loop(c, [("in", 0)])
+    _, took = _timed(loop)
+    assert len(c.calls) == 2 and took < INTERVAL_MS / 1000 / 2

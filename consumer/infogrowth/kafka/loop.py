@@ -344,16 +344,19 @@ class TransactionalLoop:
         for ``commit_idle_ms``, a partial batch is taken at once: the end of a burst commits
         within tens of milliseconds instead of lingering for ``commit_interval_ms``, while a
         steady trickle still gathers into batches. Batch boundaries never change decisions
-        (batched == sequential), only how many transactions carry them."""
+        (batched == sequential), only how many transactions carry them. A rebalance ends the
+        fetch at once: its batch is discarded anyway (:meth:`_owned`), and new partitions'
+        restores should start now, not after ``commit_interval_ms``."""
         assert self.consumer is not None
         k = self.settings.kafka
         want = k.commit_max_messages
+        generation = self.rebalances
         msgs = self.consumer.consume(want, 0.0)  # what the client has fetched already
         got = self._track_ends(msgs)
         deadline = time.monotonic() + wait
         idle = k.commit_idle_ms / 1000.0
         quiet = False
-        while got < want:
+        while got < want and self.rebalances == generation:
             left = deadline - time.monotonic()
             # The client counts its timeout in whole milliseconds: less is no wait at all.
             if left < 0.001 or (got and quiet and self._all_at_end()):
