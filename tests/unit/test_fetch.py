@@ -1,165 +1,318 @@
-"""The loop's fetch: a full batch at once, a partial one after ``commit_idle_ms`` of quiet only
-once every partition read is at its end, otherwise after ``commit_interval_ms``."""
+"""Image references: the allow-list, fetching over HTTP, S3 (moto) and local files, and the
+embed stage's fetch step (a refused or failed fetch is malformed and fetches nothing)."""
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+import os
+from pathlib import Path
 from typing import Any
 
-from confluent_kafka import KafkaError, TopicPartition
+import pytest
 
-from infogrowth.config import load_settings
-from infogrowth.kafka.loop import TransactionalLoop
-
-INTERVAL_MS, IDLE_MS = 400, 20
-
-
-@dataclass
-class _Err:
-    code_: int
-
-    def code(self) -> int:
-        return self.code_
+from infogrowth.errors import ConfigError
+from infogrowth.fetch import FetchError, ImageFetcher, parse_allow_entry, parse_reference
+from infogrowth.messages import Outcome
+from infogrowth.pipeline import EmbedStage
+from infogrowth.schema import Embedded, Sample
+from tests.fixtures.helpers import make_settings
+from tests.fixtures.models import make_jpeg, tiny_clip
+from tests.fixtures.servers import http_files, moto_s3, s3_options
 
 
-@dataclass
-class _Msg:
-    t: str
-    p: int
-    o: int
-    eof: bool = False
-
-    def error(self) -> _Err | None:
-        return _Err(KafkaError._PARTITION_EOF) if self.eof else None
-
-    def topic(self) -> str:
-        return self.t
-
-    def partition(self) -> int:
-        return self.p
-
-    def offset(self) -> int:
-        return self.o
+def fetcher(allow: list[str], **extra: Any) -> ImageFetcher:
+    s = make_settings(**{"limits.image_uri_allow": allow, **extra})
+    return ImageFetcher(s.limits, s.storage)
 
 
-@dataclass
-class _Consumer:
-    """Hands out the planned returns in order; with none left, waits out the timeout."""
-
-    plan: list[list[_Msg]]
-    calls: list[tuple[int, float]] = field(default_factory=list)
-
-    def consume(self, num: int, timeout: float) -> list[_Msg]:
-        self.calls.append((num, timeout))
-        if self.plan:
-            out = self.plan.pop(0)
-            assert len(out) <= num
-            return out
-        time.sleep(timeout)
-        return []
-
-    def seek(self, tp: TopicPartition) -> None:
-        pass
+# -- the allow-list ---------------------------------------------------------------------------
 
 
-class _Processor:
-    name = "test"
-    stateful = False
-
-    def on_revoke(self, partitions: list[TopicPartition]) -> None:
-        pass
-
-
-def _loop(consumer: _Consumer, parts: list[tuple[str, int]], max_messages: int = 10) -> Any:
-    settings = load_settings(
-        None,
-        **{
-            "kafka.commit_interval_ms": INTERVAL_MS,
-            "kafka.commit_idle_ms": IDLE_MS,
-            "kafka.commit_max_messages": max_messages,
-        },
-    )
-    proc = _Processor()
-    loop = TransactionalLoop(settings, proc, group="g", topics=["in"], transactional_id="x")  # type: ignore[arg-type]
-    loop.consumer = consumer  # type: ignore[assignment]
-    loop.assigned = set(parts)
-    return loop
+@pytest.mark.parametrize(
+    ("entry", "uri", "allowed"),
+    [
+        ("https://", "https://any.example/x.jpg", True),
+        ("https://", "http://any.example/x.jpg", False),
+        ("https://img.example/cdn/", "https://img.example/cdn/a/b.jpg", True),
+        ("https://img.example/cdn", "https://img.example/cdn/a.jpg", True),
+        ("https://img.example/cdn", "https://img.example/cdnx/a.jpg", False),
+        ("https://img.example/cdn/", "https://IMG.example/cdn/a.jpg", True),
+        ("https://img.example/", "https://img.example.evil/a.jpg", False),
+        ("https://img.example/", "https://img.example:8443/a.jpg", False),
+        ("s3://bucket/images/", "s3://bucket/images/1.jpg", True),
+        ("s3://bucket/images/", "s3://bucket2/images/1.jpg", False),
+        ("s3://bucket/images/", "s3://bucket/other/1.jpg", False),
+        ("s3://", "s3://whatever/k.jpg", True),
+    ],
+)
+def test_allow_list_covers_scheme_host_and_path_prefix(entry: str, uri: str, allowed: bool) -> None:
+    assert parse_allow_entry(entry).covers(parse_reference(uri)) is allowed
 
 
-def _data(p: int, lo: int, n: int) -> list[_Msg]:
-    return [_Msg("in", p, o) for o in range(lo, lo + n)]
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "https://img.example/cdn/../admin",  # dot segments would leave the prefix after normalising
+        "https://img.example/cdn/%2e%2e/admin",
+        "https://img.example@evil.example/cdn/a.jpg",  # userinfo
+        "https://img.example/cdn/a.jpg?x=1",
+        "relative/path.jpg",
+        "ftp://img.example/cdn/a.jpg",
+        "https://img.example/cdn\\a.jpg",
+    ],
+)
+def test_references_that_could_escape_a_prefix_are_refused(uri: str) -> None:
+    f = fetcher(["https://img.example/cdn/"])
+    with pytest.raises(FetchError):
+        f.check(uri)
 
 
-def _timed(loop: Any) -> tuple[list[_Msg], float]:
-    t0 = time.monotonic()
-    msgs = loop._fetch(INTERVAL_MS / 1000)
-    return msgs, time.monotonic() - t0
+@pytest.mark.parametrize("entry", ["gopher://x/", "https://u:p@host/", "/data/../etc/", "s3:///x/"])
+def test_bad_allow_list_entry_fails_at_start_naming_the_key(entry: str) -> None:
+    with pytest.raises(ConfigError, match=r"limits\.image_uri_allow"):
+        make_settings(**{"limits.image_uri_allow": [entry]})
 
 
-def test_a_full_batch_is_taken_without_waiting() -> None:
-    c = _Consumer([_data(0, 0, 10)])
-    msgs, took = _timed(_loop(c, [("in", 0)]))
-    assert len(msgs) == 10 and c.calls == [(10, 0.0)] and took < 0.1
+def test_empty_allow_list_refuses_everything() -> None:
+    with pytest.raises(FetchError, match="image_uri_allow is empty"):
+        fetcher([]).check("https://img.example/a.jpg")
 
 
-def test_the_end_of_a_burst_commits_after_the_idle_gap_not_the_interval() -> None:
-    c = _Consumer([[*_data(0, 0, 3), _Msg("in", 0, 3, eof=True)]])
-    msgs, took = _timed(_loop(c, [("in", 0)]))
-    assert [m.o for m in msgs if not m.eof] == [0, 1, 2]
-    assert took < INTERVAL_MS / 1000 / 2
-    assert len(c.calls) == 2 and c.calls[1] == (7, IDLE_MS / 1000)  # one quiet slice, then go
+# -- local files ------------------------------------------------------------------------------
 
 
-def test_a_partial_batch_waits_out_the_interval_until_the_partitions_are_at_their_end() -> None:
-    c = _Consumer([_data(0, 0, 3)])  # no EOF: more may be on its way
-    msgs, took = _timed(_loop(c, [("in", 0)]))
-    assert len(msgs) == 3 and took >= INTERVAL_MS / 1000 * 0.95
+def test_local_files_stay_under_an_allowed_prefix(tmp_path: Path) -> None:
+    allowed = tmp_path / "imgs"
+    allowed.mkdir()
+    (allowed / "a.jpg").write_bytes(b"jpeg-a")
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"password")
+    os.symlink(secret, allowed / "link.jpg")  # a symlink inside that points outside
+    os.mkfifo(allowed / "fifo.jpg")
+    f = fetcher([f"file://{allowed}/"])
+    assert f.fetch(f"file://{allowed}/a.jpg") == b"jpeg-a"
+    assert f.fetch(str(allowed / "a.jpg")) == b"jpeg-a"  # an absolute path is a file:// one
+    for bad in (str(secret), str(allowed / "link.jpg"), f"{allowed}/../secret.txt"):
+        with pytest.raises(FetchError):
+            f.fetch(bad)
+    with pytest.raises(FetchError, match="regular file"):
+        f.fetch(str(allowed / "fifo.jpg"))
+    with pytest.raises(FetchError, match="over the limit"):
+        fetcher([str(allowed)], **{"limits.max_image_bytes": 3}).fetch(str(allowed / "a.jpg"))
 
 
-def test_every_partition_read_must_be_at_its_end() -> None:
-    c = _Consumer([[*_data(0, 0, 3), _Msg("in", 0, 3, eof=True)]])
-    _, took = _timed(_loop(c, [("in", 0), ("in", 1)]))
-    assert took >= INTERVAL_MS / 1000 * 0.95
-    # ...unless the other one is restoring (paused: nothing comes from it)
-    c = _Consumer([[*_data(0, 0, 3), _Msg("in", 0, 3, eof=True)]])
-    loop = _loop(c, [("in", 0), ("in", 1)])
-    loop.restoring[("in", 1)] = None
-    _, took = _timed(loop)
-    assert took < INTERVAL_MS / 1000 / 2
+# -- HTTP ---------------------------------------------------------------------------------------
 
 
-def test_a_message_after_the_end_means_the_partition_is_no_longer_at_it() -> None:
-    c = _Consumer([[_Msg("in", 0, 0, eof=True), *_data(0, 0, 2)]])
-    _, took = _timed(_loop(c, [("in", 0)]))
-    assert took >= INTERVAL_MS / 1000 * 0.95
+def test_http_fetch_with_size_limit_redirects_and_timeout() -> None:
+    files = {"/img/a.jpg": b"a" * 100, "/img/big.jpg": b"b" * 5000, "/private/x": b"secret"}
+    with http_files(files) as srv:
+        srv.redirects["/img/moved.jpg"] = f"{srv.url}/private/x"
+        srv.slow["/img/slow.jpg"] = 6.0
+        srv.files["/img/slow.jpg"] = b"s"
+        f = fetcher(
+            [f"{srv.url}/img/"],
+            **{"limits.max_image_bytes": 1000, "limits.image_fetch_timeout_s": 2.0},
+        )
+        assert f.fetch(f"{srv.url}/img/a.jpg") == b"a" * 100
+
+        with pytest.raises(FetchError, match="over the limit"):
+            f.fetch(f"{srv.url}/img/big.jpg")
+        assert ("GET", "/img/big.jpg") not in srv.requests  # refused from the header
+
+        with pytest.raises(FetchError, match=r"(?i)not found"):
+            f.fetch(f"{srv.url}/img/missing.jpg")
+
+        with pytest.raises(FetchError, match="redirect"):
+            f.fetch(f"{srv.url}/img/moved.jpg")
+        with pytest.raises(FetchError, match="not fetched"):
+            f.fetch(f"{srv.url}/private/x")
+        assert "/private/x" not in srv.paths_requested()
+
+        with pytest.raises(FetchError, match=r"Timeout|timed out"):
+            f.fetch(f"{srv.url}/img/slow.jpg")
 
 
-def test_new_messages_keep_the_batch_open_and_fill_it() -> None:
-    c = _Consumer([[*_data(0, 0, 3), _Msg("in", 0, 3, eof=True)], _data(0, 3, 4), _data(0, 7, 3)])
-    msgs, _ = _timed(_loop(c, [("in", 0)]))
-    assert [m.o for m in msgs if not m.eof] == list(range(10))  # full: no wait for quiet
+def test_submit_refuses_disallowed_references_without_a_request() -> None:
+    with http_files({"/ok/a.jpg": b"a", "/no/b.jpg": b"b"}) as srv:
+        f = fetcher([f"{srv.url}/ok/"])
+        futures = f.submit([f"{srv.url}/no/b.jpg", f"{srv.url}/ok/a.jpg"])
+        with pytest.raises(FetchError, match="not fetched"):
+            f.result(futures[0], 5)
+        assert f.result(futures[1], 5) == b"a"
+        f.close()
+        assert srv.paths_requested() == {"/ok/a.jpg"}
 
 
-def test_seek_and_revoke_forget_the_end() -> None:
-    loop = _loop(_Consumer([]), [("in", 0)])
-    loop._track_ends([_Msg("in", 0, 5, eof=True)])
-    assert loop._all_at_end()
-    loop._seek(TopicPartition("in", 0, 2))
-    assert not loop._all_at_end()
-    loop._track_ends([_Msg("in", 0, 5, eof=True)])
-    loop._revoke(loop.consumer, [TopicPartition("in", 0)])
-    assert loop._at_end == set()
+# -- S3 (moto's server) ---------------------------------------------------------------------------
 
 
-def test_a_rebalance_ends_the_fetch() -> None:
-    class Rebalancing(_Consumer):
-        def consume(self, num: int, timeout: float) -> list[_Msg]:
-            if len(self.calls) == 1:
-                loop.rebalances += 1  # as an assign callback inside consume() would
-            return super().consume(num, timeout)
+def test_s3_fetch_through_moto() -> None:
+    with moto_s3({"bkt": {"img/a.jpg": b"s3-bytes", "private/k": b"no"}}) as endpoint:
+        f = fetcher(["s3://bkt/img/"], **{"storage.options": {"s3": s3_options(endpoint)}})
+        assert f.fetch("s3://bkt/img/a.jpg") == b"s3-bytes"
+        with pytest.raises(FetchError, match=r"(?i)not found"):
+            f.fetch("s3://bkt/img/none.jpg")
+        with pytest.raises(FetchError, match="not fetched"):
+            f.fetch("s3://bkt/private/k")
 
-    c = Rebalancing([])
-    loop = _loop(c, [("in", 0)])
-    _, took = _timed(loop)
-    assert len(c.calls) == 2 and took < INTERVAL_MS / 1000 / 2
+
+def test_storage_secrets_are_masked_when_settings_are_printed() -> None:
+    from infogrowth.config import redacted_settings
+
+    s = make_settings(**{"storage.options": {"s3": {"key": "AKIAXYZ", "secret": "s3cr3t!"}}})
+    shown = repr(s) + str(redacted_settings(s))
+    assert "AKIAXYZ" not in shown and "s3cr3t!" not in shown
+
+
+# -- the embed stage's fetch step --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from infogrowth.encode import build_encoder
+
+    path = tiny_clip(tmp_path_factory.mktemp("models") / "clip")
+    settings = make_settings(**{"encoder.kind": "dual", "encoder.model": str(path)})
+    return build_encoder(settings.encoder, settings.limits)
+
+
+def test_embed_stage_fetches_references_and_rejects_refused_ones(clip: Any) -> None:
+    images = {f"/img/{i}.jpg": make_jpeg(40, 40, seed=i) for i in range(6)}
+    with http_files({**images, "/other/x.jpg": make_jpeg(40, 40, seed=9)}) as srv:
+        settings = make_settings(
+            **{
+                "limits.image_uri_allow": [f"{srv.url}/img/"],
+                "encoder.kind": "dual",
+                "clean.enabled": False,
+            }
+        )
+        stage = EmbedStage(settings, clip)
+        inline = Sample(id="inline", text="a cat", image=images["/img/0.jpg"])
+        refs = [
+            Sample(id=f"r{i}", text="a cat", image_uri=f"{srv.url}/img/{i}.jpg") for i in range(6)
+        ]
+        bad = Sample(id="bad", text="a dog", image_uri=f"{srv.url}/other/x.jpg")
+        gone = Sample(id="gone", text="a dog", image_uri=f"{srv.url}/img/none.jpg")
+        out = stage.process([inline, *refs, bad, gone])
+        stage.close()
+
+        assert [r.id for r in out] == ["inline", *[s.id for s in refs], "bad", "gone"]
+        for r in out[:7]:
+            assert isinstance(r, Embedded), r
+        assert out[1].image_uri == refs[0].image_uri and out[1].image == images["/img/0.jpg"]
+        # the inline image and its fetched twin embed to the same vector
+        assert float(out[0].vectors["image"] @ out[1].vectors["image"]) == pytest.approx(1.0)
+        for r, why in ((out[7], "not fetched"), (out[8], "Not Found")):
+            assert isinstance(r, Outcome)
+            assert (r.decision, r.reason) == ("rejected", "malformed")
+            assert why in (r.detail or "")
+        assert "/other/x.jpg" not in srv.paths_requested()
+
+
+def test_embed_stage_fetches_nothing_it_does_not_need(clip: Any) -> None:
+    """Text-only model, or a precomputed image vector: the reference is only carried."""
+    from infogrowth.encode import build_encoder, minilm_path
+
+    with http_files({"/img/a.jpg": make_jpeg(40, 40)}) as srv:
+        settings = make_settings(**{"limits.image_uri_allow": [f"{srv.url}/"]})
+        uri = f"{srv.url}/img/a.jpg"
+        stage = EmbedStage(settings, None)
+        vec = [1.0, 0.0, 0.5]
+        out = stage.process([Sample(id="p", image_uri=uri, embedding={"image": _arr(vec)})])
+        assert isinstance(out[0], Embedded) and out[0].image is None and out[0].image_uri == uri
+        mini = minilm_path()
+        if mini is not None:
+            enc_settings = make_settings(**{"encoder.kind": "text", "encoder.model": str(mini)})
+            text = build_encoder(enc_settings.encoder, enc_settings.limits)
+            stage = EmbedStage(settings, text)
+            out = stage.process([Sample(id="t", text="hello", image_uri=uri)])
+            assert isinstance(out[0], Embedded)
+        assert srv.requests == []
+
+
+def _arr(values: list[float]) -> Any:
+    import numpy as np
+
+    return np.asarray(values, dtype=np.float32)
+
+
+class RecordingImageEncoder:
+    """An image-only encoder that notes when each batch reaches it (batch size 2)."""
+
+    spaces = ("image",)
+    dims = {"image": 4}  # noqa: RUF012
+    fingerprint = "recording"
+    batch_size = 2
+
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+
+    def encode_images(self, images: Any) -> Any:
+        import time
+
+        import numpy as np
+
+        self.calls.append(time.monotonic())
+        return np.ones((len(images), 4), dtype=np.float32)
+
+    def encode_texts(self, texts: Any) -> Any:  # pragma: no cover - no text tower
+        raise AssertionError("no text tower")
+
+
+def test_fetches_run_concurrently() -> None:
+    """Four HEAD requests must be in flight together, or the server's barrier breaks."""
+    import threading
+
+    with http_files({f"/img/{i}.jpg": make_jpeg(20, 20, seed=i) for i in range(4)}) as srv:
+        srv.barrier = threading.Barrier(4, timeout=10)
+        settings = make_settings(
+            **{"limits.image_uri_allow": [srv.url], "limits.image_fetch_concurrency": 4}
+        )
+        stage = EmbedStage(settings, RecordingImageEncoder())
+        out = stage.process(
+            [Sample(id=f"r{i}", image_uri=f"{srv.url}/img/{i}.jpg") for i in range(4)]
+        )
+        stage.close()
+    assert all(isinstance(r, Embedded) for r in out), out
+
+
+def test_fetching_overlaps_the_forward_pass() -> None:
+    """The model embeds the first window while later images are still downloading."""
+    images = {f"/img/{i}.jpg": make_jpeg(20, 20, seed=i) for i in range(6)}
+    with http_files(images) as srv:
+        for i in (4, 5):
+            srv.slow[f"/img/{i}.jpg"] = 1.5
+        settings = make_settings(**{"limits.image_uri_allow": [srv.url]})
+        encoder = RecordingImageEncoder()
+        stage = EmbedStage(settings, encoder)
+        out = stage.process(
+            [Sample(id=f"r{i}", image_uri=f"{srv.url}/img/{i}.jpg") for i in range(6)]
+        )
+        stage.close()
+        slow_done = min(srv.answered["/img/4.jpg"], srv.answered["/img/5.jpg"])
+    assert all(isinstance(r, Embedded) for r in out), out
+    assert len(encoder.calls) == 3
+    assert encoder.calls[0] < slow_done
+
+
+def test_outputs_include_image_takes_reference_and_rejects_other_text() -> None:
+    from infogrowth.messages import Outcome, output_record
+    from infogrowth.select import Thresholds
+
+    assert make_settings(outputs_include_image="reference").outputs_include_image == "reference"
+    assert make_settings(outputs_include_image="false").outputs_include_image is False
+    with pytest.raises(ConfigError, match="outputs_include_image"):
+        make_settings(outputs_include_image="bytes")
+    item = Embedded(id="a", vectors={}, image=b"img", image_uri="s3://b/a")
+    o = Outcome(id="a", decision="accepted", reason=None, item=item)
+    t = Thresholds(policy="all", k=4, epsilon={})
+    carried = {
+        mode: (rec["image"], rec["image_uri"])
+        for mode in (True, "reference", False)
+        for rec in [output_record(o, t, include_image=mode)]
+    }
+    assert carried == {
+        True: (b"img", "s3://b/a"),
+        "reference": (None, "s3://b/a"),
+        False: (None, None),
+    }
