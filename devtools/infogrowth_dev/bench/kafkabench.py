@@ -115,8 +115,8 @@ def run_kafka(settings: Settings, inp: Path, seed_file: Path, n: int) -> dict[st
     """Both stages in one process (``run --role all``), started and idle before the input
     arrives: the input, packed beforehand, is produced once every stage holds its partitions
     and has restored its state (librdkafka's own threads send it; the Python side of 10,000
-    ``produce`` calls of ~4.7 kB takes ~0.1 s), so the rate counts neither the stages' start-up nor the
-    encoding of the input, as ``curate``'s counts no seeding."""
+    ``produce`` calls of ~4.7 kB takes ~0.1 s), so the rate counts neither the stages'
+    start-up nor the encoding of the input, as ``curate``'s counts no seeding."""
     from infogrowth.kafka.admin import admin_config, ensure_topics, topic_specs
     from infogrowth.kafka.run import build, start
     from infogrowth.kafka.seed import seed
