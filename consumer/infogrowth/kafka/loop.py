@@ -373,15 +373,14 @@ class TransactionalLoop:
         the number of messages that are not events or errors."""
         n = 0
         for m in msgs:
-            err, tp = m.error(), (m.topic(), m.partition())
-            if err is None:
-                n += 1
-            if tp[0] is None or tp[1] is None:
+            err, t, p = m.error(), m.topic(), m.partition()
+            n += err is None
+            if t is None or p is None:
                 continue
             if err is None:
-                self._at_end.discard((tp[0], tp[1]))
+                self._at_end.discard((t, p))
             elif err.code() == KafkaError._PARTITION_EOF:
-                self._at_end.add((tp[0], tp[1]))
+                self._at_end.add((t, p))
         return n
 
     def _all_at_end(self) -> bool:

@@ -120,6 +120,7 @@ def run_kafka(settings: Settings, inp: Path, seed_file: Path, n: int) -> dict[st
     from infogrowth.kafka.admin import admin_config, ensure_topics, topic_specs
     from infogrowth.kafka.run import build, start
     from infogrowth.kafka.seed import seed
+    from infogrowth.kafka.tools import produce
 
     report = ensure_topics(
         admin_config(settings), topic_specs(settings.kafka.topics, settings.limits)
@@ -127,8 +128,8 @@ def run_kafka(settings: Settings, inp: Path, seed_file: Path, n: int) -> dict[st
     if not report.ok_all:
         raise RuntimeError(f"topics: {report.mismatches}")
     seed(settings, seed_file)
-    messages = _ingest_messages(settings, inp)
-    assert len(messages) == n
+    values = _ingest_values(settings, inp)
+    assert len(values) == n
     t0 = time.perf_counter()
     rt = build(settings, "all")
     start(rt)
@@ -136,7 +137,7 @@ def run_kafka(settings: Settings, inp: Path, seed_file: Path, n: int) -> dict[st
     last: tuple[float, int] = (t0, 0)
     try:
         _wait_idle(rt, time.monotonic() + 300)
-        _send(settings, messages)
+        produce(settings, [], raw=values)  # unkeyed: the bench's ingest has one partition
         deadline = time.monotonic() + 1800
         while time.monotonic() < deadline:
             if rt.errors:
@@ -164,38 +165,18 @@ def run_kafka(settings: Settings, inp: Path, seed_file: Path, n: int) -> dict[st
     return {"steady": (c2 - c1) / max(t2 - t1, 1e-9), "end_to_end": n / (t2 - t0 - IDLE_SETTLE_S)}
 
 
-def _ingest_messages(settings: Settings, inp: Path) -> list[tuple[bytes, bytes | None]]:
-    """(value, key) of every ingest message, as ``infogrowth produce`` encodes them."""
+def _ingest_values(settings: Settings, inp: Path) -> list[bytes]:
+    """Every ingest message's value, as ``infogrowth produce`` encodes it."""
     from infogrowth.files import settings_inputs
     from infogrowth.messages import sample_record
     from infogrowth.schema import Malformed, pack
 
-    out: list[tuple[bytes, bytes | None]] = []
-    for item in settings_inputs(settings, [inp]):
-        if isinstance(item, Malformed):
-            out.append((item.payload, item.id.encode() if item.id else None))
-        else:
-            out.append((pack("ingest", sample_record(item), check=False), item.id.encode()))
-    return out
-
-
-def _send(settings: Settings, messages: list[tuple[bytes, bytes | None]]) -> None:
-    from confluent_kafka import Producer
-
-    from infogrowth.kafka.clients import producer_config
-    from infogrowth.kafka.tools import INGEST_HEADERS
-
-    p = Producer(producer_config(settings, None))
-    topic = settings.kafka.topics.ingest
-    for value, key in messages:
-        while True:
-            try:
-                p.produce(topic, value=value, key=key, headers=INGEST_HEADERS)
-                break
-            except BufferError:
-                p.poll(0.05)
-    if p.flush(120):
-        raise RuntimeError("the bench input was not delivered")
+    return [
+        item.payload
+        if isinstance(item, Malformed)
+        else pack("ingest", sample_record(item), check=False)
+        for item in settings_inputs(settings, [inp])
+    ]
 
 
 def _wait_idle(rt: Any, deadline: float) -> None:

@@ -136,7 +136,7 @@ def bench(
     return {
         "params": {
             "dim": dim,
-            "spaces": len(synth.SPACES[:spaces_n]),
+            "spaces": spaces_n,
             "tail": tail,
             "repeats": repeats,
             "m": cfg.m,
