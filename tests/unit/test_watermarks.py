@@ -28,6 +28,14 @@ def test_a_moving_leader_is_asked_again() -> None:
     assert c.calls == 3
 
 
+def test_a_dropped_broker_handle_is_asked_again() -> None:
+    """A killed cluster node leaves the metadata while a request waits on it (seen in the
+    cluster-coordinator chaos scenario at a stage's start-up)."""
+    c: Any = _Flaky([KafkaError._DESTROY_BROKER])
+    assert watermarks(c, TopicPartition("t", 0), 5) == (3, 17)
+    assert c.calls == 2
+
+
 def test_other_errors_raise_at_once() -> None:
     c: Any = _Flaky([KafkaError.TOPIC_AUTHORIZATION_FAILED])
     with pytest.raises(KafkaException):

@@ -101,10 +101,12 @@ _MOVING = frozenset(
         KafkaError.UNKNOWN_TOPIC_OR_PART,
         KafkaError._TRANSPORT,
         KafkaError._TIMED_OUT,
+        KafkaError._DESTROY_BROKER,
     }
 )
 """Errors of a partition whose leader is moving (a cluster broker died) or that has no leader
-yet (a topic created a moment ago): ask again."""
+yet (a topic created a moment ago): ask again. ``_DESTROY_BROKER``: the client dropped the handle
+of a broker that left the cluster's metadata while the request waited on it."""
 
 
 def watermarks(c: Consumer, tp: TopicPartition, timeout_s: float = 30.0) -> tuple[int, int]:
