@@ -272,6 +272,59 @@ def test_a_foreign_changelog_write_is_replayed_into_the_running_state(
     assert audit(settings).ok
 
 
+def test_a_zombie_transaction_open_below_the_owners_commits_never_truncates_its_state(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """Another producer's transaction (a zombie's: records written, offsets not sent yet) stays
+    open on every changelog partition while the stage decides new input. Its commits land after
+    those records and show as a gap; a read_committed replay then ends at the zombie's first
+    record, so a replay that did not wait for the zombie's transaction to end dropped the stage's
+    own commits and decided the next batch without them: exact copies of items it had just kept
+    were kept again."""
+    n = 100
+    settings, _inp, _seed = _prepare(tmp_path, kafka_bootstrap, n=n)
+    cal = read_calibration(settings)
+    assert cal is not None
+    topics = settings.kafka.topics
+    rt = build(settings, "all")
+    start(rt)
+    sel = rt.select
+    assert sel is not None
+    zp = Producer(producer_config(settings, "zombie-open"))
+    try:
+        _run_until_drained(rt)
+        zp.init_transactions(30)
+        zp.begin_transaction()
+        for p in sorted(sel.states):
+            z = embedded_from_record({"id": f"zombie-{p}", **_vectors_of(sel.states[p])}, cal.dims)
+            value = pack("changelog", changelog_record(z, epoch=cal.epoch))
+            zp.produce(topics.changelog, value=value, key=z.id.encode(), partition=p)
+        zp.flush(30)
+        first = clustered(40, seed=76, prefix="first").samples
+        before = sel.committed_outputs
+        assert produce(settings, [write_jsonl(tmp_path / "first.jsonl", first)]) == len(first)
+        _wait(lambda: sel.committed_outputs > before, 120, "a first commit after the zombie", rt)
+        copies = [{**r, "id": "copy-" + r["id"]} for r in first]
+        assert produce(settings, [write_jsonl(tmp_path / "copies.jsonl", copies)]) == len(copies)
+        time.sleep(4.0)  # the copies are decided now, or wait for the zombie to end
+        zp.abort_transaction(30)
+        _run_until_drained(rt)
+        held = {i for st in sel.states.values() for i in st.ids}
+    finally:
+        _stop(rt)
+    assert not rt.errors, rt.errors
+    assert audit(settings).ok
+    got = kafka_decisions(settings)
+    kept = [r["id"] for r in first if got[r["id"]][0] in ("accepted", "relabeled")]
+    assert kept, "nothing of the first input was kept"
+    assert [i for i in kept if i not in held] == [], "own commits missing from the state"
+    again = {
+        i: got["copy-" + i][:2] for i in kept if got["copy-" + i][:2] != ("rejected", "duplicate")
+    }
+    assert again == {}, "copies of items kept a moment before were not duplicates"
+    assert not any(i.startswith("zombie-") for i in held)
+
+
 def _vectors_of(state: Any) -> dict[str, Any]:
     """A changelog-shaped ``vectors`` field: the state's first item, slightly moved."""
     from infogrowth.schema import vector_to_bytes

@@ -35,6 +35,12 @@ from infogrowth.schema import Embedded, unpack
 log = logging.getLogger(__name__)
 SETTLE_S = 0.05
 """How long a restore step waits for the previous batch's inserts before yielding to the loop."""
+COVER_POLL_S = 0.25
+"""How often a restore waiting for the changelog's last stable offset
+(:attr:`PartitionRestore.cover`) asks for it again."""
+COVER_GRACE_S = 10.0
+"""How long past ``kafka.transaction_timeout_ms`` it waits before it gives up and goes on with
+what is committed: by then the transaction coordinator has aborted the transaction in the way."""
 
 
 def fast_threads(settings: Settings, n_spaces: int) -> int:
@@ -114,9 +120,14 @@ class PartitionRestore:
     fast: bool = False
     """This restore rebuilds with multi-threaded inserts (``restore.fast_rebuild``, no
     snapshot)."""
+    cover: int | None = None
+    """A changelog offset the restored state must include (the owner's own last committed
+    record): the restore first waits until the partition's last stable offset is past it."""
+    waited_s: float = 0.0
 
     def steps(self) -> Generator[None, None, PartitionState | None]:
         t0 = time.perf_counter()
+        yield from self._await_cover()
         state = self._snapshot()
         yield
         start = state.changelog_offset + 1 if state is not None else -2
@@ -164,6 +175,53 @@ class PartitionRestore:
             state = self._apply(state, buf)
         yield from _settled(state)
         return self._online(state, online)
+
+    def _await_cover(self) -> Generator[None, None, None]:
+        """Yield until a read_committed reader sees :attr:`cover`. The last stable offset stops
+        at the first transaction still open, so a zombie's transaction (a member frozen past its
+        session, its records written before the partition moved) hides every commit after it,
+        the new owner's own included, until it aborts; a state rebuilt meanwhile would lack
+        them. Bounded by the transaction timeout (the coordinator aborts it by then)."""
+        if self.cover is None:
+            return
+        topic = self.settings.kafka.topics.changelog
+        t0 = time.monotonic()
+        limit = t0 + self.settings.kafka.transaction_timeout_ms / 1000.0 + COVER_GRACE_S
+        logged = False
+        while True:
+            end = control.end_offset(self.settings, topic, self.partition)
+            if end > self.cover:
+                break
+            now = time.monotonic()
+            if now > limit:
+                log.error(
+                    "partition %d: the changelog's last stable offset is still %d after %.0f s, "
+                    "before this stage's own commits (to %d); rebuilding from what it shows",
+                    self.partition,
+                    end,
+                    now - t0,
+                    self.cover,
+                )
+                break
+            if not logged:
+                log.warning(
+                    "partition %d: the changelog's last stable offset %d is before this stage's "
+                    "own commits (to %d): another producer's transaction (a zombie's) is open "
+                    "below them; the rebuild waits for it to end",
+                    self.partition,
+                    end,
+                    self.cover,
+                )
+                logged = True
+            pause = now + COVER_POLL_S
+            while True:  # at least one step between two asks
+                time.sleep(min(SETTLE_S, max(0.0, pause - time.monotonic())))
+                yield
+                if time.monotonic() >= pause:
+                    break
+        self.waited_s = time.monotonic() - t0
+        if logged:
+            log.info("partition %d: waited %.1f s for the changelog", self.partition, self.waited_s)
 
     def _snapshot(self) -> PartitionState | None:
         lay = self.layout

@@ -122,6 +122,13 @@ class SelectProcessor:
         beyond it means someone else wrote in between (a seed, a zombie), so the partition is
         replayed."""
         self.replay: set[int] = set()
+        """Partitions to rebuild before they are processed again (a gap at commit, an abort whose
+        rebuild could not reach this stage's own commits)."""
+        self.covered: dict[int, int] = {}
+        """Per owned partition, the last changelog offset this stage's own committed
+        transactions wrote: a rebuild must reach it. A read_committed reader stops at the last
+        stable offset, which another producer's open transaction below (a zombie's, frozen past
+        its session) holds back until it ends."""
         fixer = settings.clean.fixer
         self.neighbour_fixer = fixer in ("auto", "neighbours")
         self.pending = 0
@@ -199,8 +206,11 @@ class SelectProcessor:
             calibration=self.calibration_id,
         )
 
-    def _new_restore(self, p: int) -> PartitionRestore:
-        return PartitionRestore(self.settings, p, self.snapshot_dir(p), self._layout())
+    def _new_restore(self, p: int, *, wait: bool = True) -> PartitionRestore:
+        """A restore of ``p``; with ``wait`` it first waits until the changelog's committed
+        view reaches this stage's own commits (:attr:`covered`)."""
+        cover = self.covered.get(p) if wait else None
+        return PartitionRestore(self.settings, p, self.snapshot_dir(p), self._layout(), cover=cover)
 
     def _finish_restore(self, r: PartitionRestore, state: PartitionState | None) -> None:
         """Adopt a finished restore's result: the state, where the changelog ended, metrics."""
@@ -217,11 +227,27 @@ class SelectProcessor:
             self.last_snapshot.setdefault(p, time.time())
 
     def restore(self, p: int) -> PartitionState | None:
-        """Snapshot (verified) + changelog replay in one go; the state is also installed."""
+        """Snapshot (verified) + changelog replay in one go; the state is also installed.
+
+        It does not wait (it runs inside the poll loop): if the changelog's committed view ends
+        before this stage's own commits, nothing is installed and ``p`` is queued for a rebuild
+        in steps (:meth:`maintain`), which waits for it."""
         self._restoring_now = True
         try:
-            r = self._new_restore(p)
+            r = self._new_restore(p, wait=False)
             state = run_to_end(r)
+            cover = self.covered.get(p)
+            if cover is not None and (r.end is None or r.end <= cover):
+                log.warning(
+                    "partition %d: the changelog's committed view ends at %s, before this "
+                    "stage's own commits (to %d): another producer's transaction is open below "
+                    "them; rebuilding once it ends",
+                    p,
+                    r.end,
+                    cover,
+                )
+                self.replay.add(p)
+                return None
             self._finish_restore(r, state)
             return state
         finally:
@@ -402,6 +428,7 @@ class SelectProcessor:
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
         self.owned -= {tp.partition for tp in partitions}
         for tp in partitions:
+            self.covered.pop(tp.partition, None)
             self._cancel(tp.partition)
             if self.dirty.get(tp.partition) and tp.partition not in self.uncommitted:
                 self.save_snapshot(tp.partition)
@@ -410,6 +437,7 @@ class SelectProcessor:
     def on_lost(self, partitions: list[TopicPartition]) -> None:
         self.owned -= {tp.partition for tp in partitions}
         for tp in partitions:
+            self.covered.pop(tp.partition, None)
             self._cancel(tp.partition)
             self._drop(tp.partition)
 
@@ -422,7 +450,7 @@ class SelectProcessor:
             self._drop(p)
         self.uncommitted.clear()
         if self._next_cal is None:
-            for p in sorted(rebuild):
+            for p in sorted(rebuild - self.replay):  # those are rebuilt in steps anyway
                 self.restore(p)
 
     def on_commit(self, out: Output) -> None:
@@ -445,6 +473,7 @@ class SelectProcessor:
                 self.replay.add(p)
             self.states[p].changelog_offset = max(self.states[p].changelog_offset, offset)
             self.next_offset[p] = offset + 2  # after this transaction's commit marker
+            self.covered[p] = max(self.covered.get(p, -1), offset)
         for p in list(self.states):
             if self.metrics is not None:
                 st = self.states[p]
@@ -500,6 +529,9 @@ class SelectProcessor:
         restoring = sorted(set(by_part) & set(self.restores))
         if restoring:
             raise StaleBatch(f"partitions {restoring} are still restoring")
+        rebuild = sorted(set(by_part) & self.replay)
+        if rebuild:  # their state misses records (or is gone): rebuilt before they go on
+            raise StaleBatch(f"partitions {rebuild} await a rebuild")
         for p, msgs in sorted(by_part.items()):
             self._process_partition(p, msgs, out)
 
