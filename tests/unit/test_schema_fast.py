@@ -359,3 +359,49 @@ def test_fast_checks_were_written_for_these_schemas(kind: str, digest: str) -> N
     assert hashlib.sha256(text).hexdigest()[:16] == digest, (
         f"schemas/{kind} rules changed: mirror the change in schema.py's fast check for {kind!r}"
     )
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [1e-45, 1e-45],  # underflows float32 entirely
+        [1e-41, 0.0],  # a float32 subnormal survives
+        [1e-40] * 300,  # squared norm just around the fast path's lower bound
+        [3e38, 1.0],
+        [3.0000001e38],
+        [1e38] * 300,  # squared norm beyond the fast path's upper bound, values in range
+        [1e154, 1e154],  # the squared norm overflows float64
+        [1e-160, 1.0],
+        [0.0, 0.0],
+        [math.nan, 1.0],
+        [-math.inf],
+        [2**70, 1],  # an integer beyond float32's exact range, in range
+    ],
+)
+def test_vectors_at_the_fast_paths_bounds_give_the_old_verdicts(values: list[Any]) -> None:
+    raw = {"image": values}
+    try:
+        want: Any = _old_parse_embedding(raw, LIMITS)
+    except SchemaError as exc:
+        want = str(exc)
+    try:
+        got: Any = schema._parse_embedding(raw, LIMITS)
+    except SchemaError as exc:
+        got = str(exc)
+    if isinstance(want, str):
+        assert got == want
+    else:
+        assert got["image"].dtype == np.float32
+        assert np.array_equal(got["image"], want["image"])
+
+
+def test_unit_vectors_are_the_norm_division_bit_for_bit() -> None:
+    from infogrowth.pipeline import _unit
+
+    rng = np.random.default_rng(3)
+    for scale in (1e-30, 1e-3, 1.0, 1e3, 1e30):
+        v = (rng.normal(size=(50, 64)) * scale).astype(np.float32)
+        for row in v:
+            x = row.astype(np.float64)
+            want = (x / float(np.linalg.norm(x))).astype(np.float32)
+            assert np.array_equal(_unit(row), want)
