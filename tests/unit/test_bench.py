@@ -272,5 +272,6 @@ def test_parse_bench_reports_fast_and_generic_rates() -> None:
     for key in ("ingest", "embedded"):
         assert res[f"{key}_per_s"]["median"] > 0
         assert res[f"{key}_generic_per_s"]["median"] > 0
+    assert res["embed_stage_per_s"]["median"] > 0
     (table,) = parse.tables(res)
-    assert len(table.rows) == 2
+    assert len(table.rows) == 3

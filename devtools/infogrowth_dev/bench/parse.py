@@ -4,7 +4,10 @@ The ingest messages are what ``infogrowth produce`` writes for precomputed embed
 maps, 2 x ``dim`` float lists); the embedded records are what the embed stage writes for the
 select stage (float32 vectors as bytes). Each path is timed with the structural fast checks and
 with the generic JSON-Schema validator they stand in for (the fallback every record the fast
-check does not accept still takes), side by side in the same run.
+check does not accept still takes), side by side in the same run. A third row times the embed
+stage's whole ``process()`` on the ingest messages without a broker (parse, normalise, route,
+build and hand over the embedded record): on a small machine running ``run --role all`` that
+CPU comes off the select stage's.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -59,6 +63,73 @@ def _rate(n: int, fn: Callable[[], Any], repeats: int) -> Stat:
     return st
 
 
+@dataclass
+class _Consumed:
+    """What the embed stage reads off a consumed message."""
+
+    _value: bytes
+    _offset: int
+
+    def value(self) -> bytes:
+        return self._value
+
+    def key(self) -> None:
+        return None
+
+    def headers(self) -> None:
+        return None
+
+    def error(self) -> None:
+        return None
+
+    def topic(self) -> str:
+        return "ingest"
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self._offset
+
+
+class _Discard:
+    """A producer that drops what it is given (the transaction is not what is timed)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def produce(self, topic: str, **kwargs: Any) -> None:
+        self.count += 1
+
+
+def embed_stage_rate(ingest: list[bytes], dim: int, repeats: int) -> Stat:
+    """Samples/s through the embed stage's ``process()`` in transactions of 500, unseeded
+    (thresholds from the defaults), no broker."""
+    from infogrowth.calibrate import resolve_thresholds
+    from infogrowth.config import load_settings
+    from infogrowth.kafka.embed import EmbedProcessor
+    from infogrowth.kafka.loop import Output
+    from infogrowth.pipeline import EmbedStage
+
+    settings = load_settings(None)
+    dims = {s: dim for s in schema.SPACES}
+    thresholds = resolve_thresholds(settings, schema.SPACES, None)
+    stage = EmbedStage(settings, None, spaces=schema.SPACES, dims=dims, thresholds=thresholds)
+    proc = EmbedProcessor(settings, stage, thresholds, None, 1)
+    msgs: list[Any] = [_Consumed(v, i) for i, v in enumerate(ingest)]
+    sink = _Discard()
+
+    def run() -> None:
+        for i in range(0, len(msgs), 500):
+            proc.process(msgs[i : i + 500], Output(sink))  # type: ignore[arg-type]
+
+    before = sink.count
+    rate = _rate(len(msgs), run, repeats)
+    if sink.count - before != len(msgs) * repeats:
+        raise AssertionError("the embed stage did not hand over one record per sample")
+    return rate
+
+
 def bench(n: int = 20_000, dim: int = 256, repeats: int = 3) -> dict[str, Any]:
     from infogrowth.messages import embedded_from_record
 
@@ -85,6 +156,7 @@ def bench(n: int = 20_000, dim: int = 256, repeats: int = 3) -> dict[str, Any]:
     res["msgpack_decode_per_s"] = _rate(n, decode_only, repeats).as_dict(0)
     res["ingest_per_s"] = _rate(n, lambda: parse_ingest(ingest), repeats).as_dict(0)
     res["embedded_per_s"] = _rate(n, parse_embedded, repeats).as_dict(0)
+    res["embed_stage_per_s"] = embed_stage_rate(ingest, dim, repeats).as_dict(0)
     with generic_validator():
         few = ingest[: max(1, n // 5)]  # the generic pass is far slower: time a fifth
         res["ingest_generic_per_s"] = _rate(len(few), lambda: parse_ingest(few), repeats).as_dict(0)
@@ -92,7 +164,8 @@ def bench(n: int = 20_000, dim: int = 256, repeats: int = 3) -> dict[str, Any]:
     progress(
         f"parse: ingest {res['ingest_per_s']['median']:,.0f}/s "
         f"(generic validator {res['ingest_generic_per_s']['median']:,.0f}/s), "
-        f"embedded {res['embedded_per_s']['median']:,.0f}/s"
+        f"embedded {res['embedded_per_s']['median']:,.0f}/s, "
+        f"embed stage (no broker) {res['embed_stage_per_s']['median']:,.0f}/s"
     )
     return res
 
@@ -113,4 +186,13 @@ def tables(res: dict[str, Any]) -> list[Table]:
     ):
         fast, slow = res[f"{key}_per_s"], res[f"{key}_generic_per_s"]
         t.add(name, fmt(fast), fmt(slow), f"{fast['median'] / slow['median']:.1f}×")
+    if "embed_stage_per_s" in res:
+        stage = res["embed_stage_per_s"]
+        per = 1e6 / stage["median"] if stage["median"] else float("nan")
+        t.add(
+            f"embed stage, no broker (ingest → embedded record; {per:.0f} µs each)",
+            fmt(stage),
+            "–",
+            "–",
+        )
     return [t]
