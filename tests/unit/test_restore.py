@@ -326,40 +326,50 @@ def test_a_rebuild_waits_for_a_zombie_transaction_below_its_own_commits(
     """A zombie froze with its changelog records written, transaction open; this member took the
     partition over and committed after them. The gap replays the partition, and a read_committed
     reader ends at the last stable offset, before the zombie's records: a rebuild read then
-    would lose this member's own commits (seen as 255 decisions off in the slow chaos
-    scenario). It waits until the zombie's transaction has ended instead."""
-    monkeypatch.setattr(restore, "COVER_POLL_S", 0.0)
+    would lose this member's own commits (seen as 254 decisions off in the slow chaos
+    scenario). It waits until the transactions open when it starts have ended instead, giving
+    its turn to the other restores meanwhile."""
+    monkeypatch.setattr(restore, "SETTLE_POLL_S", 0.0)
     proc = _proc(tmp_path)
+    proc.owned = {0, 1}
     own = _items(2, "s")
     FakeReader.LOG[0] = _log(*(changelog_record(e, epoch=1) for e in own))
+    FakeReader.LOG[1] = _log(*(changelog_record(e, epoch=1) for e in _items(3, "other")))
     proc.restore(0)
     out = Out()
     proc.process([_msg(e, i, 1) for i, e in enumerate(_items(2, "a"))], out)  # type: ignore[misc]
     written = [r for _, r in out.on("changelog")]
     zombie = 3  # the zombie's open records sit at offsets 2..4
     first = 2 + zombie
-    out.first[(CHANGELOG, 0)], out.offsets[(CHANGELOG, 0)] = first, first + len(written) - 1
+    last = first + len(written) - 1
+    out.first[(CHANGELOG, 0)], out.offsets[(CHANGELOG, 0)] = first, last
     proc.on_commit(out)  # type: ignore[arg-type]
-    assert proc.covered[0] == first + len(written) - 1
+    assert proc.covered[0] == last
     with pytest.raises(StaleBatch, match="await a rebuild"):
         proc.process([_msg(_items(1, "x")[0], 2, 1)], Out())  # type: ignore[list-item]
     assert proc.maintain() == [0]
-    lso = [2]  # held at the zombie's first record until its transaction aborts
-    monkeypatch.setattr(control, "end_offset", lambda *a, **k: lso[0])
+    ends = {0: (2, last + 2), 1: (3, 3)}  # (last stable offset, high watermark) per partition
+    monkeypatch.setattr(
+        control,
+        "end_offset",
+        lambda s, t, p, *a, committed=True, **k: ends[p][0] if committed else ends[p][1],
+    )
     proc.begin_restore(0)
+    proc.begin_restore(1)
+    done: list[int] = []
     for _ in range(5):
-        assert proc.restore_step(0.01) == [], "no rebuild while the zombie's transaction is open"
+        done += proc.restore_step(0.01)
+    assert done == [1], "partition 1 restores while partition 0 waits for the zombie"
     # The coordinator aborts the zombie's transaction: its records become invisible, the last
-    # stable offset moves past this member's commits.
-    # The fake reader cannot hold aborted records; another epoch's records are skipped alike.
+    # stable offset reaches the high watermark. (The fake reader cannot hold aborted records;
+    # another epoch's records are skipped alike.)
     aborted = [pack("changelog", {"v": 1, "state": {}, "epoch": 0})] * zombie
     FakeReader.LOG[0] += aborted + [pack("changelog", r) for r in written]
-    lso[0] = len(FakeReader.LOG[0])
-    done: list[int] = []
-    while not done:
-        done = proc.restore_step(0.05)
+    ends[0] = (last + 2, last + 2)
+    while 0 not in done:
+        done += proc.restore_step(0.05)
     assert proc.states[0].count == 4, "this member's own commits are in the rebuilt state"
-    assert proc.restores == {} and proc.restore_seconds
+    assert proc.restores == {} and 0 not in proc.covered
 
 
 def test_a_rebuild_after_an_abort_that_cannot_see_its_own_commits_is_deferred(

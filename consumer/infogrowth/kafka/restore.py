@@ -35,12 +35,12 @@ from infogrowth.schema import Embedded, unpack
 log = logging.getLogger(__name__)
 SETTLE_S = 0.05
 """How long a restore step waits for the previous batch's inserts before yielding to the loop."""
-COVER_POLL_S = 0.25
-"""How often a restore waiting for the changelog's last stable offset
-(:attr:`PartitionRestore.cover`) asks for it again."""
-COVER_GRACE_S = 10.0
-"""How long past ``kafka.transaction_timeout_ms`` it waits before it gives up and goes on with
-what is committed: by then the transaction coordinator has aborted the transaction in the way."""
+SETTLE_POLL_S = 0.25
+"""How often a restore waiting for open transactions to end (:attr:`PartitionRestore.settle`)
+asks for the last stable offset again."""
+SETTLE_GRACE_S = 10.0
+"""Past ``kafka.transaction_timeout_ms`` by this much, a transaction still open is logged as an
+error (and again after as long each time): the coordinator should have aborted it by then."""
 
 
 def fast_threads(settings: Settings, n_spaces: int) -> int:
@@ -120,14 +120,16 @@ class PartitionRestore:
     fast: bool = False
     """This restore rebuilds with multi-threaded inserts (``restore.fast_rebuild``, no
     snapshot)."""
-    cover: int | None = None
-    """A changelog offset the restored state must include (the owner's own last committed
-    record): the restore first waits until the partition's last stable offset is past it."""
+    settle: bool = False
+    """Before reading, wait until no transaction is open in what the changelog holds: until the
+    last stable offset reaches the high watermark seen when the restore starts."""
+    waiting: bool = False
+    """The restore is waiting for that: its steps do no work (the caller gives the turn on)."""
     waited_s: float = 0.0
 
     def steps(self) -> Generator[None, None, PartitionState | None]:
         t0 = time.perf_counter()
-        yield from self._await_cover()
+        yield from self._settle()
         state = self._snapshot()
         yield
         start = state.changelog_offset + 1 if state is not None else -2
@@ -176,52 +178,58 @@ class PartitionRestore:
         yield from _settled(state)
         return self._online(state, online)
 
-    def _await_cover(self) -> Generator[None, None, None]:
-        """Yield until a read_committed reader sees :attr:`cover`. The last stable offset stops
-        at the first transaction still open, so a zombie's transaction (a member frozen past its
-        session, its records written before the partition moved) hides every commit after it,
-        the new owner's own included, until it aborts; a state rebuilt meanwhile would lack
-        them. Bounded by the transaction timeout (the coordinator aborts it by then)."""
-        if self.cover is None:
+    def _settle(self) -> Generator[None, None, None]:
+        """Yield until the transactions open in the changelog when the restore starts have
+        ended (the last stable offset reaches the high watermark seen then).
+
+        A read_committed reader stops at the first transaction still open. A zombie's (a
+        member frozen past its session, its changelog records written, its offsets not yet
+        sent) hides every later commit until the coordinator aborts it: this stage's own
+        after it took the partition over, or those of an owner in between. A state rebuilt
+        meanwhile would lack them, and the input would resume after them. Nothing this stage
+        reads is kept waiting: the partition stays paused and the other restores go on. A
+        transaction open past the transaction timeout is logged as an error (an operator can
+        abort a hanging transaction with ``kafka-transactions.sh``); the restore goes on
+        waiting rather than rebuild a state short of committed records."""
+        if not self.settle:
             return
         topic = self.settings.kafka.topics.changelog
+        target = control.end_offset(self.settings, topic, self.partition, committed=False)
         t0 = time.monotonic()
-        limit = t0 + self.settings.kafka.transaction_timeout_ms / 1000.0 + COVER_GRACE_S
-        logged = False
-        while True:
-            end = control.end_offset(self.settings, topic, self.partition)
-            if end > self.cover:
-                break
-            now = time.monotonic()
-            if now > limit:
-                log.error(
-                    "partition %d: the changelog's last stable offset is still %d after %.0f s, "
-                    "before this stage's own commits (to %d); rebuilding from what it shows",
-                    self.partition,
-                    end,
-                    now - t0,
-                    self.cover,
-                )
-                break
-            if not logged:
-                log.warning(
-                    "partition %d: the changelog's last stable offset %d is before this stage's "
-                    "own commits (to %d): another producer's transaction (a zombie's) is open "
-                    "below them; the rebuild waits for it to end",
-                    self.partition,
-                    end,
-                    self.cover,
-                )
-                logged = True
-            pause = now + COVER_POLL_S
-            while True:  # at least one step between two asks
-                time.sleep(min(SETTLE_S, max(0.0, pause - time.monotonic())))
+        grace = self.settings.kafka.transaction_timeout_ms / 1000.0 + SETTLE_GRACE_S
+        alarm = t0 + grace
+        end = control.end_offset(self.settings, topic, self.partition)
+        if end >= target:
+            return
+        log.warning(
+            "partition %d: a transaction is open in the changelog (last stable offset %d, "
+            "written to %d), a zombie's or another writer's; the restore waits for it to end",
+            self.partition,
+            end,
+            target,
+        )
+        self.waiting = True
+        while end < target:
+            pause = time.monotonic() + SETTLE_POLL_S
+            yield  # at least one step between two asks
+            while time.monotonic() < pause:
                 yield
-                if time.monotonic() >= pause:
-                    break
+            end = control.end_offset(self.settings, topic, self.partition)
+            now = time.monotonic()
+            if end < target and now > alarm:
+                log.error(
+                    "partition %d: a changelog transaction is still open after %.0f s (last "
+                    "stable offset %d, written to %d); the restore keeps waiting: a hanging "
+                    "transaction needs `kafka-transactions.sh find-hanging` / `abort`",
+                    self.partition,
+                    now - t0,
+                    end,
+                    target,
+                )
+                alarm = now + grace
+        self.waiting = False
         self.waited_s = time.monotonic() - t0
-        if logged:
-            log.info("partition %d: waited %.1f s for the changelog", self.partition, self.waited_s)
+        log.info("partition %d: waited %.1f s for the changelog", self.partition, self.waited_s)
 
     def _snapshot(self) -> PartitionState | None:
         lay = self.layout

@@ -35,7 +35,7 @@ from infogrowth.kafka.clients import fits, position, record_limit, source_of
 from infogrowth.kafka.control import ControlWatcher, calibration_id, read_calibration
 from infogrowth.kafka.headers import TRACEPARENT, record_headers, traceparent_of
 from infogrowth.kafka.loop import Output, StaleBatch
-from infogrowth.kafka.restore import Layout, PartitionRestore, run_to_end
+from infogrowth.kafka.restore import SETTLE_S, Layout, PartitionRestore, run_to_end
 from infogrowth.messages import (
     Outcome,
     changelog_record,
@@ -125,10 +125,11 @@ class SelectProcessor:
         """Partitions to rebuild before they are processed again (a gap at commit, an abort whose
         rebuild could not reach this stage's own commits)."""
         self.covered: dict[int, int] = {}
-        """Per owned partition, the last changelog offset this stage's own committed
-        transactions wrote: a rebuild must reach it. A read_committed reader stops at the last
-        stable offset, which another producer's open transaction below (a zombie's, frozen past
-        its session) holds back until it ends."""
+        """Per owned partition, the last changelog offset this stage's own transactions
+        committed since its state was last rebuilt: the rebuild after an abort, which does not
+        wait, must reach it. A read_committed reader stops at the last stable offset, which
+        another producer's open transaction below (a zombie's, frozen past its session) holds
+        back until it ends; a rebuild in steps waits for that itself."""
         fixer = settings.clean.fixer
         self.neighbour_fixer = fixer in ("auto", "neighbours")
         self.pending = 0
@@ -207,10 +208,9 @@ class SelectProcessor:
         )
 
     def _new_restore(self, p: int, *, wait: bool = True) -> PartitionRestore:
-        """A restore of ``p``; with ``wait`` it first waits until the changelog's committed
-        view reaches this stage's own commits (:attr:`covered`)."""
-        cover = self.covered.get(p) if wait else None
-        return PartitionRestore(self.settings, p, self.snapshot_dir(p), self._layout(), cover=cover)
+        """A restore of ``p``; with ``wait`` it first waits for the transactions open in the
+        changelog to end (:attr:`PartitionRestore.settle`)."""
+        return PartitionRestore(self.settings, p, self.snapshot_dir(p), self._layout(), settle=wait)
 
     def _finish_restore(self, r: PartitionRestore, state: PartitionState | None) -> None:
         """Adopt a finished restore's result: the state, where the changelog ended, metrics."""
@@ -225,6 +225,7 @@ class SelectProcessor:
         if state is not None:
             self._selector(p, state)
             self.last_snapshot.setdefault(p, time.time())
+        self.covered.pop(p, None)  # the state holds every commit up to its end now
 
     def restore(self, p: int) -> PartitionState | None:
         """Snapshot (verified) + changelog replay in one go; the state is also installed.
@@ -269,12 +270,17 @@ class SelectProcessor:
             try:
                 while time.monotonic() < deadline:
                     next(steps)
+                    if r.waiting:  # for open transactions to end: the next restore's turn
+                        break
             except StopIteration as fin:
                 del self.restores[p]
                 self._finish_restore(r, fin.value)
                 done.append(p)
                 continue
-            break
+            if time.monotonic() >= deadline:
+                break
+        if self.restores and all(r.waiting for r, _ in self.restores.values()):
+            time.sleep(SETTLE_S)  # nothing to do but wait: do not spin the loop
         return done
 
     def _cancel(self, p: int) -> None:
@@ -428,11 +434,13 @@ class SelectProcessor:
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
         self.owned -= {tp.partition for tp in partitions}
         for tp in partitions:
-            self.covered.pop(tp.partition, None)
-            self._cancel(tp.partition)
-            if self.dirty.get(tp.partition) and tp.partition not in self.uncommitted:
-                self.save_snapshot(tp.partition)
-            self._drop(tp.partition)
+            p = tp.partition
+            self.covered.pop(p, None)
+            self._cancel(p)
+            # Not a state that misses records: one queued for a rebuild (a gap, a short restore).
+            if self.dirty.get(p) and p not in self.uncommitted and p not in self.replay:
+                self.save_snapshot(p)
+            self._drop(p)
 
     def on_lost(self, partitions: list[TopicPartition]) -> None:
         self.owned -= {tp.partition for tp in partitions}
