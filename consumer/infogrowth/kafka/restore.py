@@ -129,8 +129,8 @@ class PartitionRestore:
 
     def steps(self) -> Generator[None, None, PartitionState | None]:
         t0 = time.perf_counter()
-        yield from self._settle()
-        state = self._snapshot()
+        settled_end = yield from self._settle()
+        state = self._snapshot(settled_end)
         yield
         start = state.changelog_offset + 1 if state is not None else -2
         reader = PartitionReader(
@@ -178,7 +178,7 @@ class PartitionRestore:
         yield from _settled(state)
         return self._online(state, online)
 
-    def _settle(self) -> Generator[None, None, None]:
+    def _settle(self) -> Generator[None, None, int | None]:
         """Yield until the transactions open in the changelog when the restore starts have
         ended (the last stable offset reaches the high watermark seen then).
 
@@ -190,9 +190,10 @@ class PartitionRestore:
         reads is kept waiting: the partition stays paused and the other restores go on. A
         transaction open past the transaction timeout is logged as an error (an operator can
         abort a hanging transaction with ``kafka-transactions.sh``); the restore goes on
-        waiting rather than rebuild a state short of committed records."""
+        waiting rather than rebuild a state short of committed records. Returns the last
+        stable offset it saw last (None without ``settle``)."""
         if not self.settle:
-            return
+            return None
         topic = self.settings.kafka.topics.changelog
         target = control.end_offset(self.settings, topic, self.partition, committed=False)
         t0 = time.monotonic()
@@ -200,7 +201,7 @@ class PartitionRestore:
         alarm = t0 + grace
         end = control.end_offset(self.settings, topic, self.partition)
         if end >= target:
-            return
+            return end
         log.warning(
             "partition %d: a transaction is open in the changelog (last stable offset %d, "
             "written to %d), a zombie's or another writer's; the restore waits for it to end",
@@ -230,8 +231,11 @@ class PartitionRestore:
         self.waiting = False
         self.waited_s = time.monotonic() - t0
         log.info("partition %d: waited %.1f s for the changelog", self.partition, self.waited_s)
+        return end
 
-    def _snapshot(self) -> PartitionState | None:
+    def _snapshot(self, end: int | None = None) -> PartitionState | None:
+        """The verified snapshot, checked against the changelog's end (``end``: the last stable
+        offset already read, else asked for)."""
         lay = self.layout
         if lay.spaces is None or lay.dims is None:
             return None
@@ -245,7 +249,9 @@ class PartitionRestore:
                 topic_id=lay.topic_id,
                 calibration=lay.calibration,
                 epoch=lay.epoch,
-                end_offset=control.end_offset(
+                end_offset=end
+                if end is not None
+                else control.end_offset(
                     self.settings, self.settings.kafka.topics.changelog, self.partition
                 ),
             )
