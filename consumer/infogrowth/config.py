@@ -318,6 +318,9 @@ class SelectConfig(_Section):
     epsilon_default: float = Field(0.02, ge=0.0, le=2.0)
     """ε before the online estimate has ``epsilon_warmup`` items (no seed, no ``epsilon``)."""
     epsilon_warmup: int = Field(200, gt=0, le=1000)
+    epsilon_ref_k: int = Field(4, ge=2, le=256)
+    """The online ε compares each arrival's nearest distance with its distance to this-th nearest
+    accepted item (the local density); a duplicate is closer than ε times that distance."""
     epsilon_false_flags: float = Field(0.02, gt=0.0, lt=0.5)
     """Share of originals the online ε may flag as duplicates (the same 2% budget as
     ``clean.max_clean_flagged``); ε stops there or at the copies mode's 99th percentile."""

@@ -11,11 +11,15 @@ as it does for the index.
 is therefore ``Δlog(scale) / rate``, bounded whatever the gains do, so the realised keep rate
 converges to f while the scale tracks gains that fall as the index grows.
 
-**Online ε** (unless ``select.epsilon`` is set). A histogram of log10 nearest-neighbour distances
-at arrival, exponentially forgetting (half-life ``EPS_HALF_LIFE`` items), fitted as a mode of
-near copies below the bulk of originals; ε flags at most ``select.epsilon_false_flags`` of the
-originals (see :func:`mixture_epsilon`). Without a copies mode it stays half a decade below the
-originals.
+**Online ε** (unless ``select.epsilon`` is set). It measures each arrival's *relative* nearest
+distance, the nearest accepted item's distance divided by the ``select.epsilon_ref_k``-th one's
+(:func:`relative_distance`): a copy sits far closer to its original than to anything else, while
+an original in a dense region has close neighbours but several of them, so the ratio separates
+the two where a raw distance mixes dense originals with copies in sparse regions. A histogram of
+log10 relative distances at arrival, exponentially forgetting (half-life ``EPS_HALF_LIFE``
+items), is fitted as a mode of near copies below the bulk of originals; ε flags at most
+``select.epsilon_false_flags`` of the originals (see :func:`mixture_epsilon`). Without a copies
+mode it stays half a decade below the originals.
 """
 
 from __future__ import annotations
@@ -44,7 +48,15 @@ EPS_SEPARATION = 3.0
 """... and a mean this many of the bulk's deviations below the bulk's (one bulk fitted as two
 modes never puts them that far apart)."""
 EPS_MAX = 0.5
-"""ε never exceeds this distance (cosine distance 0.5 is 60°: no copy is that far)."""
+"""ε never exceeds this ratio: a duplicate's nearest accepted item is at most half as far as its
+reference neighbour."""
+EPS_EXACT = 1e-6
+"""A nearest distance at or below this is an exact copy (float rounding of identical unit vectors
+is about 1e-7): its relative distance is 0, whatever the reference neighbour's distance."""
+EPS_STAT = "relative"
+"""What the estimate's histogram holds; a stored estimate of another statistic starts afresh."""
+EPS_SMOOTH_BINS = 5
+"""Width of the moving average that finds the valley between the two modes."""
 KEEP_RATE = 0.05
 """Step of the keep-rate controller in log(scale) per item."""
 _DECAY = 0.5 ** (1.0 / EPS_HALF_LIFE)
@@ -59,6 +71,18 @@ def _bin(d: float) -> int:
 
 def _edge(b: float) -> float:
     return float(10.0 ** (EPS_LOG_MIN + b * (EPS_LOG_MAX - EPS_LOG_MIN) / EPS_BINS))
+
+
+def relative_distance(d: np.ndarray, ref_k: int) -> float | None:
+    """Nearest distance / the ``ref_k``-th nearest (the farthest available when fewer), from a
+    row of ascending distances; 0 for an exact copy, None without neighbours."""
+    if not len(d):
+        return None
+    d1 = float(d[0])
+    if d1 <= EPS_EXACT:
+        return 0.0
+    ref = float(d[min(ref_k, len(d)) - 1])
+    return min(d1 / ref, 1.0)
 
 
 def two_modes(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -104,9 +128,12 @@ def mixture_epsilon(hist: np.ndarray, false_flags: float, weight: float = 1.0) -
       so separated modes cost no originals; and
     * the largest bin edge below which at most ``false_flags`` of the originals lie: the share
       of originals below an edge is what the histogram holds below it minus what the copies
-      mode accounts for, so a heavy low tail of originals counts against ε where a Gaussian
-      would not put it. Where the modes overlap (real embeddings), this is what binds: ε goes
-      as far into the originals' low tail as the stated rate allows.
+      mode accounts for, and the copies mode is credited with nothing above the valley (the
+      lowest point of the smoothed histogram between the two means). A Gaussian copies mode
+      would otherwise claim the originals' skewed low tail as copies and let ε spend more than
+      the stated rate; everything above the valley counts as an original. Where the modes
+      overlap (real embeddings), this is what binds: ε goes as far into the originals' low tail
+      as the stated rate allows.
 
     Without a copies mode ε goes ``EPS_NO_VALLEY_DECADES`` below the ``EPS_LOW_PERCENTILE``-th
     percentile of the distances: nothing to catch, so (almost) nothing is flagged.
@@ -127,7 +154,12 @@ def mixture_epsilon(hist: np.ndarray, false_flags: float, weight: float = 1.0) -
     # the copies mode as the fit saw it: its density at the bin centres, normalised over bins
     dens = np.exp(-0.5 * ((centres[1:] - mu[0]) / sd[0]) ** 2)
     copies_below = pi[0] * np.concatenate([[0.0], np.cumsum(dens) / dens.sum()])
-    originals_below = (below - copies_below) / pi[1]
+    lo, hi = (int(np.searchsorted(centres, m)) for m in mu)
+    if hi > lo:
+        smooth = np.convolve(h, np.ones(EPS_SMOOTH_BINS) / EPS_SMOOTH_BINS, mode="same")
+        valley = lo + int(np.argmin(smooth[lo:hi]))
+        copies_below = np.minimum(copies_below, below[valley])
+    originals_below = (below - copies_below) / max(1.0 - float(copies_below[-1]), 1e-12)
     over = np.flatnonzero(originals_below > false_flags)
     spare = _edge(int(over[0])) if len(over) else EPS_MAX
     reach = float(10.0 ** (mu[0] + EPS_COPY_Z * sd[0]))
@@ -154,6 +186,7 @@ class EpsilonEstimate:
     def as_record(self) -> dict[str, Any]:
         # Raw counts and weight (not normalised), so a restored estimate continues bit for bit.
         return {
+            "stat": EPS_STAT,
             "hist": [float(x) for x in self.hist],
             "weight": self.weight,
             "count": self.count,
@@ -162,6 +195,9 @@ class EpsilonEstimate:
 
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> EpsilonEstimate:
+        if rec.get("stat") != EPS_STAT:
+            # an estimate of raw nearest distances (earlier versions): its bins mean another thing
+            return cls()
         hist = np.asarray(rec["hist"], dtype=np.float64)
         return cls(hist, float(rec["weight"]), int(rec["count"]), float(rec["epsilon"]))
 
@@ -189,7 +225,7 @@ class OnlineState:
             self.scale = self.scale * math.exp(KEEP_RATE * (float(kept) - fraction))
 
     def observe_nn(self, space: str, d: float, warmup: int, false_flags: float) -> None:
-        """Record one arrival's nearest-neighbour distance; refit ε on a fixed item cadence."""
+        """Record one arrival's relative nearest distance; refit ε on a fixed item cadence."""
         est = self.eps.get(space)
         if est is None:
             est = self.eps[space] = EpsilonEstimate()
@@ -197,7 +233,13 @@ class OnlineState:
         if (est.count >= warmup and est.count % EPS_REFIT_EVERY == 0) or est.count == warmup:
             est.epsilon = mixture_epsilon(est.hist, false_flags, est.weight)
 
+    def warm(self, space: str, warmup: int) -> bool:
+        """Whether the estimate of ``space`` has seen its warm-up and decides (relative ε)."""
+        est = self.eps.get(space)
+        return est is not None and est.count >= warmup
+
     def epsilon(self, space: str, default: float, warmup: int) -> float:
+        """The relative ε once warm, else ``default`` (a distance: the warm-up floor)."""
         est = self.eps.get(space)
         if est is None or est.count < warmup:
             return default

@@ -25,7 +25,7 @@ import numpy as np
 from infogrowth.config import CleanConfig, SelectConfig
 from infogrowth.errors import ConfigError
 from infogrowth.index import PartitionState
-from infogrowth.online import OnlineState
+from infogrowth.online import OnlineState, relative_distance
 from infogrowth.schema import Embedded
 
 Decision = Literal["accepted", "relabeled", "rejected"]
@@ -161,9 +161,12 @@ class Selector:
         self.votes = self.relabels or t.reject_share is not None or cfg.entropy_weight > 0
 
     def _width(self, space: str, labelled: bool) -> int:
+        width = self.t.k
         if labelled and self.votes and space == self.label_space:
-            return max(self.t.k, self.t.vote_k)
-        return self.t.k
+            width = max(width, self.t.vote_k)
+        if self.t.epsilon_online:
+            width = max(width, self.cfg.epsilon_ref_k)
+        return width
 
     def decide(self, batch: Sequence[Embedded], *, commit: bool = True) -> list[Verdict]:
         """Decide each item in order; with ``commit`` the kept items (and the online state) are
@@ -333,18 +336,35 @@ class Selector:
         verdict = Verdict(item, "accepted", None, gain=gain, gain_by_space=gains, nn_distance=nn)
 
         # Duplicate floor: the nearest accepted item is closer than epsilon (decided with the
-        # floor as it stood before this item; the online estimate then sees its distance).
+        # floor as it stood before this item; the online estimate then sees this arrival). The
+        # online floor, once warm, is relative: nearest distance / the ref_k-th nearest.
         eps = {s: self._epsilon(s, online) for s in nn}
+        tested: dict[str, float | None] = dict(nn)
+        ref: dict[str, float] = {}  # spaces tested relatively: the reference distance
         if t.epsilon_online:
-            for s, d in nn.items():
-                if d is not None:
-                    online.observe_nn(s, d, self.cfg.epsilon_warmup, self.cfg.epsilon_false_flags)
-        close = [nn[s] is not None and nn[s] < eps[s] for s in nn]  # type: ignore[operator]
+            cfg = self.cfg
+            for s in nn:
+                rel = relative_distance(nb_d[s], cfg.epsilon_ref_k)
+                if rel is None:
+                    continue
+                rel = round(rel, ROUND)
+                if online.warm(s, cfg.epsilon_warmup):
+                    tested[s] = rel
+                    ref[s] = float(nb_d[s][min(cfg.epsilon_ref_k, len(nb_d[s])) - 1])
+                online.observe_nn(s, rel, cfg.epsilon_warmup, cfg.epsilon_false_flags)
+        close = [tested[s] is not None and tested[s] < eps[s] for s in nn]  # type: ignore[operator]
         is_dup = all(close) if self.cfg.duplicate_mode == "all" else any(close)
         if is_dup and close:
             verdict.decision, verdict.reason = "rejected", "duplicate"
             verdict.duplicate_of = self._nearest_id(nb_ids, lookup)
-            near = ", ".join(f"{s} {nn[s]:.3g} < {eps[s]:.3g}" for s in nn if nn[s] is not None)
+            rk = self.cfg.epsilon_ref_k
+            near = ", ".join(
+                f"{s} {nn[s]:.3g} < {eps[s]:.3g} x {ref[s]:.3g} (neighbour {rk})"
+                if s in ref
+                else f"{s} {nn[s]:.3g} < {eps[s]:.3g}"
+                for s in nn
+                if nn[s] is not None
+            )
             verdict.detail = f"nearest accepted item is closer than epsilon ({near})"
             return verdict
 

@@ -13,7 +13,13 @@ from infogrowth import snapshot
 from infogrowth.calibrate import calibrate_delta, resolve_thresholds, seed_stats
 from infogrowth.errors import ConfigError
 from infogrowth.messages import Outcome
-from infogrowth.online import EPS_BINS, OnlineState, mixture_epsilon
+from infogrowth.online import (
+    EPS_BINS,
+    EpsilonEstimate,
+    OnlineState,
+    mixture_epsilon,
+    relative_distance,
+)
 from infogrowth.pipeline import Curator
 from infogrowth.schema import Embedded
 from tests.fixtures.data import clustered
@@ -141,6 +147,84 @@ def test_online_epsilon_without_copies_flags_nothing() -> None:
     few = only.copy()
     few[30] += 5
     assert mixture_epsilon(few, 0.02) < originals.min()
+
+
+def test_online_epsilon_skewed_originals_stay_within_the_rate() -> None:
+    """Relative distances of originals pile up below 1 with a long low tail that no Gaussian
+    fits; the copies mode must not claim that tail, or ε spends more than the stated rate."""
+    rng = np.random.default_rng(3)
+    originals = 10 ** -np.abs(rng.gamma(1.5, 0.12, size=8000))
+    copies = 10 ** rng.normal(-1.6, 0.4, size=900)
+    est = OnlineState()
+    for d in rng.permutation(np.concatenate([originals, copies])):
+        est.observe_nn("image", float(min(d, 1.0)), 200, 0.02)
+    eps = est.epsilon("image", 0.02, 200)
+    assert np.mean(originals < eps) <= 0.02
+    assert np.mean(copies < eps) >= 0.97
+
+
+def test_relative_distance() -> None:
+    assert relative_distance(np.asarray([0.01, 0.02, 0.03, 0.05, 0.09]), 4) == pytest.approx(0.2)
+    assert relative_distance(np.asarray([0.01, 0.04]), 4) == pytest.approx(0.25)  # fewer: last
+    assert relative_distance(np.asarray([3e-7, 0.1, 0.2, 0.3]), 4) == 0.0  # an exact copy
+    assert relative_distance(np.asarray([0.05]), 4) == 1.0
+    assert relative_distance(np.empty(0), 4) is None
+
+
+def test_an_estimate_of_another_statistic_starts_afresh() -> None:
+    est = OnlineState()
+    for d in np.linspace(0.01, 0.9, 300):
+        est.observe_nn("text", float(d), 100, 0.02)
+    rec = est.as_record()
+    assert OnlineState.from_record(rec).as_record() == rec
+    old = {**rec["eps"]["text"]}
+    del old["stat"]  # written by a version that histogrammed raw nearest distances
+    assert EpsilonEstimate.from_record(old).count == 0
+
+
+def dense_and_sparse(n: int, seed: int) -> list[dict[str, Any]]:
+    """Half the originals in tight clusters (nearest neighbour ~0.002-0.004 away), half spread
+    out, and a copy of every fourth spread-out original at distance 0.003: as close to it as
+    the dense originals are to each other."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(12, 48))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    rows: list[dict[str, Any]] = []
+    for i in range(n):
+        if i % 2:
+            v = centres[rng.integers(len(centres))] + rng.normal(0, 0.009, size=48)
+            v /= np.linalg.norm(v)
+            rows.append({"id": f"o{i}", "embedding": {"text": v.tolist()}})
+            continue
+        v = rng.normal(size=48)
+        v /= np.linalg.norm(v)
+        rows.append({"id": f"o{i}", "embedding": {"text": v.tolist()}})
+        if i % 8 == 6:
+            w = rng.normal(size=48)
+            w -= (w @ v) * v
+            w /= np.linalg.norm(w)
+            ang = np.arccos(1 - 0.003)
+            rows.append(
+                {"id": f"c{i}", "embedding": {"text": (np.cos(ang) * v + np.sin(ang) * w).tolist()}}
+            )
+    return rows
+
+
+def test_online_floor_is_relative_to_local_density() -> None:
+    """Copies of spread-out items at the distance dense originals keep from each other: a raw
+    distance cannot tell them apart, the nearest-to-reference ratio does."""
+    rows = dense_and_sparse(2400, seed=6)
+    # a warm-up floor below the dense originals' spacing, so the warm-up leaves them be
+    out, cur = run(rows, 64, **{"select.epsilon_default": 0.0005})
+    assert cur.thresholds is not None and cur.thresholds.epsilon_online
+    late = [o for o in out[len(out) // 4 :]]  # after the warm-up
+    copies = [o for o in late if o.id.startswith("c")]
+    originals = [o for o in late if o.id.startswith("o")]
+    assert sum(o.reason == "duplicate" for o in copies) >= 0.98 * len(copies)
+    dense = [o for o in originals if int(o.id[1:]) % 2]
+    assert sum(o.reason == "duplicate" for o in dense) <= 0.02 * len(dense)
+    dup = next(o for o in copies if o.reason == "duplicate")
+    assert dup.duplicate_of == "o" + dup.id[1:] and "neighbour 4" in (dup.detail or "")
 
 
 def test_unseeded_stream_catches_near_copies() -> None:
