@@ -226,7 +226,8 @@ class Metrics:
         )
         self.epsilon: Gauge = Gauge(
             "infogrowth_epsilon",
-            "Duplicate floor ε in use per space (0: the floor is off).",
+            "Duplicate floor ε in use per space (0: the floor is off): a cosine distance, or "
+            "for the online estimate the ratio of the nearest to the reference neighbour's.",
             ["partition", "space"],
             registry=reg,
         )

@@ -920,6 +920,7 @@ def evaluate(prep: Prepared, opts: Options) -> dict[str, Any]:
         },
         "thresholds": main.thresholds,
         "epsilon_false_flags": exp.settings({}).select.epsilon_false_flags,
+        "epsilon_ref_k": exp.settings({}).select.epsilon_ref_k,
         "calibration": main.calibration,
         "counts": {"main": main.counts(), "budget": budget.counts()},
         "keep_rate": {

@@ -30,8 +30,8 @@ def _eps_note(t: dict[str, Any]) -> str:
     if not t.get("epsilon_online"):
         return ""
     return (
-        " (the warm-up value: no copies measured on the seed, so ε then follows the stream's "
-        "own nearest-neighbour distances)"
+        " (the warm-up value, a distance: no copies measured on the seed, so ε then follows "
+        "the stream's own nearest-neighbour distances, as a ratio to the reference neighbour's)"
     )
 
 
@@ -39,7 +39,7 @@ def _seeded_eps(beside: dict[str, Any], t: dict[str, Any], space: str) -> str:
     """The seeded run's ε: its final online value where ε followed the stream."""
     final = (beside.get("seeded_epsilon") or {}).get(space)
     if t.get("epsilon_online") and final is not None:
-        return _num(final, 6) + " (final)"
+        return _num(final, 6) + " (final, relative)"
     if t.get("epsilon_online"):
         return _num(t["epsilon"].get(space), 6) + " (warm-up)"
     return _num(t["epsilon"].get(space), 6)
@@ -401,7 +401,8 @@ def dataset_section(res: dict[str, Any], figs: list[str]) -> str:
     parts.append(
         f"ROC-AUC of (low) gain for injected copies vs originals: **{_num(red['auc_gain'])}** "
         f"({by_kind}). For comparison, the distance to the single nearest accepted item (what "
-        f"the duplicate floor ε tests): {_num(red['auc_nn'])} ({nn_kind}). Both are measured "
+        "a fixed ε and the warm-up test; the online ε divides it by the reference neighbour's): "
+        f"{_num(red['auc_nn'])} ({nn_kind}). Both are measured "
         "at arrival in the cleaning pass (policy `all`); gain averages k distances, so it "
         "tracks local density as much as duplication."
     )
@@ -456,7 +457,8 @@ def dataset_section(res: dict[str, Any], figs: list[str]) -> str:
                         "no seed (ε online from the stream)",
                         *(_pct(beside["unseeded"].get(k)) for k in kinds_b),
                         _pct(beside["originals_rejected_unseeded"]),
-                        _num((beside.get("unseeded_epsilon") or {}).get(space), 6) + " (final)",
+                        _num((beside.get("unseeded_epsilon") or {}).get(space), 6)
+                        + " (final, relative)",
                     ],
                 ],
             )
@@ -464,7 +466,11 @@ def dataset_section(res: dict[str, Any], figs: list[str]) -> str:
         parts += [
             "",
             "A copy counts when it is kept while its original (or an earlier copy of it) is "
-            "kept too. The online ε spends a stated false-flag rate on originals "
+            "kept too. The online ε is relative: an item is a duplicate when its nearest accepted "
+            "item is closer than ε times its distance to the "
+            f"{res.get('epsilon_ref_k', 4)}th nearest (`select.epsilon_ref_k`), so a copy in a "
+            "sparse region and an original in a dense one at the same distance are told apart. "
+            "It spends a stated false-flag rate on originals "
             f"(`select.epsilon_false_flags`, {_pct(res.get('epsilon_false_flags', 0.02))}, "
             "the vote's budget for clean items): where near "
             "copies' distances overlap the originals' low tail, catching more copies costs "
