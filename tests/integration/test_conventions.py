@@ -5,6 +5,7 @@ are closed before the broker goes away."""
 from __future__ import annotations
 
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ def _prepared(tmp: Path, bootstrap: str, n: int, **extra: Any) -> tuple[Any, Pat
 def test_headers_traceparent_and_dead_letter_on_a_real_broker(
     kafka_bootstrap: str, tmp_path: Path
 ) -> None:
-    dead = f"dlq-{tmp_path.name}"
+    dead = f"dlq-{uuid.uuid4().hex[:10]}"  # unique: a reused broker keeps earlier runs' topics
     settings, inp = _prepared(
         tmp_path,
         kafka_bootstrap,
