@@ -42,6 +42,16 @@ def key(o: Outcome) -> tuple[Any, ...]:
     )
 
 
+def copy_at(v: np.ndarray, distance: float, rng: np.random.Generator) -> list[float]:
+    """A unit vector at cosine distance ``distance`` from unit vector ``v``, in a random
+    direction."""
+    w = rng.normal(size=len(v))
+    w -= (w @ v) * v
+    w /= np.linalg.norm(w)
+    ang = np.arccos(1 - distance)
+    return (np.cos(ang) * v + np.sin(ang) * w).tolist()  # type: ignore[no-any-return]
+
+
 def near_copies(n: int, seed: int, distance: float = 0.002) -> list[dict[str, Any]]:
     """Originals with a near-copy each (cosine distance about ``distance``), interleaved."""
     rng = np.random.default_rng(seed)
@@ -51,12 +61,7 @@ def near_copies(n: int, seed: int, distance: float = 0.002) -> list[dict[str, An
         v /= np.linalg.norm(v)
         rows.append({"id": f"o{i}", "embedding": {"text": v.tolist()}})
         if i % 4 == 3:
-            w = rng.normal(size=48)
-            w -= (w @ v) * v
-            w /= np.linalg.norm(w)
-            ang = np.arccos(1 - distance)
-            c = np.cos(ang) * v + np.sin(ang) * w
-            rows.append({"id": f"c{i}", "embedding": {"text": c.tolist()}})
+            rows.append({"id": f"c{i}", "embedding": {"text": copy_at(v, distance, rng)}})
     return rows
 
 
@@ -200,13 +205,7 @@ def dense_and_sparse(n: int, seed: int) -> list[dict[str, Any]]:
         v /= np.linalg.norm(v)
         rows.append({"id": f"o{i}", "embedding": {"text": v.tolist()}})
         if i % 8 == 6:
-            w = rng.normal(size=48)
-            w -= (w @ v) * v
-            w /= np.linalg.norm(w)
-            ang = np.arccos(1 - 0.003)
-            rows.append(
-                {"id": f"c{i}", "embedding": {"text": (np.cos(ang) * v + np.sin(ang) * w).tolist()}}
-            )
+            rows.append({"id": f"c{i}", "embedding": {"text": copy_at(v, 0.003, rng)}})
     return rows
 
 
