@@ -49,7 +49,8 @@ class Thresholds:
     radius: float | None = None
     keep_fraction: float | None = None
     epsilon_online: bool = False
-    """ε per space comes from the partition's online estimate (``epsilon`` is the warm-up value)."""
+    """ε per space comes from the partition's online estimate (relative; ``epsilon`` is then
+    what the seed measured, used with ``select.epsilon_mode: seed``)."""
     vote_k: int = 10
     confidence: float | None = None
     """Vote share a new label needs (None: no relabelling)."""
@@ -309,8 +310,7 @@ class Selector:
     def _epsilon(self, space: str, online: OnlineState) -> float:
         t = self.t
         if t.epsilon_online:
-            warm_up = t.epsilon.get(space, self.cfg.epsilon_default)
-            return online.epsilon(space, warm_up, self.cfg.epsilon_warmup)
+            return online.epsilon(space, self.cfg.epsilon_warmup_ratio, self.cfg.epsilon_warmup)
         return t.epsilon.get(space, 0.0)
 
     def _judge(
@@ -337,7 +337,7 @@ class Selector:
 
         # Duplicate floor: the nearest accepted item is closer than epsilon (decided with the
         # floor as it stood before this item; the online estimate then sees this arrival). The
-        # online floor, once warm, is relative: nearest distance / the ref_k-th nearest.
+        # online floor is relative: nearest distance / the ref_k-th nearest.
         eps = {s: self._epsilon(s, online) for s in nn}
         tested: dict[str, float | None] = dict(nn)
         ref: dict[str, float] = {}  # spaces tested relatively: the reference distance
@@ -347,10 +347,8 @@ class Selector:
                 rel = relative_distance(nb_d[s], cfg.epsilon_ref_k)
                 if rel is None:
                     continue
-                rel = round(rel, ROUND)
-                if online.warm(s, cfg.epsilon_warmup):
-                    tested[s] = rel
-                    ref[s] = float(nb_d[s][min(cfg.epsilon_ref_k, len(nb_d[s])) - 1])
+                tested[s] = rel = round(rel, ROUND)
+                ref[s] = float(nb_d[s][min(cfg.epsilon_ref_k, len(nb_d[s])) - 1])
                 online.observe_nn(s, rel, cfg.epsilon_warmup, cfg.epsilon_false_flags)
         close = [tested[s] is not None and tested[s] < eps[s] for s in nn]  # type: ignore[operator]
         is_dup = all(close) if self.cfg.duplicate_mode == "all" else any(close)

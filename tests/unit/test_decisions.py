@@ -211,19 +211,34 @@ def dense_and_sparse(n: int, seed: int) -> list[dict[str, Any]]:
 
 def test_online_floor_is_relative_to_local_density() -> None:
     """Copies of spread-out items at the distance dense originals keep from each other: a raw
-    distance cannot tell them apart, the nearest-to-reference ratio does."""
-    rows = dense_and_sparse(2400, seed=6)
-    # a warm-up floor below the dense originals' spacing, so the warm-up leaves them be
-    out, cur = run(rows, 64, **{"select.epsilon_default": 0.0005})
+    distance cannot tell them apart, the nearest-to-reference ratio does. A seed of vectors
+    (no copies measured: ε still online) gives the index its dense regions from the start."""
+    rows = dense_and_sparse(2800, seed=6)
+    seed = [{**r, "id": "seed-" + r["id"]} for r in rows[:400] if r["id"].startswith("o")]
+    out, cur = run(rows[400:], 64, seed)
     assert cur.thresholds is not None and cur.thresholds.epsilon_online
-    late = [o for o in out[len(out) // 4 :]]  # after the warm-up
+    late = out[len(out) // 5 :]  # after the warm-up
     copies = [o for o in late if o.id.startswith("c")]
-    originals = [o for o in late if o.id.startswith("o")]
     assert sum(o.reason == "duplicate" for o in copies) >= 0.98 * len(copies)
-    dense = [o for o in originals if int(o.id[1:]) % 2]
+    dense = [o for o in out if o.id.startswith("o") and int(o.id[1:]) % 2]
     assert sum(o.reason == "duplicate" for o in dense) <= 0.02 * len(dense)
     dup = next(o for o in copies if o.reason == "duplicate")
     assert dup.duplicate_of == "o" + dup.id[1:] and "neighbour 4" in (dup.detail or "")
+
+
+def test_the_warm_up_does_not_take_originals_of_a_dense_embedding() -> None:
+    """No seed and a dense embedding (nearest neighbours ~0.01 apart, below the 0.02 a raw
+    distance default would use): the warm-up's relative floor keeps the originals."""
+    rng = np.random.default_rng(8)
+    base = rng.normal(size=48)
+    base /= np.linalg.norm(base)
+    rows = []
+    for i in range(300):
+        v = base + rng.normal(0, 0.015, size=48)
+        rows.append({"id": f"o{i}", "embedding": {"text": (v / np.linalg.norm(v)).tolist()}})
+    out, _ = run(rows, 32)
+    assert out[0].nn_distance["text"] is None and out[50].nn_distance["text"] < 0.02  # type: ignore[index, operator]
+    assert sum(o.reason == "duplicate" for o in out) <= 0.02 * len(out)
 
 
 def test_unseeded_stream_catches_near_copies() -> None:
