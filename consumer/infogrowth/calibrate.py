@@ -391,8 +391,10 @@ def resolve_thresholds(
                     "ε for %s calibrated to %s (seed items at distance 0): the floor is off", s, raw
                 )
             eps[s] = max(0.0, raw)
-        else:
+        elif not online:
             eps[s] = sel.epsilon_default
+        # online without a seed value: no entry, the warm-up is relative
+        # (select.epsilon_warmup_ratio), a raw distance would depend on the embedding's scale
 
     policy = sel.policy
     if policy == "auto":

@@ -318,9 +318,10 @@ class SelectConfig(_Section):
     epsilon_default: float = Field(0.02, ge=0.0, le=2.0)
     """ε (a distance) where it is neither set, calibrated on a seed nor estimated online."""
     epsilon_warmup_ratio: float = Field(0.05, gt=0.0, le=0.5)
-    """The online ε before its estimate has ``epsilon_warmup`` items: nothing is measured yet,
-    so only an arrival whose nearest accepted item is at most this share of its reference
-    neighbour's distance away is a copy (a raw distance would depend on the embedding's scale)."""
+    """The online ε before its estimate has ``epsilon_warmup`` items where no seed measured a
+    distance floor: only an arrival whose nearest accepted item is at most this share of its
+    reference neighbour's distance away is a copy (a raw distance default would depend on the
+    embedding's scale)."""
     epsilon_warmup: int = Field(200, gt=0, le=1000)
     epsilon_ref_k: int = Field(4, ge=2, le=256)
     """The online ε compares each arrival's nearest distance with its distance to this-th nearest

@@ -233,8 +233,13 @@ class OnlineState:
         if (est.count >= warmup and est.count % EPS_REFIT_EVERY == 0) or est.count == warmup:
             est.epsilon = mixture_epsilon(est.hist, false_flags, est.weight)
 
+    def warm(self, space: str, warmup: int) -> bool:
+        """Whether the estimate of ``space`` has seen its warm-up and decides."""
+        est = self.eps.get(space)
+        return est is not None and est.count >= warmup
+
     def epsilon(self, space: str, default: float, warmup: int) -> float:
-        """The estimated ε once warm, else ``default`` (the warm-up ratio)."""
+        """The estimated ε once warm, else ``default`` (the warm-up floor)."""
         est = self.eps.get(space)
         if est is None or est.count < warmup:
             return default

@@ -49,8 +49,8 @@ class Thresholds:
     radius: float | None = None
     keep_fraction: float | None = None
     epsilon_online: bool = False
-    """ε per space comes from the partition's online estimate (relative; ``epsilon`` is then
-    what the seed measured, used with ``select.epsilon_mode: seed``)."""
+    """ε per space comes from the partition's online estimate (relative); ``epsilon`` then holds
+    the seed's distance floor for the warm-up, where the seed has one."""
     vote_k: int = 10
     confidence: float | None = None
     """Vote share a new label needs (None: no relabelling)."""
@@ -310,7 +310,8 @@ class Selector:
     def _epsilon(self, space: str, online: OnlineState) -> float:
         t = self.t
         if t.epsilon_online:
-            return online.epsilon(space, self.cfg.epsilon_warmup_ratio, self.cfg.epsilon_warmup)
+            warm_up = t.epsilon.get(space, self.cfg.epsilon_warmup_ratio)
+            return online.epsilon(space, warm_up, self.cfg.epsilon_warmup)
         return t.epsilon.get(space, 0.0)
 
     def _judge(
@@ -337,7 +338,8 @@ class Selector:
 
         # Duplicate floor: the nearest accepted item is closer than epsilon (decided with the
         # floor as it stood before this item; the online estimate then sees this arrival). The
-        # online floor is relative: nearest distance / the ref_k-th nearest.
+        # online floor is relative (nearest distance / the ref_k-th nearest) once warm, and in
+        # the warm-up where no seed measured a distance floor.
         eps = {s: self._epsilon(s, online) for s in nn}
         tested: dict[str, float | None] = dict(nn)
         ref: dict[str, float] = {}  # spaces tested relatively: the reference distance
@@ -347,8 +349,10 @@ class Selector:
                 rel = relative_distance(nb_d[s], cfg.epsilon_ref_k)
                 if rel is None:
                     continue
-                tested[s] = rel = round(rel, ROUND)
-                ref[s] = float(nb_d[s][min(cfg.epsilon_ref_k, len(nb_d[s])) - 1])
+                rel = round(rel, ROUND)
+                if s not in t.epsilon or online.warm(s, cfg.epsilon_warmup):
+                    tested[s] = rel
+                    ref[s] = float(nb_d[s][min(cfg.epsilon_ref_k, len(nb_d[s])) - 1])
                 online.observe_nn(s, rel, cfg.epsilon_warmup, cfg.epsilon_false_flags)
         close = [tested[s] is not None and tested[s] < eps[s] for s in nn]  # type: ignore[operator]
         is_dup = all(close) if self.cfg.duplicate_mode == "all" else any(close)

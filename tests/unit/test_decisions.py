@@ -217,9 +217,9 @@ def test_online_floor_is_relative_to_local_density() -> None:
     seed = [{**r, "id": "seed-" + r["id"]} for r in rows[:400] if r["id"].startswith("o")]
     out, cur = run(rows[400:], 64, seed)
     assert cur.thresholds is not None and cur.thresholds.epsilon_online
-    late = out[len(out) // 5 :]  # after the warm-up
+    late = out[len(out) // 5 :]  # after the warm-up (the seed's distance floor)
     copies = [o for o in late if o.id.startswith("c")]
-    assert sum(o.reason == "duplicate" for o in copies) >= 0.98 * len(copies)
+    assert sum(o.reason == "duplicate" for o in copies) >= 0.97 * len(copies)
     dense = [o for o in out if o.id.startswith("o") and int(o.id[1:]) % 2]
     assert sum(o.reason == "duplicate" for o in dense) <= 0.02 * len(dense)
     dup = next(o for o in copies if o.reason == "duplicate")

@@ -30,9 +30,8 @@ def _eps_note(t: dict[str, Any]) -> str:
     if not t.get("epsilon_online"):
         return ""
     return (
-        " (the seed's distance floor, used only with `select.epsilon_mode: seed`: no copies "
-        "measured on the seed, so ε follows the stream's own nearest-neighbour distances, as a "
-        "ratio to the reference neighbour's)"
+        " (the warm-up value, a distance: no copies measured on the seed, so ε then follows "
+        "the stream's own nearest-neighbour distances, as a ratio to the reference neighbour's)"
     )
 
 
@@ -42,7 +41,7 @@ def _seeded_eps(beside: dict[str, Any], t: dict[str, Any], space: str) -> str:
     if t.get("epsilon_online") and final is not None:
         return _num(final, 6) + " (final, relative)"
     if t.get("epsilon_online"):
-        return _num(t["epsilon"].get(space), 6) + " (seed)"
+        return _num(t["epsilon"].get(space), 6) + " (warm-up)"
     return _num(t["epsilon"].get(space), 6)
 
 
