@@ -28,7 +28,8 @@ DUPLICATE_DISTANCE = 1e-6
 statistics, so the ε floor is never fitted to a copy's distance of zero."""
 VOTE_ROUNDS = 10
 CONFIDENCE_GRID = tuple(round(0.55 + 0.05 * i, 2) for i in range(10))
-REJECT_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
+FLAG_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
+"""Own-label vote shares tried as the flag share, most permissive first."""
 MIN_CALIBRATION_FLAGS = 5
 """A setting needs at least this many flags in the calibration to count as measured."""
 SHUFFLES = 3
@@ -42,6 +43,9 @@ class VoteCalibration:
     reject_share: float | None
     radius: float | None
     scale: float | None
+    flag_share: float | None = None
+    """Own-label share at or below which a label counts as wrong (relabel or reject); None:
+    relabels need only the confidence."""
     relabel_precision: float | None = None
     flag_precision: float | None = None
     clean_flagged: float | None = None
@@ -51,6 +55,7 @@ class VoteCalibration:
     def as_record(self) -> dict[str, Any]:
         return {
             "confidence": self.confidence,
+            "flag_share": self.flag_share,
             "reject_share": self.reject_share,
             "radius": self.radius,
             "scale": self.scale,
@@ -254,35 +259,63 @@ def flip_trial(settings: Settings, stats: SeedStats, space: str) -> FlipTrial | 
     return FlipTrial(y, radius, scale, enough, rounds)
 
 
+def vote_flags(
+    trial: FlipTrial,
+    noisy: np.ndarray,
+    shares: np.ndarray,
+    top: np.ndarray,
+    *,
+    confidence: float | None,
+    flag_share: float | None,
+    reject_share: float | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(relabel, reject) masks of one flip-trial round under the stream's rule (Selector).
+
+    A label counts as wrong when its own share is at most ``flag_share`` (any share without
+    one); a wrong label is relabelled when another label reaches ``confidence``, else rejected
+    as ``label_noise`` when its share is at most ``reject_share``."""
+    n = len(noisy)
+    own = shares[np.arange(n), noisy]
+    wrong = trial.enough.copy()
+    if flag_share is not None:
+        wrong &= own <= flag_share
+    relabel = np.zeros(n, dtype=bool)
+    if confidence is not None:
+        relabel = wrong & (top != noisy) & (shares[np.arange(n), top] >= confidence)
+    rejected = np.zeros(n, dtype=bool)
+    if reject_share is not None:
+        rejected = wrong & ~relabel & (own <= reject_share)
+    return relabel, rejected
+
+
 def calibrate_vote(settings: Settings, stats: SeedStats, space: str) -> VoteCalibration | None:
-    """Pick the vote's confidence and reject share on the seed with synthetic label flips.
+    """Pick the vote's flag share and confidence on the seed with synthetic label flips.
 
     Every round flips ``clean.calibration_noise`` of the seed labels to another class (voters
     carry flipped labels too: the pessimistic case), votes leave-one-out with the stream's rule,
-    and counts right and wrong relabels and flags. The confidence is the least strict one whose
-    relabels are right at least ``target_precision`` of the time while at most
-    ``max_clean_flagged`` of clean items are touched; then the largest reject share that keeps
-    both targets for all flags together. Explicit settings win over the calibration.
+    and counts right and wrong flags and relabels. First *which labels are wrong*: the largest
+    own-label share at or below which flagged labels are wrong at least ``target_precision`` of
+    the time while at most ``max_clean_flagged`` of clean items are flagged. Then *what to do
+    with them*: the least strict confidence whose relabels are right at least
+    ``target_precision`` of the time; the rest are rejected as ``label_noise`` (with
+    ``reject_unfixable_labels``). Where no share meets the targets, relabels need only the
+    confidence (the clean-item budget then applies to them). Explicit settings win.
     """
     c = settings.clean
     trial = flip_trial(settings, stats, space)
     if trial is None:
         return None
-    y, enough, rounds = trial.truth, trial.enough, trial.rounds
-    n = len(y)
+    y, rounds = trial.truth, trial.rounds
 
-    def measure(conf: float | None, rej: float | None) -> tuple[int, int, int, int, int, int, int]:
+    def measure(
+        conf: float | None, share: float | None, reject: float | None
+    ) -> tuple[int, int, int, int, int, int, int]:
         rel = rel_ok = flags = flags_ok = clean_flag = clean_n = noisy_n = 0
         for flip, noisy, shares, top in rounds:
-            own = shares[np.arange(n), noisy]
-            top_share = shares[np.arange(n), top]
-            relabel = np.zeros(n, dtype=bool)
-            if conf is not None:
-                relabel = enough & (top != noisy) & (top_share >= conf)
-            reject = np.zeros(n, dtype=bool)
-            if rej is not None:
-                reject = enough & ~relabel & (own <= rej)
-            flagged = relabel | reject
+            relabel, rejected = vote_flags(
+                trial, noisy, shares, top, confidence=conf, flag_share=share, reject_share=reject
+            )
+            flagged = relabel | rejected
             rel += int(relabel.sum())
             rel_ok += int((relabel & (top == y)).sum())
             flags += int(flagged.sum())
@@ -300,11 +333,27 @@ def calibrate_vote(settings: Settings, stats: SeedStats, space: str) -> VoteCali
             and clean_flag <= c.max_clean_flagged * clean_n
         )
 
-    conf = c.neighbour_confidence
     notes = []
+    share = c.flag_share
+    if share is None:
+        for cand in sorted(FLAG_GRID, reverse=True):
+            _, _, flags, flags_ok, clean_flag, clean_n, _ = measure(None, cand, cand)
+            if meets(flags_ok, flags, clean_flag, clean_n):
+                share = cand
+                break
+        if share is None:
+            notes.append(
+                f"no own-label share flags seed flips with precision >= {c.target_precision:.0%}"
+                f" while flagging <= {c.max_clean_flagged:.0%} of clean items: label_noise "
+                "rejection is off and relabels need only the confidence"
+            )
+    reject = c.reject_share if c.reject_share is not None else share
+    if not c.reject_unfixable_labels:
+        reject = None
+    conf = c.neighbour_confidence
     if conf is None and c.fixer in ("auto", "neighbours"):
         for cand in CONFIDENCE_GRID:
-            rel, rel_ok, _, _, clean_flag, clean_n, _ = measure(cand, None)
+            rel, rel_ok, _, _, clean_flag, clean_n, _ = measure(cand, share, None)
             if meets(rel_ok, rel, clean_flag, clean_n):
                 conf = cand
                 break
@@ -313,19 +362,11 @@ def calibrate_vote(settings: Settings, stats: SeedStats, space: str) -> VoteCali
                 f"no vote confidence relabels seed flips with precision >= {c.target_precision:.0%}"
                 f" while touching <= {c.max_clean_flagged:.0%} of clean items: relabelling is off"
             )
-    rej = c.reject_share
-    if rej is None and c.reject_unfixable_labels:
-        for cand in sorted(REJECT_GRID, reverse=True):
-            _, _, flags, flags_ok, clean_flag, clean_n, _ = measure(conf, cand)
-            if meets(flags_ok, flags, clean_flag, clean_n):
-                rej = cand
-                break
-        if rej is None:
-            notes.append("no reject share meets the targets: label_noise rejection is off")
-    rel, rel_ok, flags, flags_ok, clean_flag, clean_n, noisy_n = measure(conf, rej)
+    rel, rel_ok, flags, flags_ok, clean_flag, clean_n, noisy_n = measure(conf, share, reject)
     return VoteCalibration(
         confidence=conf,
-        reject_share=rej,
+        flag_share=share,
+        reject_share=reject,
         radius=trial.radius,
         scale=round(trial.scale, ROUND),
         relabel_precision=round(rel_ok / rel, 4) if rel else None,
@@ -421,6 +462,7 @@ def resolve_thresholds(
         # No seed to check the vote against: only explicitly configured rules run.
         vote = VoteCalibration(
             confidence=cl.neighbour_confidence,
+            flag_share=cl.flag_share,
             reject_share=cl.reject_share
             if cl.reject_share is not None or cl.neighbour_confidence is None
             else 0.0,
@@ -440,6 +482,7 @@ def resolve_thresholds(
         radius=vote.radius,
         vote_k=cl.neighbour_k,
         confidence=vote.confidence if cl.fixer in ("auto", "neighbours") else None,
+        flag_share=vote.flag_share,
         reject_share=vote.reject_share if cl.reject_unfixable_labels else None,
         vote_scale=vote.scale,
         alignment_quartiles=_quartiles(stats.alignments) if stats is not None else None,

@@ -246,10 +246,11 @@ class CleanConfig(_Section):
     """Alignment check and fixers.
 
     Thresholds left unset are calibrated on the seed set for a stated error rate: ``delta`` so
-    that at most ``delta_false_flags`` of the seed's matched pairs fall below it, the neighbour
-    vote's confidence so that synthetic label flips injected into the seed are relabelled with
-    precision ``target_precision`` while at most ``max_clean_flagged`` of clean seed items are
-    touched. Where no setting meets the target, relabelling (or the vote) is switched off.
+    that at most ``delta_false_flags`` of the seed's matched pairs fall below it; the neighbour
+    vote on synthetic label flips injected into the seed: the own-label share below which a
+    label counts as wrong, so that flags are right ``target_precision`` of the time while at
+    most ``max_clean_flagged`` of clean seed items are flagged, then the confidence a relabel
+    needs for the same precision. Where no setting meets the target, that rule is switched off.
     """
 
     enabled: bool = True
@@ -264,14 +265,20 @@ class CleanConfig(_Section):
     classes: list[str] | None = None
     prompt: str = "a photo of a {label}"
     zero_shot_margin: float = Field(0.05, ge=0.0)
-    neighbour_k: int = Field(10, gt=0, le=256)
-    """Neighbours that vote on a label (separate from ``select.k``, the gain's)."""
+    neighbour_k: int = Field(20, gt=0, le=256)
+    """Neighbours that vote on a label (separate from ``select.k``, the gain's). Twenty lets
+    "almost no neighbour carries this label" be told apart in steps of 5%."""
     neighbour_confidence: float | None = Field(None, gt=0.5, le=1.0)
     """Weighted vote share a new label needs; calibrated on the seed when unset."""
     neighbour_min: int = Field(3, gt=0)
     reject_unfixable_labels: bool = True
+    flag_share: float | None = Field(None, ge=0.0, le=1.0)
+    """A label counts as wrong only when its own vote share is at most this (then relabelled
+    where another label reaches the confidence, else ``label_noise``). Calibrated on the seed
+    when unset; 1.0, or unset without a seed: being outvoted is enough."""
     reject_share: float | None = Field(None, ge=0.0, lt=1.0)
-    """``label_noise`` when the own label's vote share is at most this; calibrated when unset."""
+    """``label_noise`` when a wrong label's own vote share is at most this and no label reaches
+    the confidence; unset: the flag share (with ``reject_unfixable_labels``)."""
     neighbour_radius: float | None = Field(None, gt=0.0, le=2.0)
     """Only neighbours closer than this vote; calibrated from the seed when unset."""
     neighbour_radius_percentile: float = Field(95.0, gt=0.0, le=100.0)

@@ -158,6 +158,7 @@ def thresholds_record(t: Thresholds) -> dict[str, Any]:
         "vote_k": t.vote_k,
         "confidence": t.confidence,
         "reject_share": t.reject_share,
+        "flag_share": t.flag_share,
         "vote_scale": t.vote_scale,
         "alignment_quartiles": list(t.alignment_quartiles) if t.alignment_quartiles else None,
     }
@@ -181,6 +182,7 @@ def thresholds_from_record(rec: dict[str, Any]) -> Thresholds:
         vote_k=int(rec.get("vote_k", 10)),
         confidence=rec.get("confidence"),
         reject_share=rec.get("reject_share"),
+        flag_share=rec.get("flag_share"),
         vote_scale=rec.get("vote_scale"),
         alignment_quartiles=(quartiles[0], quartiles[1], quartiles[2]) if quartiles else None,
     )

@@ -233,8 +233,9 @@ class Metrics:
         )
         self.vote_rule: Gauge = Gauge(
             "infogrowth_vote_rule_enabled",
-            "1 when the calibrated label-vote rule (relabel | reject) is on, 0 when the seed "
-            "calibration switched it off.",
+            "1 when the calibrated label-vote rule (flag: a label with too little of the vote "
+            "counts as wrong | relabel | reject) is on, 0 when the seed calibration switched it "
+            "off.",
             ["rule"],
             registry=reg,
         )
@@ -353,6 +354,7 @@ class Metrics:
                 self.epsilon.labels(partition=partition, space=space).set(t.epsilon.get(space, 0))
         self.vote_rule.labels(rule="relabel").set(int(t.confidence is not None))
         self.vote_rule.labels(rule="reject").set(int(t.reject_share is not None))
+        self.vote_rule.labels(rule="flag").set(int(t.flag_share is not None))
 
     def observe_batch(self, stage: str, seconds: float) -> None:
         """Record one batch's wall time."""

@@ -56,6 +56,9 @@ class Thresholds:
     """Vote share a new label needs (None: no relabelling)."""
     reject_share: float | None = None
     """``label_noise`` at or below this own-label share (None: no such rejection)."""
+    flag_share: float | None = None
+    """A label counts as wrong (relabelled or rejected) only at or below this own-label share;
+    None: a relabel needs only ``confidence``."""
     vote_scale: float | None = None
     """Voter weight ``1 / (d + vote_scale)``; equal weights when None."""
     alignment_quartiles: tuple[float, float, float] | None = None
@@ -391,14 +394,17 @@ class Selector:
                 if n_votes >= self.clean.neighbour_min:
                     top_label, top_share = sorted(shares.items(), key=lambda kv: (-kv[1], kv[0]))[0]
                     conf = t.confidence
+                    # being outvoted is not enough: the label must hold at most the flag share
+                    wrong = t.flag_share is None or own_share <= t.flag_share
                     if (
-                        self.relabels
+                        wrong
+                        and self.relabels
                         and conf is not None
                         and top_label != item.label
                         and top_share >= conf
                     ):
                         verdict.relabel = top_label
-                    elif t.reject_share is not None and own_share <= t.reject_share:
+                    elif wrong and t.reject_share is not None and own_share <= t.reject_share:
                         verdict.decision, verdict.reason = "rejected", "label_noise"
                         verdict.detail = (
                             f"label {item.label!r} holds {own_share:.0%} of the vote "

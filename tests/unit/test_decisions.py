@@ -330,7 +330,7 @@ def test_vote_calibrated_on_separable_classes() -> None:
     assert t.confidence is not None and t.reject_share is not None
     assert stats.vote is not None
     assert (stats.vote.relabel_precision or 0) >= 0.95
-    assert (stats.vote.clean_flagged or 1) <= 0.02
+    assert stats.vote.clean_flagged is not None and stats.vote.clean_flagged <= 0.02
 
 
 def test_vote_switched_off_when_labels_do_not_follow_the_embedding() -> None:
@@ -359,6 +359,49 @@ def test_label_flips_relabelled_with_precision_at_defaults() -> None:
     flagged = [o for o in clean if o.decision == "relabeled" or o.reason == "label_noise"]
     assert len(flagged) <= 0.02 * len(clean)
     assert by_id[relabeled[0].id].original_label is not None
+
+
+def overlapping_classes(
+    n: int, seed: int, flip_rate: float, prefix: str
+) -> tuple[list[dict[str, Any]], set[str]]:
+    """Four classes; c0 and c1 overlap (like shirts and t-shirts), so clean items near their
+    border have neighbourhoods where the other label is the majority."""
+    crng = np.random.default_rng(77)
+    dim = 16
+    centres = crng.normal(size=(4, dim))
+    centres[1] = centres[0] + 0.5 * crng.normal(size=dim) / np.sqrt(dim)
+    rng = np.random.default_rng(seed)
+    rows, flipped = [], set()
+    for i in range(n):
+        c = int(rng.integers(4))
+        v = centres[c] + rng.normal(scale=0.3, size=dim)
+        label = c
+        if rng.random() < flip_rate:
+            label = (c + 1 + int(rng.integers(3))) % 4
+            flipped.add(f"{prefix}{i}")
+        rows.append(
+            {"id": f"{prefix}{i}", "embedding": {"image": v.tolist()}, "label": f"c{label}"}
+        )
+    return rows, flipped
+
+
+def test_a_label_is_wrong_only_when_the_vote_barely_holds_it() -> None:
+    """A clean item at the border of two overlapping classes is outvoted but not unsupported:
+    the calibrated flag share keeps it; a majority alone (the earlier rule) relabelled 5% of
+    clean items at 81% flag precision here."""
+    seed, _ = overlapping_classes(400, 1, 0.0, "seed")
+    rows, flipped = overlapping_classes(3000, 2, 0.2, "s")
+    out, cur = run(rows, 100, seed)
+    flagged = {o.id for o in out if o.decision == "relabeled" or o.reason == "label_noise"}
+    clean = len(rows) - len(flipped)
+    assert len(flagged - flipped) <= 0.02 * clean
+    assert len(flagged & flipped) >= 0.9 * len(flagged)
+    assert len(flagged & flipped) >= 0.8 * len(flipped)
+    t = cur.selector.t if cur.selector is not None else None
+    assert t is not None and t.flag_share is not None and t.confidence is not None
+    for o in out:
+        if o.decision == "relabeled":
+            assert o.vote is not None and o.vote.get(o.original_label or "", 0.0) <= t.flag_share
 
 
 def test_delta_from_shuffled_pairs() -> None:

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from infogrowth.calibrate import calibrate_vote, flip_trial, label_space, seed_stats
+from infogrowth.calibrate import calibrate_vote, flip_trial, label_space, seed_stats, vote_flags
 from infogrowth.config import Settings, load_settings
 from infogrowth.models import CaptionerLike, EncoderLike
 from infogrowth.pipeline import Curator
@@ -56,9 +56,11 @@ PREVIOUS_VOTE: dict[str, Any] = {
     "clean.neighbour_k": 4,
     "clean.neighbour_confidence": 0.75,
     "clean.reject_share": 0.0,
+    "clean.flag_share": 1.0,
     "clean.relabeled_vote": True,
 }
-"""The vote as it was before the seed calibration: the gain's 4 neighbours, 75% of the vote."""
+"""The vote as it was before the seed calibration: the gain's 4 neighbours, 75% of the vote
+(a majority alone relabels)."""
 
 CAPTION_TEMPLATES = (
     "a photo of a {label}",
@@ -683,12 +685,15 @@ def _cleaners(exp: Experiment) -> list[dict[str, Any]]:
     rows = {"seed-calibrated vote": [0] * 6, "confident learning": [0] * 6}
     for flip, noisy, shares, top in trial.rounds:
         own = shares[np.arange(n), noisy]
-        relabel = np.zeros(n, dtype=bool)
-        if vote.confidence is not None:
-            relabel = trial.enough & (top != noisy) & (shares[np.arange(n), top] >= vote.confidence)
-        reject = np.zeros(n, dtype=bool)
-        if vote.reject_share is not None:
-            reject = trial.enough & ~relabel & (own <= vote.reject_share)
+        relabel, reject = vote_flags(
+            trial,
+            noisy,
+            shares,
+            top,
+            confidence=vote.confidence,
+            flag_share=vote.flag_share,
+            reject_share=vote.reject_share,
+        )
         # confident learning: per-class thresholds = mean self-share of items given that label
         t = np.asarray(
             [
