@@ -73,16 +73,20 @@ def _edge(b: float) -> float:
     return float(10.0 ** (EPS_LOG_MIN + b * (EPS_LOG_MAX - EPS_LOG_MIN) / EPS_BINS))
 
 
+def reference_distance(d: np.ndarray, ref_k: int) -> float:
+    """The ``ref_k``-th nearest distance of a non-empty ascending row (the farthest when fewer)."""
+    return float(d[min(ref_k, len(d)) - 1])
+
+
 def relative_distance(d: np.ndarray, ref_k: int) -> float | None:
-    """Nearest distance / the ``ref_k``-th nearest (the farthest available when fewer), from a
-    row of ascending distances; 0 for an exact copy, None without neighbours."""
+    """Nearest distance / :func:`reference_distance`, from a row of ascending distances; 0 for
+    an exact copy, None without neighbours."""
     if not len(d):
         return None
     d1 = float(d[0])
     if d1 <= EPS_EXACT:
         return 0.0
-    ref = float(d[min(ref_k, len(d)) - 1])
-    return min(d1 / ref, 1.0)
+    return min(d1 / reference_distance(d, ref_k), 1.0)
 
 
 def two_modes(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -25,7 +25,7 @@ import numpy as np
 from infogrowth.config import CleanConfig, SelectConfig
 from infogrowth.errors import ConfigError
 from infogrowth.index import PartitionState
-from infogrowth.online import OnlineState, relative_distance
+from infogrowth.online import OnlineState, reference_distance, relative_distance
 from infogrowth.schema import Embedded
 
 Decision = Literal["accepted", "relabeled", "rejected"]
@@ -355,7 +355,7 @@ class Selector:
                 rel = round(rel, ROUND)
                 if s not in t.epsilon or online.warm(s, cfg.epsilon_warmup):
                     tested[s] = rel
-                    ref[s] = float(nb_d[s][min(cfg.epsilon_ref_k, len(nb_d[s])) - 1])
+                    ref[s] = reference_distance(nb_d[s], cfg.epsilon_ref_k)
                 online.observe_nn(s, rel, cfg.epsilon_warmup, cfg.epsilon_false_flags)
         close = [tested[s] is not None and tested[s] < eps[s] for s in nn]  # type: ignore[operator]
         is_dup = all(close) if self.cfg.duplicate_mode == "all" else any(close)
