@@ -333,14 +333,18 @@ def calibrate_vote(settings: Settings, stats: SeedStats, space: str) -> VoteCali
             and clean_flag <= c.max_clean_flagged * clean_n
         )
 
+    def flags_meet(cand: float) -> bool:
+        _, _, flags, flags_ok, clean_flag, clean_n, _ = measure(None, cand, cand)
+        return meets(flags_ok, flags, clean_flag, clean_n)
+
+    def relabels_meet(cand: float) -> bool:
+        rel, rel_ok, _, _, clean_flag, clean_n, _ = measure(cand, share, None)
+        return meets(rel_ok, rel, clean_flag, clean_n)
+
     notes = []
     share = c.flag_share
     if share is None:
-        for cand in sorted(FLAG_GRID, reverse=True):
-            _, _, flags, flags_ok, clean_flag, clean_n, _ = measure(None, cand, cand)
-            if meets(flags_ok, flags, clean_flag, clean_n):
-                share = cand
-                break
+        share = next((s for s in sorted(FLAG_GRID, reverse=True) if flags_meet(s)), None)
         if share is None:
             notes.append(
                 f"no own-label share flags seed flips with precision >= {c.target_precision:.0%}"
@@ -352,11 +356,7 @@ def calibrate_vote(settings: Settings, stats: SeedStats, space: str) -> VoteCali
         reject = None
     conf = c.neighbour_confidence
     if conf is None and c.fixer in ("auto", "neighbours"):
-        for cand in CONFIDENCE_GRID:
-            rel, rel_ok, _, _, clean_flag, clean_n, _ = measure(cand, share, None)
-            if meets(rel_ok, rel, clean_flag, clean_n):
-                conf = cand
-                break
+        conf = next((x for x in CONFIDENCE_GRID if relabels_meet(x)), None)
         if conf is None:
             notes.append(
                 f"no vote confidence relabels seed flips with precision >= {c.target_precision:.0%}"
