@@ -346,10 +346,11 @@ def calibrate_vote(settings: Settings, stats: SeedStats, space: str) -> VoteCali
     if share is None:
         share = next((s for s in sorted(FLAG_GRID, reverse=True) if flags_meet(s)), None)
         if share is None:
+            off = "label_noise rejection is off and " if c.reject_share is None else ""
             notes.append(
                 f"no own-label share flags seed flips with precision >= {c.target_precision:.0%}"
-                f" while flagging <= {c.max_clean_flagged:.0%} of clean items: label_noise "
-                "rejection is off and relabels need only the confidence"
+                f" while flagging <= {c.max_clean_flagged:.0%} of clean items: {off}relabels "
+                "need only the confidence"
             )
     reject = c.reject_share if c.reject_share is not None else share
     if not c.reject_unfixable_labels:

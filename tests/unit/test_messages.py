@@ -39,6 +39,8 @@ T = Thresholds(
     seed=17,
     keep_fraction=0.5,
     confidence=0.6,
+    flag_share=0.05,
+    reject_share=0.05,
     alignment_quartiles=(0.1, 0.2, 0.3),
 )
 
