@@ -188,13 +188,14 @@ def command(
             results.append(json.loads(path.read_text(encoding="utf-8")))
     for name in () if report_only else names:
         t0 = time.perf_counter()
+        prepare = core.prepare_fashion if name == "fashion-mnist" else core.prepare_rotten
         try:
-            prep = (
-                core.prepare_fashion(opts) if name == "fashion-mnist" else core.prepare_rotten(opts)
-            )
+            prep = prepare(opts)
         except DatasetMissing as exc:
             raise click.ClickException(str(exc)) from None
         res = core.evaluate(prep, opts)
+        opts.progress(f"{name}: label cleaning at other noise rates ...")
+        res["noise_rates"] = core.noise_rates(prepare, opts, res["noise"][0])
         res["timing"]["total_wall_s"] = round(time.perf_counter() - t0, 1)
         target = out_dir / name / "results.json"
         target.parent.mkdir(parents=True, exist_ok=True)
