@@ -333,8 +333,8 @@ def calibrate_vote(settings: Settings, stats: SeedStats, space: str) -> VoteCali
             and clean_flag <= c.max_clean_flagged * clean_n
         )
 
-    def flags_meet(cand: float) -> bool:
-        _, _, flags, flags_ok, clean_flag, clean_n, _ = measure(None, cand, cand)
+    def flags_meet(conf: float | None, gate: float, cand: float) -> bool:
+        _, _, flags, flags_ok, clean_flag, clean_n, _ = measure(conf, gate, cand)
         return meets(flags_ok, flags, clean_flag, clean_n)
 
     def relabels_meet(cand: float) -> bool:
@@ -344,7 +344,7 @@ def calibrate_vote(settings: Settings, stats: SeedStats, space: str) -> VoteCali
     notes = []
     share = c.flag_share
     if share is None:
-        share = next((s for s in sorted(FLAG_GRID, reverse=True) if flags_meet(s)), None)
+        share = next((s for s in sorted(FLAG_GRID, reverse=True) if flags_meet(None, s, s)), None)
         if share is None:
             off = "label_noise rejection is off and " if c.reject_share is None else ""
             notes.append(
@@ -352,10 +352,7 @@ def calibrate_vote(settings: Settings, stats: SeedStats, space: str) -> VoteCali
                 f" while flagging <= {c.max_clean_flagged:.0%} of clean items: {off}relabels "
                 "need only the confidence"
             )
-    reject = c.reject_share if c.reject_share is not None else share
-    if not c.reject_unfixable_labels:
-        reject = None
-    conf = c.neighbour_confidence
+    conf = c.neighbour_confidence if c.fixer in ("auto", "neighbours") else None
     if conf is None and c.fixer in ("auto", "neighbours"):
         conf = next((x for x in CONFIDENCE_GRID if relabels_meet(x)), None)
         if conf is None:
@@ -363,6 +360,22 @@ def calibrate_vote(settings: Settings, stats: SeedStats, space: str) -> VoteCali
                 f"no vote confidence relabels seed flips with precision >= {c.target_precision:.0%}"
                 f" while touching <= {c.max_clean_flagged:.0%} of clean items: relabelling is off"
             )
+    reject = c.reject_share
+    if reject is None and c.reject_unfixable_labels and share is not None:
+        if c.flag_share is None:
+            reject = share  # calibrated above: its flags met the targets
+        else:  # an explicit flag share (1.0: the majority rule) bounds the search
+            grid = sorted((r for r in FLAG_GRID if r <= share), reverse=True)
+            reject = next((r for r in grid if flags_meet(conf, share, r)), None)
+            if reject is None:
+                notes.append("no reject share meets the targets: label_noise rejection is off")
+    if not c.reject_unfixable_labels:
+        reject = None
+    if reject is not None and share is not None and reject > share:
+        notes.append(
+            f"clean.reject_share {reject:g} is above the flag share {share:g}: a label above "
+            "the flag share is not wrong, so label_noise rejects at the flag share"
+        )
     rel, rel_ok, flags, flags_ok, clean_flag, clean_n, noisy_n = measure(conf, share, reject)
     return VoteCalibration(
         confidence=conf,
@@ -461,12 +474,15 @@ def resolve_thresholds(
             log.warning("label vote: %s", vote.note)
     if vote is None:
         # No seed to check the vote against: only explicitly configured rules run.
+        reject = cl.reject_share
+        if reject is None and cl.flag_share is not None and cl.flag_share < 1.0:
+            reject = cl.flag_share
+        elif reject is None and cl.neighbour_confidence is not None:
+            reject = 0.0
         vote = VoteCalibration(
             confidence=cl.neighbour_confidence,
             flag_share=cl.flag_share,
-            reject_share=cl.reject_share
-            if cl.reject_share is not None or cl.neighbour_confidence is None
-            else 0.0,
+            reject_share=reject,
             radius=cl.neighbour_radius,
             scale=None,
         )

@@ -278,7 +278,9 @@ class CleanConfig(_Section):
     when unset; 1.0, or unset without a seed: being outvoted is enough."""
     reject_share: float | None = Field(None, ge=0.0, lt=1.0)
     """``label_noise`` when a wrong label's own vote share is at most this and no label reaches
-    the confidence; unset: the flag share (with ``reject_unfixable_labels``)."""
+    the confidence (at most ``flag_share``). Unset: the calibrated flag share; under an explicit
+    flag share the largest share up to it that meets the targets on the seed; without a seed an
+    explicit flag share below 1, else 0 with an explicit confidence."""
     neighbour_radius: float | None = Field(None, gt=0.0, le=2.0)
     """Only neighbours closer than this vote; calibrated from the seed when unset."""
     neighbour_radius_percentile: float = Field(95.0, gt=0.0, le=100.0)
@@ -508,6 +510,12 @@ class Settings(BaseSettings):
             raise ConfigError(
                 f"index.ef ({self.index.ef}) must be >= clean.neighbour_k "
                 f"({self.clean.neighbour_k})"
+            )
+        fs, rs = self.clean.flag_share, self.clean.reject_share
+        if fs is not None and rs is not None and rs > fs:
+            raise ConfigError(
+                f"clean.reject_share ({rs}) must be <= clean.flag_share ({fs}): only a label at "
+                "or below the flag share counts as wrong"
             )
         sel = self.select
         if sel.policy == "sample" and sel.keep_fraction is None and sel.g_scale is None:

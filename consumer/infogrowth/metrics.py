@@ -233,9 +233,9 @@ class Metrics:
         )
         self.vote_rule: Gauge = Gauge(
             "infogrowth_vote_rule_enabled",
-            "1 when the calibrated label-vote rule (flag: a label with too little of the vote "
-            "counts as wrong | relabel | reject) is on, 0 when the seed calibration switched it "
-            "off.",
+            "1 when the label-vote rule (relabel | reject) is on, 0 when the seed calibration "
+            "switched it off; flag: 1 when only a label holding at most the flag share of the "
+            "vote counts as wrong, 0 when being outvoted is enough.",
             ["rule"],
             registry=reg,
         )

@@ -404,6 +404,34 @@ def test_a_label_is_wrong_only_when_the_vote_barely_holds_it() -> None:
             assert o.vote is not None and o.vote.get(o.original_label or "", 0.0) <= t.flag_share
 
 
+def test_flag_share_one_is_the_majority_rule() -> None:
+    """``clean.flag_share: 1`` (being outvoted is enough) keeps a calibrated reject share below
+    1, so a label holding most of its vote is never rejected."""
+    seed, _ = overlapping_classes(400, 1, 0.0, "seed")
+    rows, flipped = overlapping_classes(1500, 2, 0.2, "s")
+    out, cur = run(rows, 100, seed, **{"clean.flag_share": 1.0})
+    t = cur.selector.t if cur.selector is not None else None
+    assert t is not None and t.flag_share == 1.0
+    assert t.reject_share is None or t.reject_share < 1.0
+    rejected = [o for o in out if o.reason == "label_noise"]
+    assert all(o.vote and o.vote.get(o.label or "", 0.0) <= 0.3 for o in rejected)
+    assert len([o for o in rejected if o.id not in flipped]) <= 0.02 * (len(rows) - len(flipped))
+
+
+def test_vote_rules_without_a_seed_follow_the_config() -> None:
+    def resolved(**cfg: Any) -> tuple[float | None, float | None]:
+        t = resolve_thresholds(make_settings(**cfg), ("image",), None)
+        return t.flag_share, t.reject_share
+
+    assert resolved() == (None, None)
+    assert resolved(**{"clean.flag_share": 0.1}) == (0.1, 0.1)
+    assert resolved(**{"clean.flag_share": 1.0}) == (1.0, None)
+    assert resolved(**{"clean.neighbour_confidence": 0.8}) == (None, 0.0)
+    assert resolved(**{"clean.flag_share": 0.2, "clean.reject_share": 0.1}) == (0.2, 0.1)
+    with pytest.raises(ConfigError, match=r"clean\.reject_share"):
+        make_settings(**{"clean.flag_share": 0.1, "clean.reject_share": 0.2})
+
+
 def test_delta_from_shuffled_pairs() -> None:
     rng = np.random.default_rng(0)
     matched = rng.normal(0.3, 0.03, size=1000)

@@ -184,15 +184,13 @@ def test_quick_eval_curated_beats_random_with_label_noise(tmp_path: Path) -> Non
     assert dflt["relabel_accuracy"] > 0.75 and dflt["precision"] > 0.75
     assert dflt["relabel_accuracy"] > prev["relabel_accuracy"] + 0.15
     assert dflt["kept_noise_rate"] < 0.8 * dflt["stream_noise_rate"]
-    # the defaults at other noise rates: same data corrupted at 10 / 20 / 40%, the bound on
-    # clean items flagged holds at each
+    # the defaults at other noise rates: the share of clean items flagged barely moves with
+    # the rate (quick mode: a 500-item seed and a weaker encoder, hence 3% rather than 2%)
     rates = {n["noise"]: n for n in r["noise_rates"]}
-    assert sorted(rates) == [0.1, 0.2, 0.4]
-    assert rates[0.2]["detected"] == dflt["detected"]
-    assert rates[0.1]["stream_noise_rate"] < rates[0.4]["stream_noise_rate"]
-    assert all(
-        n["clean_flagged"] is not None and n["clean_flagged"] <= 0.03 for n in rates.values()
-    )
+    assert rates[0.1]["stream_noise_rate"] < 0.15 < 0.35 < rates[0.4]["stream_noise_rate"]
+    flagged = [n["clean_flagged"] for n in rates.values()]
+    assert all(f is not None and f <= 0.03 for f in flagged)
+    assert max(flagged) - min(flagged) <= 0.01
     # the budget policy meets its keep fraction
     assert abs(r["keep_rate"]["realised"] - 0.3) <= 0.02
 

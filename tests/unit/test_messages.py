@@ -22,6 +22,7 @@ from infogrowth.messages import (
     output_record,
     replica_record,
     sample_record,
+    thresholds_from_record,
     thresholds_record,
     too_large,
 )
@@ -135,6 +136,12 @@ def test_nan_vectors_are_a_data_error() -> None:
     e.vectors["image"][0] = np.nan
     with pytest.raises(DataError, match="NaN"):
         embedded_from_record(embedded_record(e, False), None)
+
+
+def test_thresholds_written_before_the_flag_share_keep_the_old_rule() -> None:
+    rec = thresholds_record(T)
+    del rec["flag_share"]
+    assert thresholds_from_record(rec).flag_share is None  # a relabel needs only the confidence
 
 
 def test_calibration_round_trip() -> None:

@@ -65,7 +65,7 @@ PREVIOUS_VOTE: dict[str, Any] = {
     "clean.relabeled_vote": True,
 }
 """The vote as it was before the seed calibration: the gain's 4 neighbours, 75% of the vote
-(a majority alone relabels)."""
+(flag share 1: being outvoted is enough)."""
 
 CAPTION_TEMPLATES = (
     "a photo of a {label}",

@@ -817,10 +817,10 @@ scale on real data with real (small) models, with ground truth for every injecte
   noise, or additionally a one-pixel shift; texts: one word dropped or swapped, or punctuation
   changed). Copies keep their source's label.
 - **Pipeline.** The real `infogrowth.pipeline.Curator` at **package defaults**, seeded with a
-  clean seed slice (which calibrates ε, δ, the vote's radius, confidence and reject share, and
-  fills the index), then `process` on batches of `select.batch_size`, as `infogrowth curate` runs
-  it. Embeddings are computed once and passed as precomputed vectors (`embedding.image` /
-  `embedding.text`). No eval-specific settings; `--config` overrides.
+  clean seed slice (which calibrates ε, δ, the vote's radius, flag share, confidence and reject
+  share, and fills the index), then `process` on batches of `select.batch_size`, as `infogrowth
+  curate` runs it. Embeddings are computed once and passed as precomputed vectors
+  (`embedding.image` / `embedding.text`). No eval-specific settings; `--config` overrides.
 - **Budget subsets** (size = budget × stream size, identical for every arm): *random* draws
   uniformly from the corrupted stream; *curated* takes the kept items (accepted + relabeled, with
   their new labels) of the default pass (policy `all`), thinned uniformly to the budget;
