@@ -310,12 +310,15 @@ class Selector:
             )
         return verdicts
 
-    def _epsilon(self, space: str, online: OnlineState) -> float:
+    def _floor(self, space: str, online: OnlineState) -> tuple[float, bool]:
+        """ε for ``space`` and whether it is a ratio (nearest / reference neighbour's distance)
+        rather than a distance: online once warm, and in a warm-up without a seed's floor."""
         t = self.t
-        if t.epsilon_online:
-            warm_up = t.epsilon.get(space, self.cfg.epsilon_warmup_ratio)
-            return online.epsilon(space, warm_up, self.cfg.epsilon_warmup)
-        return t.epsilon.get(space, 0.0)
+        if not t.epsilon_online:
+            return t.epsilon.get(space, 0.0), False
+        if space in t.epsilon and not online.warm(space, self.cfg.epsilon_warmup):
+            return t.epsilon[space], False  # the seed's distance floor serves the warm-up
+        return online.epsilon(space, self.cfg.epsilon_warmup_ratio, self.cfg.epsilon_warmup), True
 
     def _judge(
         self,
@@ -343,7 +346,8 @@ class Selector:
         # floor as it stood before this item; the online estimate then sees this arrival). The
         # online floor is relative (nearest distance / the ref_k-th nearest) once warm, and in
         # the warm-up where no seed measured a distance floor.
-        eps = {s: self._epsilon(s, online) for s in nn}
+        floors = {s: self._floor(s, online) for s in nn}
+        eps = {s: e for s, (e, _) in floors.items()}
         tested: dict[str, float | None] = dict(nn)
         ref: dict[str, float] = {}  # spaces tested relatively: the reference distance
         if t.epsilon_online:
@@ -353,7 +357,7 @@ class Selector:
                 if rel is None:
                     continue
                 rel = round(rel, ROUND)
-                if s not in t.epsilon or online.warm(s, cfg.epsilon_warmup):
+                if floors[s][1]:
                     tested[s] = rel
                     ref[s] = reference_distance(nb_d[s], cfg.epsilon_ref_k)
                 online.observe_nn(s, rel, cfg.epsilon_warmup, cfg.epsilon_false_flags)
