@@ -207,6 +207,11 @@ def embed_texts(
     return vec, info
 
 
+_CNNS: dict[tuple[str, bool], Any] = {}
+"""The trained image encoder per (data dir, quick): training is deterministic, and the
+noise-rate passes re-corrupt the same images, so they reuse it instead of training again."""
+
+
 def prepare_fashion(opts: Options) -> Prepared:
     import torch
 
@@ -223,7 +228,12 @@ def prepare_fashion(opts: Options) -> Prepared:
     bridge_rows = perm[len(perm) - n_enc - n_bridge : len(perm) - n_enc]
     t0 = time.perf_counter()
     opts.progress(f"fashion-mnist: training the image encoder on {n_enc} images ...")
-    cnn = M.train_cnn(data.x_train[enc_rows], data.y_train[enc_rows], epochs=epochs, seed=0)
+    key = (str(opts.data_dir), opts.quick)
+    cnn = _CNNS.get(key)
+    if cnn is None:
+        cnn = _CNNS[key] = M.train_cnn(
+            data.x_train[enc_rows], data.y_train[enc_rows], epochs=epochs, seed=0
+        )
     cnn_acc = float((M.cnn_predict(cnn, data.x_test) == data.y_test).mean())
     stream = D.corrupt(
         data.y_train[pool_rows],
