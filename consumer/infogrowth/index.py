@@ -16,8 +16,11 @@ microseconds a vector. The mirror costs ``4 * dim`` bytes an item, next to hnswl
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import struct
+import tempfile
 import time
 from collections.abc import Sequence
 from concurrent import futures
@@ -33,6 +36,7 @@ from infogrowth.errors import DataError
 from infogrowth.mirror import VectorMirror
 from infogrowth.online import OnlineState
 
+log = logging.getLogger(__name__)
 _HEADER = struct.Struct("<QQQQQQiIQQQdQ")
 """hnswlib 0.8 ``saveIndex`` header: offsetLevel0, max_elements, count, size_data_per_element,
 label_offset, offsetData, maxlevel, enterpoint, maxM, maxM0, M, mult, ef_construction."""
@@ -112,6 +116,79 @@ def read_vectors_into(path: str, mirror: VectorMirror, chunk_bytes: int = 32 << 
             mirror.scatter(at, part[:, data_off : data_off + 4 * dim].copy().view(np.float32))
             seen[at] = True
     return int(count) if bool(seen.all()) else None
+
+
+_MINSTD_M = 2**31 - 1
+_MINSTD_A = 16807
+_DRAWS_PER_NODE = 2
+"""hnswlib draws a node's level with ``uniform_real_distribution<double>`` from a
+``std::default_random_engine``: libstdc++'s minstd_rand0, two draws for 53 bits."""
+
+
+def _level_seed(seed: int, count: int) -> int:
+    """The level generator's state after ``count`` nodes, as a seed that restores it."""
+    start = seed % _MINSTD_M or 1
+    return start * pow(_MINSTD_A, _DRAWS_PER_NODE * count, _MINSTD_M) % _MINSTD_M
+
+
+def _reseeded(index: hnswlib.Index, seed: int) -> hnswlib.Index:
+    """``index`` rebuilt through hnswlib's pickle state with its level generator at ``seed``
+    (the old object is released before the new one is filled: one extra copy at a time)."""
+    state = index.__getstate__()
+    state[0]["seed"] = seed
+    del index
+    fresh: hnswlib.Index = hnswlib.Index.__new__(hnswlib.Index)
+    fresh.__setstate__(state)
+    return fresh
+
+
+@functools.cache
+def _levels_continue() -> bool:
+    """Whether :func:`continue_levels` reproduces the live graph with this hnswlib build (checked
+    once: a build with another standard library's random engine would not)."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(300, 8)).astype(np.float32)
+
+    def fresh() -> hnswlib.Index:
+        i = hnswlib.Index(space="ip", dim=8)
+        i.init_index(max_elements=300, M=4, ef_construction=20, random_seed=11)
+        return i
+
+    live, part = fresh(), fresh()
+    live.add_items(x, np.arange(300), num_threads=1)
+    part.add_items(x[:200], np.arange(200), num_threads=1)
+    resumed = _reseeded(part, _level_seed(11, 200))
+    resumed.add_items(x[200:], np.arange(200, 300), num_threads=1)
+    with tempfile.TemporaryDirectory() as d:
+        live.save_index(f"{d}/a")
+        resumed.save_index(f"{d}/b")
+        return Path(f"{d}/a").read_bytes() == Path(f"{d}/b").read_bytes()
+
+
+def continue_levels(index: hnswlib.Index, seed: int) -> hnswlib.Index:
+    """A loaded index whose next inserts get the levels the live index would have given them.
+
+    hnswlib's saved file does not hold the level generator: a loaded index restarts it from a
+    fixed state, so items inserted after a snapshot load would get other levels, and so another
+    graph, than the live stage gave them (restore == replay would hold only up to HNSW recall).
+    Nodes are only ever inserted one writer at a time in changelog order, ``count`` of them,
+    so the generator's state is ``seed`` advanced by two draws a node; the index is rebuilt
+    with it. Where that does not reproduce the live graph (checked once), the index is returned
+    as loaded and a warning says so.
+    """
+    if not _levels_continue():
+        _warn_levels()
+        return index
+    return _reseeded(index, _level_seed(seed, int(index.get_current_count())))
+
+
+@functools.cache
+def _warn_levels() -> None:
+    log.warning(
+        "this hnswlib build's level generator is not libstdc++'s minstd_rand0: items inserted "
+        "after a snapshot load get other levels than the live stage gave them, so a restored "
+        "partition decides as a full replay would only up to HNSW recall"
+    )
 
 
 class SpaceIndex:
@@ -276,6 +353,7 @@ class SpaceIndex:
         obj.cfg = cfg
         obj._index = hnswlib.Index(space="ip", dim=dim)
         obj._index.load_index(path)
+        obj._index = continue_levels(obj._index, cfg.random_seed)
         obj._index.set_ef(cfg.ef)
         obj._query_threads = _threads(cfg)
         n = int(obj._index.get_current_count())

@@ -230,3 +230,23 @@ def test_fast_rebuild_threads_are_shared_by_the_spaces() -> None:
 def test_bad_restore_settings_fail_naming_the_key(key: str, value: int) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         make_settings(**{key: value})
+
+
+def test_a_snapshot_load_continues_the_live_graph_byte_for_byte(tmp_path: Path) -> None:
+    """hnswlib's saved file lacks the level generator; the load restores it (two draws a node),
+    so the items decided after a restore get the levels, and the graph, the live stage gave
+    them. Only the capacity field of the header differs (a loaded index has the saved size)."""
+    from infogrowth import snapshot
+    from tests.unit.test_snapshot import _restored
+
+    live, later = _live()
+    assert live.state is not None
+    snapshot.save(live.state, tmp_path / "snap", live.embed.fingerprint)
+    restored = _restored(live, tmp_path / "snap")
+    assert _decide(restored, later) == _decide(live, later)
+    assert restored.state is not None and live.state is not None
+
+    def graph(state: PartitionState, tag: str) -> dict[str, bytes]:
+        return {s: b[:8] + b[16:] for s, b in _files(state, tmp_path, tag).items()}
+
+    assert graph(restored.state, "restored") == graph(live.state, "live")
