@@ -357,6 +357,26 @@ class SnapshotConfig(_Section):
     fork: bool = True
     """Write snapshots from a forked child while the partition goes on processing (its stall is
     the fork); false, or where fork is unavailable: write them on the processing thread."""
+    remote: str | None = Field(None, min_length=1)
+    """A URL (``s3://bucket/prefix``, ``gs://…``, ``file:///shared/…``) that also keeps every
+    partition's snapshots, written and read through fsspec with ``storage.options``: a pod that
+    takes a partition with no snapshot on its own volume (scale-out, a new pod, a lost volume)
+    starts from the newest one there and replays only the changelog after it. Unset: snapshots
+    stay on the pod's volume."""
+    upload_interval_s: float = Field(300.0, gt=0)
+    """Least time between two uploads of one partition's snapshot to ``remote`` (each uploads
+    the whole snapshot); the last snapshot before a partition is revoked or the stage stops is
+    uploaded regardless."""
+
+    @field_validator("remote")
+    @classmethod
+    def _remote_is_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value):
+            raise ValueError(  # pydantic names the key
+                f"{value!r} is not a URL: give one such as s3://bucket/prefix or "
+                "file:///shared/path"
+            )
+        return value
 
 
 class RestoreConfig(_Section):

@@ -290,6 +290,29 @@ class Metrics:
             "Changelog items replayed into indexes during restores.",
             registry=reg,
         )
+        self.restores: Counter = Counter(
+            "infogrowth_restores",
+            "Partition restores by where they started (local|remote snapshot, or changelog "
+            "alone: no usable snapshot).",
+            ["source"],
+            registry=reg,
+        )
+        for source in ("local", "remote", "changelog"):
+            self.restores.labels(source=source)
+        self.snapshot_uploads: Counter = Counter(
+            "infogrowth_snapshot_uploads",
+            "Snapshot uploads to snapshot.remote that ended, by result (ok|failed).",
+            ["result"],
+            registry=reg,
+        )
+        for result in ("ok", "failed"):
+            self.snapshot_uploads.labels(result=result)
+        self.snapshot_upload_duration: Histogram = Histogram(
+            "infogrowth_snapshot_upload_duration_seconds",
+            "Wall time of one snapshot upload to snapshot.remote (on a background thread).",
+            buckets=_RESTORE_BUCKETS,
+            registry=reg,
+        )
         self.cell_replicas: Counter = Counter(
             "infogrowth_cell_replicas",
             "Boundary replicas: kept items sent to a neighbouring cell's partition (sent), and "

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -250,18 +251,24 @@ def publish(pending: Pending, keep: int = 2) -> SnapshotInfo:
             got = -1
         if got != size:
             raise SnapshotError(f"{tmp}: {fname} holds {got} bytes, the manifest says {size}")
-    directory = pending.directory
-    final = directory / pending.name
+    final = adopt(pending.directory, tmp, pending.name, keep)
+    return SnapshotInfo(final, count, offset, created, sum(sizes.values()))
+
+
+def adopt(directory: Path, tmp: Path, name: str, keep: int = 2) -> Path:
+    """Move the complete snapshot in ``tmp`` into place as ``name``, make it current and prune
+    older ones beyond ``keep``; its final path."""
+    final = directory / name
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     cur_tmp = directory / f".CURRENT.{os.getpid()}"
-    cur_tmp.write_text(pending.name)
+    cur_tmp.write_text(name)
     _fsync_file(cur_tmp)
     os.replace(cur_tmp, directory / "CURRENT")
     _fsync_dir(directory)
-    _prune(directory, keep, pending.name)
-    return SnapshotInfo(final, count, offset, created, sum(sizes.values()))
+    _prune(directory, keep, name)
+    return final
 
 
 def discard(pending: Pending) -> None:
@@ -301,8 +308,26 @@ def _prune(directory: Path, keep: int, current: str) -> None:
     old = [p for p in snaps if p.name != current][: max(0, len(snaps) - keep)]
     for p in old:
         shutil.rmtree(p, ignore_errors=True)
-    for p in directory.glob(".tmp-snap-*"):
-        shutil.rmtree(p, ignore_errors=True)
+    for pattern in (".tmp-snap-*", ".tmp-remote-*"):
+        for p in directory.glob(pattern):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+_NAME = re.compile(r"^snap-(\d+)-(\d+)$")
+
+
+def name_offset(name: str) -> int | None:
+    """The changelog offset a snapshot named ``name`` includes (None: not a snapshot name)."""
+    m = _NAME.match(name)
+    return int(m.group(2)) - 1 if m else None
+
+
+def current_name(directory: Path) -> str | None:
+    """The name ``CURRENT`` points at, None without one."""
+    try:
+        return (directory / "CURRENT").read_text().strip() or None
+    except OSError:
+        return None
 
 
 def load(
@@ -327,7 +352,32 @@ def load(
     cur = directory / "CURRENT"
     if not cur.is_file():
         raise NoSnapshot(f"no snapshot in {directory}")
-    snap = directory / cur.read_text().strip()
+    return load_dir(
+        directory / cur.read_text().strip(),
+        cfg,
+        fingerprint=fingerprint,
+        spaces=spaces,
+        dims=dims,
+        topic_id=topic_id,
+        calibration=calibration,
+        epoch=epoch,
+        end_offset=end_offset,
+    )
+
+
+def load_dir(
+    snap: Path,
+    cfg: IndexConfig,
+    *,
+    fingerprint: str,
+    spaces: tuple[str, ...],
+    dims: dict[str, int],
+    topic_id: str | None = None,
+    calibration: str | None = None,
+    epoch: int = 0,
+    end_offset: int | None = None,
+) -> PartitionState:
+    """Load and verify the snapshot in folder ``snap`` (see :func:`load`)."""
     try:
         manifest = json.loads((snap / "manifest.json").read_text())
     except (OSError, ValueError) as exc:

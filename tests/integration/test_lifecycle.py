@@ -191,3 +191,25 @@ def test_two_instances_split_partitions(kafka_bootstrap: str, tmp_path: Path) ->
     embedded = settings.kafka.topics.embedded
     for lg in logs:  # each instance held a share of the select partitions
         assert f"select: assigned {embedded}[" in lg.read_text()
+
+
+def test_a_lost_volume_restores_from_the_shared_snapshot(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """``snapshot.remote``: the shutdown uploads the last snapshot; a restart without the volume
+    starts from it and replays only the changelog after it; decisions as ``curate``'s."""
+    shared = tmp_path / "shared"
+    conf, settings, inp, seed_file = _prepare(
+        tmp_path, kafka_bootstrap, **ONLINE, **{"snapshot.remote": f"file://{shared}"}
+    )
+    log = tmp_path / "run.log"
+    proc = _start(conf, log=log)
+    _wait_outputs(settings.serve.port, 300, proc, 120)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0, log.read_text()[-3000:]
+    assert list(shared.glob("*/snap-*/manifest.json")), log.read_text()[-3000:]
+    shutil.rmtree(tmp_path / "state")
+    proc = _start(conf, "--exit-when-idle", "3", log=log)
+    assert proc.wait(180) == 0, log.read_text()[-3000:]
+    assert "shared snapshot snap-" in log.read_text()
+    _check(settings, inp, seed_file, tmp_path)

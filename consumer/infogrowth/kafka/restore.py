@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import threading
 import time
-from collections.abc import Generator, Iterable
+import uuid
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -31,8 +34,12 @@ from infogrowth.kafka.reader import PartitionReader
 from infogrowth.messages import embedded_from_record
 from infogrowth.online import OnlineState
 from infogrowth.schema import Embedded, unpack
+from infogrowth.snapremote import RemoteStore
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+FETCH_TRIES = 3
+"""Shared snapshots a restore fetches at most before it replays the changelog instead."""
 SETTLE_S = 0.05
 """How long a restore step waits for the previous batch's inserts before yielding to the loop."""
 SETTLE_POLL_S = 0.25
@@ -126,12 +133,17 @@ class PartitionRestore:
     waiting: bool = False
     """The restore is waiting for that: its steps do no work (the caller gives the turn on)."""
     waited_s: float = 0.0
+    remote: RemoteStore | None = None
+    """The shared snapshot store (``snapshot.remote``), if any; ``folder`` is this partition's
+    folder there."""
+    folder: str = ""
+    source: str = "changelog"
+    """Where the restore started: ``local`` or ``remote`` snapshot, or ``changelog`` (none)."""
 
     def steps(self) -> Generator[None, None, PartitionState | None]:
         t0 = time.perf_counter()
         settled_end = yield from self._settle()
-        state = self._snapshot(settled_end)
-        yield
+        state = yield from self._start(settled_end)
         start = state.changelog_offset + 1 if state is not None else -2
         reader = PartitionReader(
             self.settings, self.settings.kafka.topics.changelog, self.partition, start
@@ -233,6 +245,95 @@ class PartitionRestore:
         log.info("partition %d: waited %.1f s for the changelog", self.partition, self.waited_s)
         return end
 
+    def _start(self, end: int | None) -> Generator[None, None, PartitionState | None]:
+        """The state to replay the changelog onto: the newest snapshot that verifies, local or
+        in the shared store (a shared one newer than the local is fetched first; the others
+        only when the local one is missing or refused), else None."""
+        lay = self.layout
+        remote: list[str] = []
+        if self.remote is not None and lay.spaces is not None:
+            store, folder = self.remote, self.folder
+            try:
+                remote = yield from in_thread(lambda: store.snapshots(folder))
+            except Exception as exc:
+                log.warning(
+                    "partition %d: shared snapshots at %s not listed: %r",
+                    self.partition,
+                    self.remote.url,
+                    exc,
+                )
+            if remote and end is None:
+                end = self._end()
+        here = snapshot.name_offset(snapshot.current_name(self.directory) or "")
+        newer = [n for n in remote if here is None or (snapshot.name_offset(n) or -1) > here]
+        tries = 0
+        for name in newer[:FETCH_TRIES]:
+            tries += 1
+            state = yield from self._fetch(name, end)
+            if state is not None:
+                return state
+        state = self._snapshot(end)
+        yield
+        if state is not None:
+            self.source = "local"
+            return state
+        for name in [n for n in remote if n not in newer][: max(0, FETCH_TRIES - tries)]:
+            state = yield from self._fetch(name, end)
+            if state is not None:
+                return state
+        return None
+
+    def _end(self) -> int:
+        return control.end_offset(
+            self.settings, self.settings.kafka.topics.changelog, self.partition
+        )
+
+    def _fetch(self, name: str, end: int | None) -> Generator[None, None, PartitionState | None]:
+        """Fetch the shared snapshot ``name`` (on a thread; the steps go on yielding), verify and
+        load it; once loaded it becomes the local current snapshot too. None if it fails."""
+        assert self.remote is not None and self.layout.spaces is not None
+        assert self.layout.dims is not None
+        store, folder = self.remote, self.folder
+        # a name of its own: a cancelled restore's fetch may still be writing its folder
+        tmp = self.directory / f".tmp-remote-{name}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.directory.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        try:
+            size = yield from in_thread(lambda: store.fetch(folder, name, tmp))
+            state = snapshot.load_dir(
+                tmp,
+                self.settings.index,
+                fingerprint=self.layout.fingerprint,
+                spaces=self.layout.spaces,
+                dims=self.layout.dims,
+                topic_id=self.layout.topic_id,
+                calibration=self.layout.calibration,
+                epoch=self.layout.epoch,
+                end_offset=end if end is not None else self._end(),
+            )
+            snapshot.adopt(self.directory, tmp, name, self.settings.snapshot.keep)
+        except Exception as exc:  # a damaged, foreign or half-fetched copy: the next one
+            log.warning(
+                "partition %d: shared snapshot %s/%s not used: %s",
+                self.partition,
+                folder,
+                name,
+                exc if isinstance(exc, snapshot.SnapshotError) else repr(exc),
+            )
+            shutil.rmtree(tmp, ignore_errors=True)
+            return None
+        self.source = "remote"
+        log.info(
+            "partition %d: shared snapshot %s with %d items fetched (%.0f MiB) and loaded in "
+            "%.1f s",
+            self.partition,
+            name,
+            state.count,
+            size / (1 << 20),
+            time.perf_counter() - t0,
+        )
+        return state
+
     def _snapshot(self, end: int | None = None) -> PartitionState | None:
         """The verified snapshot, checked against the changelog's end (``end``: the last stable
         offset already read, else asked for)."""
@@ -249,11 +350,7 @@ class PartitionRestore:
                 topic_id=lay.topic_id,
                 calibration=lay.calibration,
                 epoch=lay.epoch,
-                end_offset=end
-                if end is not None
-                else control.end_offset(
-                    self.settings, self.settings.kafka.topics.changelog, self.partition
-                ),
+                end_offset=end if end is not None else self._end(),
             )
         except snapshot.NoSnapshot:
             log.info(
@@ -340,6 +437,28 @@ def _settled(state: PartitionState | None) -> Generator[None, None, None]:
     """Yield until ``state``'s background inserts are done (waiting a little each step)."""
     while state is not None and not state.settle(SETTLE_S):
         yield
+
+
+def in_thread(fn: Callable[[], T]) -> Generator[None, None, T]:
+    """Run ``fn`` on a thread of its own, yielding until it returns; its result, or its
+    exception raised here. Closing the generator leaves the thread to finish on its own."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:
+            box["error"] = exc
+
+    t = threading.Thread(target=run, name="infogrowth-restore-fetch", daemon=True)
+    t.start()
+    while t.is_alive():
+        t.join(SETTLE_S)
+        yield
+    if "error" in box:
+        raise box["error"]
+    value: T = box["value"]
+    return value
 
 
 def run_to_end(restore: PartitionRestore) -> PartitionState | None:

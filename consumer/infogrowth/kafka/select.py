@@ -49,6 +49,7 @@ from infogrowth.messages import (
 from infogrowth.schema import Embedded, Malformed, pack, unpack
 from infogrowth.select import Selector, Thresholds
 from infogrowth.snapfork import SnapshotWriter
+from infogrowth.snapremote import RemoteStore, Uploader
 
 __all__ = ["SelectProcessor", "replica_partitions"]
 
@@ -113,6 +114,12 @@ class SelectProcessor:
         fails)."""
         self._snapshot_failed: dict[int, float] = {}
         """When the partition's last snapshot failed (the next try waits an interval)."""
+        snap = settings.snapshot
+        self.remote = RemoteStore(snap.remote, settings.storage) if snap.remote else None
+        self.uploads = Uploader(self.remote, snap.keep) if self.remote else None
+        self._to_upload: dict[int, Path] = {}
+        """Per partition, its newest published snapshot not yet uploaded to the shared store."""
+        self._last_upload: dict[int, float] = {}
         self.restores: dict[int, tuple[PartitionRestore, Generator[None, None, Any]]] = {}
         """Partitions being restored in steps (see :meth:`restore_step`)."""
         self._restoring_now = False
@@ -210,7 +217,15 @@ class SelectProcessor:
     def _new_restore(self, p: int, *, wait: bool = True) -> PartitionRestore:
         """A restore of ``p``; with ``wait`` it first waits for the transactions open in the
         changelog to end (:attr:`PartitionRestore.settle`)."""
-        return PartitionRestore(self.settings, p, self.snapshot_dir(p), self._layout(), settle=wait)
+        return PartitionRestore(
+            self.settings,
+            p,
+            self.snapshot_dir(p),
+            self._layout(),
+            settle=wait,
+            remote=self.remote,
+            folder=self.snapshot_dir(p).name,
+        )
 
     def _finish_restore(self, r: PartitionRestore, state: PartitionState | None) -> None:
         """Adopt a finished restore's result: the state, where the changelog ended, metrics."""
@@ -222,6 +237,7 @@ class SelectProcessor:
         if self.metrics is not None:
             self.metrics.restore_duration.observe(r.seconds)
             self.metrics.replayed_items.inc(r.replayed)
+            self.metrics.restores.labels(source=r.source).inc()
         if state is not None:
             self._selector(p, state)
             self.last_snapshot.setdefault(p, time.time())
@@ -343,6 +359,53 @@ class SelectProcessor:
                 self.metrics.snapshot_duration.observe(r.write_s)
                 if owned:
                     self.metrics.mark_snapshot(str(p), r.info.created, size_bytes=r.info.bytes)
+            if owned and self.uploads is not None:
+                self._to_upload[p] = r.info.path
+                self._maybe_upload(p)
+        self.reap_uploads()
+
+    def _maybe_upload(self, p: int, *, force: bool = False) -> None:
+        """Upload the partition's newest published snapshot to the shared store when
+        ``snapshot.upload_interval_s`` has passed since its last upload (``force``: whatever
+        the time, for a partition about to leave this stage)."""
+        path = self._to_upload.get(p)
+        if self.uploads is None or path is None or self.uploads.busy(p):
+            return
+        due = time.monotonic() - self._last_upload.get(p, -math.inf)
+        if not force and due < self.settings.snapshot.upload_interval_s:
+            return
+        try:
+            self.uploads.submit(p, path, self.snapshot_dir(p).name)
+        except OSError as exc:  # the snapshot was pruned meanwhile: the next one goes
+            log.warning("partition %d: snapshot %s not uploaded: %s", p, path.name, exc)
+            return
+        del self._to_upload[p]
+        self._last_upload[p] = time.monotonic()
+
+    def reap_uploads(self) -> None:
+        """Log and count the uploads that ended."""
+        if self.uploads is None:
+            return
+        for up in self.uploads.poll():
+            if self.metrics is not None:
+                self.metrics.snapshot_uploads.labels(result="failed" if up.error else "ok").inc()
+                self.metrics.snapshot_upload_duration.observe(up.seconds)
+            if up.error:
+                log.warning(
+                    "partition %d: snapshot %s not uploaded to %s: %s",
+                    up.partition,
+                    up.name,
+                    self.settings.snapshot.remote,
+                    up.error,
+                )
+            else:
+                log.info(
+                    "partition %d: snapshot %s uploaded (%.0f MiB in %.1f s)",
+                    up.partition,
+                    up.name,
+                    up.bytes / (1 << 20),
+                    up.seconds,
+                )
 
     def _maybe_snapshot(self, p: int) -> None:
         cfg = self.settings.snapshot
@@ -360,6 +423,7 @@ class SelectProcessor:
         self.dirty.pop(p, None)
         self._snapshot_dirty.pop(p, None)
         self._snapshot_failed.pop(p, None)
+        self._to_upload.pop(p, None)
         self.uncommitted.discard(p)
         self.next_offset.pop(p, None)
         if self.metrics is not None:
@@ -440,6 +504,7 @@ class SelectProcessor:
             # Not a state that misses records: one queued for a rebuild (a gap, a short restore).
             if self.dirty.get(p) and p not in self.uncommitted and p not in self.replay:
                 self.save_snapshot(p)
+            self._maybe_upload(p, force=True)  # its next owner may start from it
             self._drop(p)
 
     def on_lost(self, partitions: list[TopicPartition]) -> None:
@@ -504,6 +569,15 @@ class SelectProcessor:
                 self.save_snapshot(p, deadline=deadline)
         self.snapshots.close(max(0.0, deadline - time.monotonic()))
         self.reap_snapshots()
+        if self.uploads is not None:
+            for p in list(self._to_upload):
+                self._maybe_upload(p, force=True)
+            if not self.uploads.close(max(0.0, deadline - time.monotonic())):
+                log.warning(
+                    "snapshot uploads still running at the drain deadline were left unfinished "
+                    "(the shared store keeps the previous snapshots)"
+                )
+            self.reap_uploads()
         if self.watcher is not None:
             self.watcher.close()
             self.watcher = None
