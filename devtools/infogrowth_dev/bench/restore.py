@@ -8,7 +8,9 @@ a changelog tail of packed records is replayed onto the loaded state the way the
 restores (unpack, decode vectors, add in chunks of 4096). The same state is also snapshotted the
 way the select stage does by default, from a forked child (:mod:`infogrowth.snapfork`): the
 stall is the time ``start`` holds the caller, the write time the child's, and the snapshot is
-published when the parent reaps it. In-process, the stall equals the write time.
+published when the parent reaps it. In-process, the stall equals the write time. Then the
+snapshot goes through a shared store on a local folder (``snapshot.remote``, ``file://``): its
+upload, and fetch + verify + load as a partition's new owner does it.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ def bench(
         ]
         save_s, load_s, replay = Stat(), Stat(), Stat()
         fork_stall, fork_write, fork_total = Stat(), Stat(), Stat()
+        upload_s, fetch_s = Stat(), Stat()
         size_bytes = 0
         with tempfile.TemporaryDirectory(dir=workdir) as tmp:
             d = Path(tmp) / "snap"
@@ -109,6 +112,8 @@ def bench(
                     )
                 replay.add(tail / (time.perf_counter() - t0))
                 del loaded
+                gc.collect()
+                _shared(info.path, Path(tmp), spaces, dim, upload_s, fetch_s)
                 shutil.rmtree(d, ignore_errors=True)
                 gc.collect()
                 _forked(state, Path(tmp) / "fork", fork_stall, fork_write, fork_total)
@@ -122,6 +127,8 @@ def bench(
             "fork_stall_s": fork_stall.as_dict(4),
             "fork_write_s": fork_write.as_dict(3),
             "fork_published_s": fork_total.as_dict(3),
+            "shared_upload_s": upload_s.as_dict(3),
+            "shared_fetch_load_s": fetch_s.as_dict(3),
             "full_replay_estimate_s": round(n / replay.median, 1) if replay.values else None,
             "build_items_per_s": round(n / build_s, 1),
         }
@@ -146,6 +153,36 @@ def bench(
         },
         "sizes": rows,
     }
+
+
+def _shared(
+    snap: Path, tmp: Path, spaces: tuple[str, ...], dim: int, upload: Stat, fetch: Stat
+) -> None:
+    """The snapshot through a shared store (``snapshot.remote``) on a local ``file://`` folder:
+    the upload from its staged hard links, then fetch + verify + load as a new owner restores.
+    A folder on the same disk: this is the protocol's own cost, not a network's."""
+    from infogrowth import snapshot
+    from infogrowth.snapremote import RemoteStore, stage
+
+    cfg = load_settings(None).index
+    store = RemoteStore(f"file://{tmp / 'shared'}", None)
+    staged = stage(snap)
+    t0 = time.perf_counter()
+    store.upload(staged, "part-0", snap.name, keep=1)
+    upload.add(time.perf_counter() - t0)
+    shutil.rmtree(staged)
+    _drop_cache(tmp / "shared")
+    into = tmp / "fetched"
+    t0 = time.perf_counter()
+    store.fetch("part-0", snap.name, into)
+    loaded = snapshot.load_dir(
+        into, cfg, fingerprint="bench", spaces=spaces, dims={s: dim for s in spaces}
+    )
+    fetch.add(time.perf_counter() - t0)
+    del loaded
+    shutil.rmtree(into, ignore_errors=True)
+    shutil.rmtree(tmp / "shared", ignore_errors=True)
+    gc.collect()
 
 
 def _forked(state: PartitionState, d: Path, stall: Stat, write: Stat, total: Stat) -> None:
@@ -192,6 +229,8 @@ def tables(res: dict[str, Any]) -> list[Table]:
             "forked: stall (ms)",
             "forked: write (s)",
             "load + verify (s)",
+            "shared: upload (s)",
+            "shared: fetch + load (s)",
             "replay (items/s)",
             "full replay (est. s)",
             f"build, {p['threads']} threads (items/s)",
@@ -210,6 +249,8 @@ def tables(res: dict[str, Any]) -> list[Table]:
             _ms(r.get("fork_stall_s")),
             fmt(r.get("fork_write_s"), 2),
             fmt(r["load_s"], 2),
+            fmt(r.get("shared_upload_s"), 2),
+            fmt(r.get("shared_fetch_load_s"), 2),
             fmt(r["replay_items_per_s"]),
             f"{r['full_replay_estimate_s']:,.0f}" if r["full_replay_estimate_s"] else "-",
             f"{r['build_items_per_s']:,.0f}" if r.get("build_items_per_s") else "-",
