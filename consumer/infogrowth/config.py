@@ -363,6 +363,9 @@ class SnapshotConfig(_Section):
     takes a partition with no snapshot on its own volume (scale-out, a new pod, a lost volume)
     starts from the newest one there and replays only the changelog after it. Unset: snapshots
     stay on the pod's volume."""
+    remote_timeout_s: float = Field(600.0, gt=0)
+    """Longest a restore waits for ``remote`` to list a partition's snapshots or to fetch one;
+    then it goes on without it (the next snapshot, the local one, or the changelog)."""
     upload_interval_s: float = Field(300.0, gt=0)
     """Least time between two uploads of one partition's snapshot to ``remote`` (each uploads
     the whole snapshot); the last snapshot before a partition is revoked or the stage stops is

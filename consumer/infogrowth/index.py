@@ -27,6 +27,7 @@ from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import hnswlib
 import numpy as np
@@ -131,12 +132,9 @@ def _level_seed(seed: int, count: int) -> int:
     return start * pow(_MINSTD_A, _DRAWS_PER_NODE * count, _MINSTD_M) % _MINSTD_M
 
 
-def _reseeded(index: hnswlib.Index, seed: int) -> hnswlib.Index:
-    """``index`` rebuilt through hnswlib's pickle state with its level generator at ``seed``
-    (the old object is released before the new one is filled: one extra copy at a time)."""
-    state = index.__getstate__()
+def _reseeded(state: tuple[Any, ...], seed: int) -> hnswlib.Index:
+    """An index made from hnswlib's pickle ``state`` with its level generator at ``seed``."""
     state[0]["seed"] = seed
-    del index
     fresh: hnswlib.Index = hnswlib.Index.__new__(hnswlib.Index)
     fresh.__setstate__(state)
     return fresh
@@ -157,7 +155,7 @@ def _levels_continue() -> bool:
     live, part = fresh(), fresh()
     live.add_items(x, np.arange(300), num_threads=1)
     part.add_items(x[:200], np.arange(200), num_threads=1)
-    resumed = _reseeded(part, _level_seed(11, 200))
+    resumed = _reseeded(part.__getstate__(), _level_seed(11, 200))
     resumed.add_items(x[200:], np.arange(200, 300), num_threads=1)
     with tempfile.TemporaryDirectory() as d:
         live.save_index(f"{d}/a")
@@ -165,21 +163,28 @@ def _levels_continue() -> bool:
         return Path(f"{d}/a").read_bytes() == Path(f"{d}/b").read_bytes()
 
 
-def continue_levels(index: hnswlib.Index, seed: int) -> hnswlib.Index:
-    """A loaded index whose next inserts get the levels the live index would have given them.
+def load_continued(path: str, dim: int, seed: int) -> hnswlib.Index:
+    """Load the hnswlib index saved at ``path`` so that its next inserts get the levels the live
+    index would have given them.
 
     hnswlib's saved file does not hold the level generator: a loaded index restarts it from a
     fixed state, so items inserted after a snapshot load would get other levels, and so another
     graph, than the live stage gave them (restore == replay would hold only up to HNSW recall).
-    Nodes are only ever inserted one writer at a time in changelog order, ``count`` of them,
-    so the generator's state is ``seed`` advanced by two draws a node; the index is rebuilt
-    with it. Where that does not reproduce the live graph (checked once), the index is returned
-    as loaded and a warning says so.
+    Nodes are only ever inserted one writer at a time in changelog order, so after ``count`` of
+    them the generator's state is ``seed`` advanced by two draws a node; the loaded index is
+    rebuilt through hnswlib's pickle state with that seed. The loaded index is released before
+    the new one is made: at most one extra copy of the index is held. Where this does not
+    reproduce the live graph (checked once), the index is returned as loaded, with a warning.
     """
+    index = hnswlib.Index(space="ip", dim=dim)
+    index.load_index(path)
     if not _levels_continue():
         _warn_levels()
         return index
-    return _reseeded(index, _level_seed(seed, int(index.get_current_count())))
+    count = int(index.get_current_count())
+    state = index.__getstate__()
+    del index  # the only reference: freed before the copy is made
+    return _reseeded(state, _level_seed(seed, count))
 
 
 @functools.cache
@@ -351,9 +356,7 @@ class SpaceIndex:
         obj = cls.__new__(cls)
         obj.dim = dim
         obj.cfg = cfg
-        obj._index = hnswlib.Index(space="ip", dim=dim)
-        obj._index.load_index(path)
-        obj._index = continue_levels(obj._index, cfg.random_seed)
+        obj._index = load_continued(path, dim, cfg.random_seed)
         obj._index.set_ef(cfg.ef)
         obj._query_threads = _threads(cfg)
         n = int(obj._index.get_current_count())

@@ -27,6 +27,7 @@ import queue
 import shutil
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,34 +54,51 @@ class RemoteStore:
     def _path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
 
+    def _ls(self, path: str) -> list[str]:
+        """Names in ``path``, listed afresh: s3fs and gcsfs cache listings without expiry, and
+        other pods write here."""
+        self.fs.invalidate_cache(path)
+        try:
+            entries = self.fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
+        return [posixpath.basename(str(e).rstrip("/")) for e in entries]
+
     def snapshots(self, folder: str) -> list[str]:
         """Names of the complete snapshots in ``folder``, the newest (highest changelog offset)
         first."""
-        try:
-            entries = self.fs.ls(self._path(folder), detail=False)
-        except FileNotFoundError:
-            return []
-        names = {posixpath.basename(str(e).rstrip("/")) for e in entries}
         snaps = sorted(
-            (n for n in names if name_offset(n) is not None),
+            (n for n in set(self._ls(self._path(folder))) if name_offset(n) is not None),
             key=lambda n: (name_offset(n), n),
             reverse=True,
         )
-        return [n for n in snaps if self.fs.exists(self._path(folder, n, MANIFEST))]
+        return [n for n in snaps if MANIFEST in self._ls(self._path(folder, n))]
 
     def upload(self, files: Path, folder: str, name: str, keep: int) -> int:
-        """Upload the snapshot files in the local folder ``files`` as ``folder/name`` (the
-        manifest last), then prune ``folder`` to the newest ``keep``; the bytes uploaded."""
+        """Upload the snapshot files in the local folder ``files`` as ``folder/name``, the
+        manifest last (under a temporary name, then moved), then prune ``folder`` to the newest
+        ``keep``; the bytes uploaded (0: that snapshot is there already)."""
         dest = self._path(folder, name)
+        if MANIFEST in self._ls(dest):
+            return 0
         self.fs.makedirs(dest, exist_ok=True)
         order = sorted(os.listdir(files), key=lambda n: (n == MANIFEST, n))
         if MANIFEST not in order:
             raise FileNotFoundError(f"{files}: no {MANIFEST}")
         size = 0
         for fname in order:
-            self.fs.put_file(str(files / fname), posixpath.join(dest, fname))
+            target = posixpath.join(dest, fname)
+            if fname == MANIFEST:
+                staged = posixpath.join(dest, f".{MANIFEST}.tmp")
+                self.fs.put_file(str(files / fname), staged)
+                self.fs.mv(staged, target)
+            else:
+                self.fs.put_file(str(files / fname), target)
             size += (files / fname).stat().st_size
-        self.prune(folder, keep)
+        try:
+            self.prune(folder, keep)
+        except Exception as exc:  # the upload itself is complete
+            log.warning("shared snapshots in %s not pruned: %r", self._path(folder), exc)
         return size
 
     def prune(self, folder: str, keep: int) -> None:
@@ -89,36 +107,42 @@ class RemoteStore:
         complete = self.snapshots(folder)
         if len(complete) < keep:
             return
-        oldest_kept = name_offset(complete[keep - 1]) or 0
-        try:
-            entries = self.fs.ls(self._path(folder), detail=False)
-        except FileNotFoundError:
-            return
-        for e in entries:
-            n = posixpath.basename(str(e).rstrip("/"))
+        kept = complete[:keep]
+        oldest_kept = name_offset(kept[-1]) or 0
+        for n in self._ls(self._path(folder)):
             off = name_offset(n)
-            if off is None or n in complete[:keep]:
+            if off is None or n in kept:
                 continue
             if n in complete or off < oldest_kept:
                 self.fs.rm(self._path(folder, n), recursive=True)
 
-    def fetch(self, folder: str, name: str, into: Path) -> int:
-        """Download ``folder/name`` into the new local folder ``into``; the bytes fetched."""
+    def fetch(
+        self, folder: str, name: str, into: Path, cancel: threading.Event | None = None
+    ) -> int:
+        """Download ``folder/name`` into the new local folder ``into``; the bytes fetched.
+        ``cancel`` set: stop before the next file. Whatever ends it early removes ``into``."""
         into.mkdir(parents=True)
-        src = self._path(folder, name)
-        size = 0
-        for entry in self.fs.ls(src, detail=False):
-            fname = posixpath.basename(str(entry).rstrip("/"))
-            self.fs.get_file(posixpath.join(src, fname), str(into / fname))
-            size += (into / fname).stat().st_size
-        return size
+        try:
+            src = self._path(folder, name)
+            size = 0
+            for fname in self._ls(src):
+                if cancel is not None and cancel.is_set():
+                    raise InterruptedError(f"fetch of {src} cancelled")
+                self.fs.get_file(posixpath.join(src, fname), str(into / fname))
+                size += (into / fname).stat().st_size
+            return size
+        except BaseException:
+            shutil.rmtree(into, ignore_errors=True)
+            raise
 
 
-def stage(snap: Path) -> Path:
-    """Hard links of ``snap``'s files in a folder of their own next to it (a copy where the
-    filesystem cannot link); earlier staging folders of the partition are removed first."""
+def stage(snap: Path, in_use: Collection[Path] = ()) -> Path:
+    """Hard links of ``snap``'s files in a folder of their own next to it (copies where the
+    filesystem cannot link); the partition's other staging folders are removed unless
+    ``in_use`` (an earlier run's, left by a crash)."""
     for old in snap.parent.glob(f"{STAGING}*"):
-        shutil.rmtree(old, ignore_errors=True)
+        if old not in in_use:
+            shutil.rmtree(old, ignore_errors=True)
     staged = snap.parent / f"{STAGING}{snap.name}"
     staged.mkdir()
     for f in snap.iterdir():
@@ -140,69 +164,81 @@ class Upload:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class _Job:
+    partition: int
+    staged: Path
+    folder: str
+    name: str
+
+
 class Uploader:
-    """Uploads snapshots on one background thread, one at a time, at most one per partition
-    queued or in flight."""
+    """Uploads snapshots on one background thread, one at a time. Per partition at most one
+    upload runs and one waits: a newer snapshot submitted meanwhile replaces the waiting one."""
 
     def __init__(self, store: RemoteStore, keep: int) -> None:
         self.store = store
         self.keep = keep
-        self._todo: queue.Queue[tuple[int, Path, str, str] | None] = queue.Queue()
+        self._todo: queue.Queue[_Job | None] = queue.Queue()
         self._cond = threading.Condition()
         self._ended: list[Upload] = []
-        self._open = 0
-        """Uploads submitted that have not ended."""
-        self._busy: set[int] = set()
+        self._running: dict[int, _Job] = {}
+        """Per partition, the upload queued or in flight."""
+        self._next: dict[int, _Job] = {}
+        """Per partition, the upload that goes once the running one ends."""
         self._thread: threading.Thread | None = None
 
-    def busy(self, partition: int) -> bool:
-        return partition in self._busy
-
-    def submit(self, partition: int, snap: Path, folder: str) -> bool:
-        """Queue an upload of the published local snapshot ``snap`` as ``folder/<its name>``;
-        False (nothing queued) while the partition has one queued or in flight."""
-        if partition in self._busy:
-            return False
-        staged = stage(snap)
-        self._busy.add(partition)
+    def submit(self, partition: int, snap: Path, folder: str) -> None:
+        """Upload the published local snapshot ``snap`` as ``folder/<its name>``: now, or after
+        the partition's running upload (replacing the one that waited for it)."""
         with self._cond:
-            self._open += 1
-        self._todo.put((partition, staged, folder, snap.name))
+            target = snap.parent / f"{STAGING}{snap.name}"
+            if any(j.staged == target for j in self._running.values()):
+                return  # this very snapshot is being uploaded
+            self._next.pop(partition, None)  # replaced: its staging folder goes below
+            in_use = {j.staged for j in (*self._running.values(), *self._next.values())}
+            job = _Job(partition, stage(snap, in_use), folder, snap.name)
+            if partition in self._running:
+                self._next[partition] = job
+                return
+            self._running[partition] = job
+        self._todo.put(job)
         if self._thread is None:
             self._thread = threading.Thread(
                 target=self._run, name="infogrowth-snapshot-upload", daemon=True
             )
             self._thread.start()
-        return True
 
     def _run(self) -> None:
         while (job := self._todo.get()) is not None:
-            partition, staged, folder, name = job
             t0 = time.monotonic()
             try:
-                size = self.store.upload(staged, folder, name, self.keep)
-                up = Upload(partition, name, size, time.monotonic() - t0)
+                size = self.store.upload(job.staged, job.folder, job.name, self.keep)
+                up = Upload(job.partition, job.name, size, time.monotonic() - t0)
             except Exception as exc:  # handed to the stage, which logs and counts it
-                up = Upload(partition, name, 0, time.monotonic() - t0, f"{exc!r}")
+                up = Upload(job.partition, job.name, 0, time.monotonic() - t0, f"{exc!r}")
             finally:
-                shutil.rmtree(staged, ignore_errors=True)
+                shutil.rmtree(job.staged, ignore_errors=True)
             with self._cond:
                 self._ended.append(up)
-                self._open -= 1
+                nxt = self._next.pop(job.partition, None)
+                if nxt is None:
+                    del self._running[job.partition]
+                else:
+                    self._running[job.partition] = nxt
+                    self._todo.put(nxt)
                 self._cond.notify_all()
 
     def poll(self) -> list[Upload]:
         """The uploads that ended since the last call."""
         with self._cond:
             ended, self._ended = self._ended, []
-        for up in ended:
-            self._busy.discard(up.partition)
         return ended
 
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for every submitted upload to end; whether they did."""
         with self._cond:
-            return self._cond.wait_for(lambda: self._open == 0, max(0.0, timeout))
+            return self._cond.wait_for(lambda: not self._running, max(0.0, timeout))
 
     def close(self, timeout: float) -> bool:
         """Wait as :meth:`wait`, then let the thread end; an upload still running is left to

@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,10 @@ from infogrowth.online import OnlineState
 log = logging.getLogger(__name__)
 FORMAT = 1
 CHUNK = 1 << 20
+RUN = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
+"""Marks this process's temp folders (``.tmp-…-<RUN>…``): pruning removes only other runs'
+(a crashed process's), never one that a forked writer or a fetch of this process is filling. A
+pid alone would not do: in a container the stage is often pid 1 in every run."""
 
 
 class SnapshotError(RuntimeError):
@@ -116,7 +121,7 @@ def prepare(
     """Name the snapshot of ``state`` as it is now and make its (empty) temp directory."""
     directory.mkdir(parents=True, exist_ok=True)
     name = f"snap-{state.count:012d}-{state.changelog_offset + 1:012d}"
-    tmp = directory / f".tmp-{name}-{os.getpid()}"
+    tmp = directory / f".tmp-{name}-{RUN}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -310,7 +315,8 @@ def _prune(directory: Path, keep: int, current: str) -> None:
         shutil.rmtree(p, ignore_errors=True)
     for pattern in (".tmp-snap-*", ".tmp-remote-*"):
         for p in directory.glob(pattern):
-            shutil.rmtree(p, ignore_errors=True)
+            if RUN not in p.name:  # another run's, left by a crash
+                shutil.rmtree(p, ignore_errors=True)
 
 
 _NAME = re.compile(r"^snap-(\d+)-(\d+)$")

@@ -207,7 +207,17 @@ def test_a_lost_volume_restores_from_the_shared_snapshot(
     _wait_outputs(settings.serve.port, 300, proc, 120)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0, log.read_text()[-3000:]
-    assert list(shared.glob("*/snap-*/manifest.json")), log.read_text()[-3000:]
+    currents = {
+        c.parent.name: c.read_text().strip() for c in (tmp_path / "state").glob("*/CURRENT")
+    }
+    newest = {
+        part: max(
+            (m.parent.name for m in shared.glob(f"*/{part}/snap-*/manifest.json")), default=""
+        )
+        for part in currents
+    }
+    # the snapshot written at shutdown went up too
+    assert currents and newest == currents, log.read_text()[-3000:]
     shutil.rmtree(tmp_path / "state")
     proc = _start(conf, "--exit-when-idle", "3", log=log)
     assert proc.wait(180) == 0, log.read_text()[-3000:]

@@ -24,6 +24,8 @@ from tests.unit.test_replication import EMBEDDED
 from tests.unit.test_restore import FakeReader, _items, _log, _proc, fake_kafka
 
 __all__ = ["fake_kafka"]  # the changelog and control-topic fakes, for every test here
+FOLDER = f"changelog-id/{EMBEDDED}-0"
+"""Partition 0's folder in the shared store: under the changelog topic's id (``_proc``'s)."""
 
 
 def _grow(n: int, prefix: str) -> None:
@@ -44,6 +46,15 @@ def _source(proc: Any) -> dict[str, float]:
         s: reg.get_sample_value("infogrowth_restores_total", {"source": s})
         for s in ("local", "remote", "changelog")
     }
+
+
+def _restore(proc: Any) -> PartitionState | None:
+    """Restore partition 0 in steps, as the loop restores an assigned partition (a restore in
+    one go, after an aborted transaction, does not ask the shared store)."""
+    proc.begin_restore(0)
+    while not proc.restore_step(0.05):
+        pass
+    return proc.states.get(0)  # type: ignore[no-any-return]
 
 
 def _upload(proc: Any) -> None:
@@ -70,7 +81,7 @@ def test_a_new_pod_starts_from_the_shared_snapshot_and_replays_only_the_tail(
     remote = tmp_path / "remote"
     _grow(60, "a")
     old = _shared(tmp_path, "old-pod", remote)
-    assert old.restore(0) is not None and _source(old)["changelog"] == 1
+    assert _restore(old) is not None and _source(old)["changelog"] == 1
     _upload(old)
     assert (
         old.metrics.registry.get_sample_value("infogrowth_snapshot_uploads_total", {"result": "ok"})
@@ -79,7 +90,7 @@ def test_a_new_pod_starts_from_the_shared_snapshot_and_replays_only_the_tail(
     _grow(15, "b")
 
     new = _shared(tmp_path, "new-pod", remote)
-    state = new.restore(0)
+    state = _restore(new)
     assert state is not None and state.count == 75
     assert _source(new) == {"local": 0, "remote": 1, "changelog": 0}
     assert new.metrics.registry.get_sample_value("infogrowth_replayed_items_total") == 15
@@ -99,18 +110,18 @@ def test_the_newer_of_the_local_and_the_shared_snapshot_is_used(tmp_path: Path) 
     remote = tmp_path / "remote"
     _grow(40, "a")
     a = _shared(tmp_path, "a", remote, **{"snapshot.upload_interval_s": 1e-6})
-    a.restore(0)
+    _restore(a)
     _upload(a)  # shared: 40
     b = _shared(tmp_path, "b", remote)
-    b.restore(0)
+    _restore(b)
     assert _source(b)["remote"] == 1  # b's volume: 40
     _grow(10, "b")
-    a.restore(0)
+    _restore(a)
     _upload(a)  # shared: 50
-    b.restore(0)
+    _restore(b)
     assert _source(b)["remote"] == 2, "the shared one is newer than b's own"
     assert b.metrics.registry.get_sample_value("infogrowth_replayed_items_total") == 0
-    a.restore(0)
+    _restore(a)
     assert _source(a) == {"local": 2, "remote": 0, "changelog": 1}, "as new as the shared one"
 
 
@@ -120,16 +131,16 @@ def test_a_damaged_shared_snapshot_is_refused(
     remote = tmp_path / "remote"
     _grow(30, "a")
     old = _shared(tmp_path, "old", remote)
-    old.restore(0)
+    _restore(old)
     _upload(old)
-    (shared,) = remote.glob("*/snap-*/space-image.bin")
+    (shared,) = remote.glob("*/*/snap-*/space-image.bin")
     data = bytearray(shared.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shared.write_bytes(bytes(data))
 
     new = _shared(tmp_path, "new", remote)
     with caplog.at_level(logging.WARNING):
-        state = new.restore(0)
+        state = _restore(new)
     assert state is not None and state.count == 30
     assert _source(new) == {"local": 0, "remote": 0, "changelog": 1}
     assert "checksum mismatch" in caplog.text
@@ -141,18 +152,19 @@ def test_a_revoke_uploads_the_last_snapshot_whatever_the_interval(tmp_path: Path
     remote = tmp_path / "remote"
     _grow(20, "a")
     proc = _shared(tmp_path, "p", remote, **{"snapshot.upload_interval_s": 3600})
-    proc.restore(0)
+    _restore(proc)
     _upload(proc)
     store = RemoteStore(f"file://{remote}", None)
-    first = store.snapshots(f"{EMBEDDED}-0")
+    first = store.snapshots(FOLDER)
     _grow(5, "b")
-    proc.restore(0)
+    _restore(proc)
     proc.save_snapshot(0)  # within the interval: stays local
-    assert store.snapshots(f"{EMBEDDED}-0") == first
+    proc.maintain()  # nor does it go between batches
+    assert store.snapshots(FOLDER) == first
     proc.dirty[0] = 1
     proc.on_revoke([TopicPartition(EMBEDDED, 0)])
     assert proc.uploads.wait(30)
-    newest = store.snapshots(f"{EMBEDDED}-0")[0]
+    newest = store.snapshots(FOLDER)[0]
     assert snapshot.name_offset(newest) == 24 and newest != first[0]
 
 
@@ -210,13 +222,13 @@ def test_a_slow_or_failing_shared_store_never_holds_the_loop(
     remote = tmp_path / "remote"
     _grow(20, "a")
     old = _shared(tmp_path, "old", remote)
-    old.restore(0)
+    _restore(old)
     _upload(old)
     fetch = RemoteStore.fetch
 
-    def slow_fetch(self: RemoteStore, folder: str, name: str, into: Path) -> int:
+    def slow_fetch(self: RemoteStore, folder: str, name: str, into: Path, cancel: Any) -> int:
         time.sleep(0.6)
-        return fetch(self, folder, name, into)
+        return fetch(self, folder, name, into, cancel)
 
     monkeypatch.setattr(RemoteStore, "fetch", slow_fetch)
     new = _shared(tmp_path, "new", remote)
@@ -235,6 +247,163 @@ def test_a_slow_or_failing_shared_store_never_holds_the_loop(
     monkeypatch.setattr(RemoteStore, "snapshots", broken)
     other = _shared(tmp_path, "other", remote)
     with caplog.at_level(logging.WARNING):
-        state = other.restore(0)
+        state = _restore(other)
     assert state is not None and state.count == 20
     assert _source(other)["changelog"] == 1 and "store unreachable" in caplog.text
+
+
+def test_a_revoke_during_an_upload_uploads_its_snapshot_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The partition's last snapshot waits for the running upload instead of being dropped."""
+    import threading
+
+    remote = tmp_path / "remote"
+    gate = threading.Event()
+    upload = RemoteStore.upload
+
+    def gated(self: RemoteStore, files: Path, folder: str, name: str, keep: int) -> int:
+        assert gate.wait(30)
+        return upload(self, files, folder, name, keep)
+
+    monkeypatch.setattr(RemoteStore, "upload", gated)
+    _grow(20, "a")
+    proc = _shared(tmp_path, "p", remote)
+    _restore(proc)
+    proc.save_snapshot(0)  # its upload starts, and hangs at the gate
+    _grow(5, "b")
+    _restore(proc)  # 25 items now; the restore kept the partition's upload running
+    proc.dirty[0] = 1
+    proc.on_revoke([TopicPartition(EMBEDDED, 0)])  # snapshot at 25: waits for the one at 20
+    gate.set()
+    assert proc.uploads.wait(30)
+    names = RemoteStore(f"file://{remote}", None).snapshots(FOLDER)
+    assert [snapshot.name_offset(n) for n in names] == [24, 19]
+    assert not list(proc.snapshot_dir(0).glob(".upload-*")), "staging folders are removed"
+
+
+def test_snapshots_of_another_changelog_topic_are_never_met(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A recreated changelog topic starts its offsets again: the old topic's snapshots (higher
+    offsets) live under the old topic id and neither shadow nor prune the new ones."""
+    remote = tmp_path / "remote"
+    _grow(60, "a")
+    old = _shared(tmp_path, "old", remote)
+    _restore(old)
+    _upload(old)
+    FakeReader.LOG = {}
+    _grow(10, "n")
+    fetched: list[str] = []
+    fetch = RemoteStore.fetch
+
+    def spy(self: RemoteStore, folder: str, name: str, into: Path, cancel: Any) -> int:
+        fetched.append(f"{folder}/{name}")
+        return fetch(self, folder, name, into, cancel)
+
+    monkeypatch.setattr(RemoteStore, "fetch", spy)
+    new = _shared(tmp_path, "new", remote)
+    new.changelog_id = "recreated-id"
+    assert (state := _restore(new)) is not None and state.count == 10
+    assert fetched == [] and _source(new)["changelog"] == 1
+    _upload(new)
+    store = RemoteStore(f"file://{remote}", None)
+    assert [snapshot.name_offset(n) for n in store.snapshots(f"recreated-id/{EMBEDDED}-0")] == [9]
+    assert [snapshot.name_offset(n) for n in store.snapshots(FOLDER)] == [59]
+
+
+def test_without_the_topic_id_nothing_is_shared(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    remote = tmp_path / "remote"
+    _grow(10, "a")
+    proc = _shared(tmp_path, "p", remote)
+    proc.changelog_id = None
+    with caplog.at_level(logging.WARNING):
+        _restore(proc)
+        _upload(proc)
+    assert not remote.exists() and "not shared" in caplog.text
+
+
+def test_a_cancelled_restore_stops_its_fetch_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+    import time
+
+    remote = tmp_path / "remote"
+    _grow(20, "a")
+    old = _shared(tmp_path, "old", remote)
+    _restore(old)
+    _upload(old)
+    started, files = threading.Event(), []
+    get_file = RemoteStore.fetch
+
+    def slow(self: RemoteStore, folder: str, name: str, into: Path, cancel: Any) -> int:
+        real = self.fs.get_file
+
+        def one(src: str, dst: str) -> None:
+            started.set()
+            files.append(dst)
+            time.sleep(0.3)
+            real(src, dst)
+
+        self.fs.get_file = one
+        try:
+            return get_file(self, folder, name, into, cancel)
+        finally:
+            del self.fs.get_file
+
+    monkeypatch.setattr(RemoteStore, "fetch", slow)
+    new = _shared(tmp_path, "new", remote)
+    new.begin_restore(0)
+    while not started.is_set():
+        new.restore_step(0.02)
+    new.on_revoke([TopicPartition(EMBEDDED, 0)])  # cancels the restore mid-fetch
+    deadline = time.monotonic() + 10
+    while list(new.snapshot_dir(0).glob(".tmp-remote-*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not list(new.snapshot_dir(0).glob(".tmp-remote-*"))
+    assert len(files) < 3, "the fetch stopped before the next file"
+
+
+def test_pruning_leaves_this_runs_temp_folders(tmp_path: Path) -> None:
+    """A forked writer or a fetch of this process may be filling its temp folder while another
+    snapshot is published; a crashed run's are removed."""
+    ours = tmp_path / f".tmp-remote-snap-1-1-{snapshot.RUN}-abc"
+    theirs = tmp_path / ".tmp-snap-000000000001-000000000001-1.deadbeef"
+    ours.mkdir()
+    theirs.mkdir()
+    done = tmp_path / "done"
+    done.mkdir()
+    snapshot.adopt(tmp_path, done, "snap-000000000002-000000000002")
+    assert ours.exists() and not theirs.exists()
+    assert snapshot.current_name(tmp_path) == "snap-000000000002-000000000002"
+
+
+def test_a_listing_sees_what_other_pods_wrote_since(tmp_path: Path) -> None:
+    """s3fs caches listings without expiry; another pod's upload must be seen."""
+    import boto3
+
+    from tests.fixtures.servers import S3_KEY, S3_SECRET
+
+    with moto_s3({"state": {}}) as endpoint:
+        settings = make_settings(storage={"options": {"s3": s3_options(endpoint)}})
+        store = RemoteStore("s3://state/shared", settings.storage)
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id=S3_KEY,
+            aws_secret_access_key=S3_SECRET,
+            region_name="us-east-1",
+        )
+
+        def another_pod_uploads(name: str) -> None:
+            for f in ("items.msgpack", "manifest.json"):
+                s3.put_object(Bucket="state", Key=f"shared/p-0/{name}/{f}", Body=b"{}")
+
+        first, second = (f"snap-{c:012d}-{c:012d}" for c in (7, 9))
+        another_pod_uploads(first)
+        assert store.snapshots("p-0") == [first]  # listed (and cached by s3fs)
+        another_pod_uploads(second)
+        assert store.snapshots("p-0") == [second, first]

@@ -254,7 +254,9 @@ class PartitionRestore:
         if self.remote is not None and lay.spaces is not None:
             store, folder = self.remote, self.folder
             try:
-                remote = yield from in_thread(lambda: store.snapshots(folder))
+                remote = yield from in_thread(
+                    lambda: store.snapshots(folder), self.settings.snapshot.remote_timeout_s
+                )
             except Exception as exc:
                 log.warning(
                     "partition %d: shared snapshots at %s not listed: %r",
@@ -294,12 +296,17 @@ class PartitionRestore:
         assert self.remote is not None and self.layout.spaces is not None
         assert self.layout.dims is not None
         store, folder = self.remote, self.folder
-        # a name of its own: a cancelled restore's fetch may still be writing its folder
-        tmp = self.directory / f".tmp-remote-{name}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        # a name of its own: a cancelled fetch may still be writing its folder until it stops
+        tmp = self.directory / f".tmp-remote-{name}-{snapshot.RUN}-{uuid.uuid4().hex[:8]}"
         self.directory.mkdir(parents=True, exist_ok=True)
+        cancel = threading.Event()
         t0 = time.perf_counter()
         try:
-            size = yield from in_thread(lambda: store.fetch(folder, name, tmp))
+            size = yield from in_thread(
+                lambda: store.fetch(folder, name, tmp, cancel),
+                self.settings.snapshot.remote_timeout_s,
+                cancel,
+            )
             state = snapshot.load_dir(
                 tmp,
                 self.settings.index,
@@ -439,9 +446,13 @@ def _settled(state: PartitionState | None) -> Generator[None, None, None]:
         yield
 
 
-def in_thread(fn: Callable[[], T]) -> Generator[None, None, T]:
+def in_thread(
+    fn: Callable[[], T], timeout: float, cancel: threading.Event | None = None
+) -> Generator[None, None, T]:
     """Run ``fn`` on a thread of its own, yielding until it returns; its result, or its
-    exception raised here. Closing the generator leaves the thread to finish on its own."""
+    exception raised here. Past ``timeout`` seconds :class:`TimeoutError` is raised. Either that
+    or closing the generator (a cancelled restore) sets ``cancel``, for ``fn`` to stop early;
+    the thread is not waited for."""
     box: dict[str, Any] = {}
 
     def run() -> None:
@@ -452,9 +463,17 @@ def in_thread(fn: Callable[[], T]) -> Generator[None, None, T]:
 
     t = threading.Thread(target=run, name="infogrowth-restore-fetch", daemon=True)
     t.start()
-    while t.is_alive():
-        t.join(SETTLE_S)
-        yield
+    deadline = time.monotonic() + timeout
+    try:
+        while t.is_alive():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no answer from the shared snapshot store in {timeout:.0f} s")
+            t.join(SETTLE_S)
+            yield
+    except BaseException:
+        if cancel is not None:
+            cancel.set()
+        raise
     if "error" in box:
         raise box["error"]
     value: T = box["value"]

@@ -116,7 +116,9 @@ class SelectProcessor:
         """When the partition's last snapshot failed (the next try waits an interval)."""
         snap = settings.snapshot
         self.remote = RemoteStore(snap.remote, settings.storage) if snap.remote else None
-        self.uploads = Uploader(self.remote, snap.keep) if self.remote else None
+        # two at least: a new owner may be fetching the one before the old owner's last
+        self.uploads = Uploader(self.remote, max(2, snap.keep)) if self.remote else None
+        self._unshared_warned = False
         self._to_upload: dict[int, Path] = {}
         """Per partition, its newest published snapshot not yet uploaded to the shared store."""
         self._last_upload: dict[int, float] = {}
@@ -217,15 +219,34 @@ class SelectProcessor:
     def _new_restore(self, p: int, *, wait: bool = True) -> PartitionRestore:
         """A restore of ``p``; with ``wait`` it first waits for the transactions open in the
         changelog to end (:attr:`PartitionRestore.settle`)."""
+        folder = self._shared_folder(p) if wait else None  # not inside a poll: no store I/O
         return PartitionRestore(
             self.settings,
             p,
             self.snapshot_dir(p),
             self._layout(),
             settle=wait,
-            remote=self.remote,
-            folder=self.snapshot_dir(p).name,
+            remote=self.remote if folder is not None else None,
+            folder=folder or "",
         )
+
+    def _shared_folder(self, p: int) -> str | None:
+        """The partition's folder in the shared store, under the changelog topic's id (a
+        recreated topic, or another deployment sharing the store, never meets these
+        snapshots); None without a store, or without the topic id (then nothing is shared)."""
+        if self.remote is None:
+            return None
+        tid = self.changelog_id
+        if tid is None:
+            if not self._unshared_warned:
+                self._unshared_warned = True
+                log.warning(
+                    "snapshot.remote is set but the changelog topic's id is unknown (describe "
+                    "denied?): snapshots are not shared, since they could not be told apart "
+                    "from those of a recreated topic"
+                )
+            return None
+        return f"{tid}/{self.snapshot_dir(p).name}"
 
     def _finish_restore(self, r: PartitionRestore, state: PartitionState | None) -> None:
         """Adopt a finished restore's result: the state, where the changelog ended, metrics."""
@@ -369,13 +390,16 @@ class SelectProcessor:
         ``snapshot.upload_interval_s`` has passed since its last upload (``force``: whatever
         the time, for a partition about to leave this stage)."""
         path = self._to_upload.get(p)
-        if self.uploads is None or path is None or self.uploads.busy(p):
+        if self.uploads is None or path is None:
             return
         due = time.monotonic() - self._last_upload.get(p, -math.inf)
         if not force and due < self.settings.snapshot.upload_interval_s:
             return
+        folder = self._shared_folder(p)
+        if folder is None:
+            return
         try:
-            self.uploads.submit(p, path, self.snapshot_dir(p).name)
+            self.uploads.submit(p, path, folder)
         except OSError as exc:  # the snapshot was pruned meanwhile: the next one goes
             log.warning("partition %d: snapshot %s not uploaded: %s", p, path.name, exc)
             return
@@ -433,8 +457,11 @@ class SelectProcessor:
 
     def maintain(self) -> list[int]:
         """Between batches: a new calibration epoch on the control topic (every owned partition
-        is rebuilt under it) or a changelog gap seen at commit (that partition is replayed)."""
+        is rebuilt under it) or a changelog gap seen at commit (that partition is replayed).
+        Snapshots whose upload waited for ``snapshot.upload_interval_s`` go once it passed."""
         self.reap_snapshots()
+        for p in list(self._to_upload):
+            self._maybe_upload(p)
         if self.watcher is None:
             self.watcher = ControlWatcher(self.settings)
         cal = self._next_cal or self.watcher.poll()
