@@ -336,39 +336,13 @@ def current_name(directory: Path) -> str | None:
         return None
 
 
-def load(
-    directory: Path,
-    cfg: IndexConfig,
-    *,
-    fingerprint: str,
-    spaces: tuple[str, ...],
-    dims: dict[str, int],
-    topic_id: str | None = None,
-    calibration: str | None = None,
-    epoch: int = 0,
-    end_offset: int | None = None,
-) -> PartitionState:
-    """Load and verify the current snapshot; raise :class:`SnapshotError` on any mismatch.
-
-    A snapshot belongs to one changelog topic (``topic_id``: topics recreated under the same
-    name get a new id) and one calibration (digest and ``epoch``); it is refused when either
-    differs, or when its offset is not below ``end_offset`` (the changelog partition's end),
-    since then the log it was taken from is gone.
-    """
+def load(directory: Path, cfg: IndexConfig, **checks: Any) -> PartitionState:
+    """Load and verify the current snapshot in ``directory``; ``checks`` as :func:`load_dir`
+    takes them. :class:`NoSnapshot` when none was ever made there."""
     cur = directory / "CURRENT"
     if not cur.is_file():
         raise NoSnapshot(f"no snapshot in {directory}")
-    return load_dir(
-        directory / cur.read_text().strip(),
-        cfg,
-        fingerprint=fingerprint,
-        spaces=spaces,
-        dims=dims,
-        topic_id=topic_id,
-        calibration=calibration,
-        epoch=epoch,
-        end_offset=end_offset,
-    )
+    return load_dir(directory / cur.read_text().strip(), cfg, **checks)
 
 
 def load_dir(
@@ -383,7 +357,14 @@ def load_dir(
     epoch: int = 0,
     end_offset: int | None = None,
 ) -> PartitionState:
-    """Load and verify the snapshot in folder ``snap`` (see :func:`load`)."""
+    """Load and verify the snapshot in folder ``snap``; raise :class:`SnapshotError` on any
+    mismatch.
+
+    A snapshot belongs to one changelog topic (``topic_id``: topics recreated under the same
+    name get a new id) and one calibration (digest and ``epoch``); it is refused when either
+    differs, or when its offset is not below ``end_offset`` (the changelog partition's end),
+    since then the log it was taken from is gone.
+    """
     try:
         manifest = json.loads((snap / "manifest.json").read_text())
     except (OSError, ValueError) as exc:

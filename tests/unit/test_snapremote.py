@@ -19,7 +19,7 @@ from infogrowth.messages import changelog_record
 from infogrowth.metrics import Metrics
 from infogrowth.snapremote import RemoteStore
 from tests.fixtures.helpers import make_settings
-from tests.fixtures.servers import moto_s3, s3_options
+from tests.fixtures.servers import moto_s3, s3_client, s3_options
 from tests.unit.test_replication import EMBEDDED
 from tests.unit.test_restore import FakeReader, _items, _log, _proc, fake_kafka
 
@@ -61,6 +61,17 @@ def _upload(proc: Any) -> None:
     proc.save_snapshot(0)
     assert proc.uploads.wait(30)
     proc.reap_uploads()
+
+
+def _uploaded(tmp: Path, n: int) -> Path:
+    """A shared store (returned) holding the snapshot of an earlier pod that restored the
+    ``n`` items now in the changelog."""
+    remote = tmp / "remote"
+    _grow(n, "a")
+    old = _shared(tmp, "old", remote)
+    _restore(old)
+    _upload(old)
+    return remote
 
 
 def _graph(state: PartitionState, tmp: Path) -> list[bytes]:
@@ -128,11 +139,7 @@ def test_the_newer_of_the_local_and_the_shared_snapshot_is_used(tmp_path: Path) 
 def test_a_damaged_shared_snapshot_is_refused(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    remote = tmp_path / "remote"
-    _grow(30, "a")
-    old = _shared(tmp_path, "old", remote)
-    _restore(old)
-    _upload(old)
+    remote = _uploaded(tmp_path, 30)
     (shared,) = remote.glob("*/*/snap-*/space-image.bin")
     data = bytearray(shared.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -219,11 +226,7 @@ def test_a_slow_or_failing_shared_store_never_holds_the_loop(
     wait; a store that fails leaves a warning and the changelog replay."""
     import time
 
-    remote = tmp_path / "remote"
-    _grow(20, "a")
-    old = _shared(tmp_path, "old", remote)
-    _restore(old)
-    _upload(old)
+    remote = _uploaded(tmp_path, 20)
     fetch = RemoteStore.fetch
 
     def slow_fetch(self: RemoteStore, folder: str, name: str, into: Path, cancel: Any) -> int:
@@ -287,11 +290,7 @@ def test_snapshots_of_another_changelog_topic_are_never_met(
 ) -> None:
     """A recreated changelog topic starts its offsets again: the old topic's snapshots (higher
     offsets) live under the old topic id and neither shadow nor prune the new ones."""
-    remote = tmp_path / "remote"
-    _grow(60, "a")
-    old = _shared(tmp_path, "old", remote)
-    _restore(old)
-    _upload(old)
+    remote = _uploaded(tmp_path, 60)
     FakeReader.LOG = {}
     _grow(10, "n")
     fetched: list[str] = []
@@ -331,11 +330,7 @@ def test_a_cancelled_restore_stops_its_fetch_and_leaves_nothing(
     import threading
     import time
 
-    remote = tmp_path / "remote"
-    _grow(20, "a")
-    old = _shared(tmp_path, "old", remote)
-    _restore(old)
-    _upload(old)
+    remote = _uploaded(tmp_path, 20)
     started, files = threading.Event(), []
     get_file = RemoteStore.fetch
 
@@ -383,20 +378,10 @@ def test_pruning_leaves_this_runs_temp_folders(tmp_path: Path) -> None:
 
 def test_a_listing_sees_what_other_pods_wrote_since(tmp_path: Path) -> None:
     """s3fs caches listings without expiry; another pod's upload must be seen."""
-    import boto3
-
-    from tests.fixtures.servers import S3_KEY, S3_SECRET
-
     with moto_s3({"state": {}}) as endpoint:
         settings = make_settings(storage={"options": {"s3": s3_options(endpoint)}})
         store = RemoteStore("s3://state/shared", settings.storage)
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            aws_access_key_id=S3_KEY,
-            aws_secret_access_key=S3_SECRET,
-            region_name="us-east-1",
-        )
+        s3 = s3_client(endpoint)
 
         def another_pod_uploads(name: str) -> None:
             for f in ("items.msgpack", "manifest.json"):

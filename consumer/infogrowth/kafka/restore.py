@@ -285,6 +285,20 @@ class PartitionRestore:
                 return state
         return None
 
+    def _checks(self, end: int | None) -> dict[str, Any]:
+        """What a snapshot must match to be used (:func:`snapshot.load_dir`), checked against
+        the changelog's end (``end``: the last stable offset already read, else asked for)."""
+        lay = self.layout
+        return {
+            "fingerprint": lay.fingerprint,
+            "spaces": lay.spaces,
+            "dims": lay.dims,
+            "topic_id": lay.topic_id,
+            "calibration": lay.calibration,
+            "epoch": lay.epoch,
+            "end_offset": end if end is not None else self._end(),
+        }
+
     def _end(self) -> int:
         return control.end_offset(
             self.settings, self.settings.kafka.topics.changelog, self.partition
@@ -307,17 +321,7 @@ class PartitionRestore:
                 self.settings.snapshot.remote_timeout_s,
                 cancel,
             )
-            state = snapshot.load_dir(
-                tmp,
-                self.settings.index,
-                fingerprint=self.layout.fingerprint,
-                spaces=self.layout.spaces,
-                dims=self.layout.dims,
-                topic_id=self.layout.topic_id,
-                calibration=self.layout.calibration,
-                epoch=self.layout.epoch,
-                end_offset=end if end is not None else self._end(),
-            )
+            state = snapshot.load_dir(tmp, self.settings.index, **self._checks(end))
             snapshot.adopt(self.directory, tmp, name, self.settings.snapshot.keep)
         except Exception as exc:  # a damaged, foreign or half-fetched copy: the next one
             log.warning(
@@ -348,17 +352,7 @@ class PartitionRestore:
         if lay.spaces is None or lay.dims is None:
             return None
         try:
-            state = snapshot.load(
-                self.directory,
-                self.settings.index,
-                fingerprint=lay.fingerprint,
-                spaces=lay.spaces,
-                dims=lay.dims,
-                topic_id=lay.topic_id,
-                calibration=lay.calibration,
-                epoch=lay.epoch,
-                end_offset=end if end is not None else self._end(),
-            )
+            state = snapshot.load(self.directory, self.settings.index, **self._checks(end))
         except snapshot.NoSnapshot:
             log.info(
                 "partition %d: first start (no snapshot yet); replaying the changelog",
