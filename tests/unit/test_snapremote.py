@@ -392,3 +392,15 @@ def test_a_listing_sees_what_other_pods_wrote_since(tmp_path: Path) -> None:
         assert store.snapshots("p-0") == [first]  # listed (and cached by s3fs)
         another_pod_uploads(second)
         assert store.snapshots("p-0") == [second, first]
+
+
+def test_the_topic_id_is_one_folder_whatever_its_characters(tmp_path: Path) -> None:
+    """librdkafka gives topic ids in standard base64: a '/' must not nest the folder."""
+    remote = tmp_path / "remote"
+    _grow(10, "a")
+    proc = _shared(tmp_path, "p", remote)
+    proc.changelog_id = "Zu/mw+SuETKq8lWtJCbrjg"
+    _restore(proc)
+    _upload(proc)
+    (manifest,) = remote.glob(f"*/{EMBEDDED}-0/snap-*/manifest.json")
+    assert manifest.parent.parent.parent.name == "Zu_mw-SuETKq8lWtJCbrjg"

@@ -246,7 +246,8 @@ class SelectProcessor:
                     "from those of a recreated topic"
                 )
             return None
-        return f"{tid}/{self.snapshot_dir(p).name}"
+        # librdkafka prints the id in standard base64 ('/', '+'); Kafka's own tools URL-safe
+        return f"{tid.replace('/', '_').replace('+', '-')}/{self.snapshot_dir(p).name}"
 
     def _finish_restore(self, r: PartitionRestore, state: PartitionState | None) -> None:
         """Adopt a finished restore's result: the state, where the changelog ended, metrics."""
