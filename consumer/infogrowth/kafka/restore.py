@@ -267,10 +267,9 @@ class PartitionRestore:
             if remote and end is None:
                 end = self._end()
         here = snapshot.name_offset(snapshot.current_name(self.directory) or "")
-        newer = [n for n in remote if here is None or (snapshot.name_offset(n) or -1) > here]
-        tries = 0
-        for name in newer[:FETCH_TRIES]:
-            tries += 1
+        shared = remote[:FETCH_TRIES]  # newest first: those newer than the local one lead
+        cut = sum(here is None or (snapshot.name_offset(n) or -1) > here for n in shared)
+        for name in shared[:cut]:
             state = yield from self._fetch(name, end)
             if state is not None:
                 return state
@@ -279,7 +278,7 @@ class PartitionRestore:
         if state is not None:
             self.source = "local"
             return state
-        for name in [n for n in remote if n not in newer][: max(0, FETCH_TRIES - tries)]:
+        for name in shared[cut:]:
             state = yield from self._fetch(name, end)
             if state is not None:
                 return state
