@@ -20,6 +20,7 @@ pull a file away mid-upload.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import posixpath
@@ -27,19 +28,41 @@ import queue
 import shutil
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fsspec.callbacks import Callback
+
 from infogrowth import locations
 from infogrowth.config import StorageConfig
-from infogrowth.snapshot import name_offset
+from infogrowth.snapshot import RUN, name_offset
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 STAGING = ".upload-"
-"""Prefix of the folder of hard links an upload reads from (next to the partition's snapshots)."""
+"""Prefix of the folder of hard links an upload reads from (next to the partition's snapshots;
+named with this run's token, so the local pruning clears those a crash left)."""
+
+
+def staging_path(snap: Path) -> Path:
+    """Where :func:`stage` puts the hard links of ``snap`` in this run."""
+    return snap.parent / f"{STAGING}{snap.name}.{RUN}"
+
+
+class _Cancellable(Callback):  # type: ignore[misc]
+    """An fsspec transfer callback that stops a download between chunks once ``cancel`` is set
+    (for stores that report progress: s3fs, gcsfs; a local copy runs to its end)."""
+
+    def __init__(self, cancel: threading.Event, what: str) -> None:
+        super().__init__()
+        self.cancel = cancel
+        self.what = what
+
+    def call(self, *args: Any, **kwargs: Any) -> None:
+        if self.cancel.is_set():
+            raise InterruptedError(f"fetch of {self.what} cancelled")
 
 
 class RemoteStore:
@@ -117,19 +140,43 @@ class RemoteStore:
                 self.fs.rm(self._path(folder, n), recursive=True)
 
     def fetch(
-        self, folder: str, name: str, into: Path, cancel: threading.Event | None = None
+        self,
+        folder: str,
+        name: str,
+        into: Path,
+        cancel: threading.Event | None = None,
+        check: Callable[[Path], object] | None = None,
     ) -> int:
         """Download ``folder/name`` into the new local folder ``into``; the bytes fetched.
-        ``cancel`` set: stop before the next file. Whatever ends it early removes ``into``."""
+
+        The manifest comes first and ``check`` sees it alone (a snapshot of another model or
+        epoch is refused before its data is fetched); then the files it lists. ``cancel`` set:
+        stop at the next chunk or file. Whatever ends it early removes ``into``.
+        """
         into.mkdir(parents=True)
+        src = self._path(folder, name)
+        stop = cancel or threading.Event()
         try:
-            src = self._path(folder, name)
-            size = 0
-            for fname in self._ls(src):
-                if cancel is not None and cancel.is_set():
+            self.fs.get_file(posixpath.join(src, MANIFEST), str(into / MANIFEST))
+            if check is not None:
+                check(into)
+            try:
+                listed = json.loads((into / MANIFEST).read_text())["files"]
+                names = [str(f) for f in listed]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{src}: manifest names no files: {exc!r}") from None
+            size = (into / MANIFEST).stat().st_size
+            for fname in names:
+                if posixpath.basename(fname) != fname or fname.startswith("."):
+                    raise ValueError(f"{src}: manifest names a file outside it: {fname!r}")
+                if stop.is_set():
                     raise InterruptedError(f"fetch of {src} cancelled")
-                self.fs.get_file(posixpath.join(src, fname), str(into / fname))
+                self.fs.get_file(
+                    posixpath.join(src, fname), str(into / fname), callback=_Cancellable(stop, src)
+                )
                 size += (into / fname).stat().st_size
+            if stop.is_set():
+                raise InterruptedError(f"fetch of {src} cancelled")
             return size
         except BaseException:
             shutil.rmtree(into, ignore_errors=True)
@@ -143,13 +190,17 @@ def stage(snap: Path, in_use: Collection[Path] = ()) -> Path:
     for old in snap.parent.glob(f"{STAGING}*"):
         if old not in in_use:
             shutil.rmtree(old, ignore_errors=True)
-    staged = snap.parent / f"{STAGING}{snap.name}"
+    staged = staging_path(snap)
     staged.mkdir()
-    for f in snap.iterdir():
-        try:
-            os.link(f, staged / f.name)
-        except OSError:
-            shutil.copyfile(f, staged / f.name)
+    try:
+        for f in snap.iterdir():
+            try:
+                os.link(f, staged / f.name)
+            except OSError:
+                shutil.copyfile(f, staged / f.name)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
     return staged
 
 
@@ -187,12 +238,18 @@ class Uploader:
         self._next: dict[int, _Job] = {}
         """Per partition, the upload that goes once the running one ends."""
         self._thread: threading.Thread | None = None
+        self._closed = False
+        self._since: tuple[_Job, float] | None = None
+        """The upload in flight and when it started."""
 
     def submit(self, partition: int, snap: Path, folder: str) -> None:
         """Upload the published local snapshot ``snap`` as ``folder/<its name>``: now, or after
-        the partition's running upload (replacing the one that waited for it)."""
+        the partition's running upload (replacing the one that waited for it). Nothing once
+        :meth:`close` was called (revoke callbacks run after it, as the consumer leaves)."""
         with self._cond:
-            target = snap.parent / f"{STAGING}{snap.name}"
+            if self._closed:
+                return
+            target = staging_path(snap)
             if any(j.staged == target for j in self._running.values()):
                 return  # this very snapshot is being uploaded
             self._next.pop(partition, None)  # replaced: its staging folder goes below
@@ -212,6 +269,8 @@ class Uploader:
     def _run(self) -> None:
         while (job := self._todo.get()) is not None:
             t0 = time.monotonic()
+            with self._cond:
+                self._since = (job, t0)
             try:
                 size = self.store.upload(job.staged, job.folder, job.name, self.keep)
                 up = Upload(job.partition, job.name, size, time.monotonic() - t0)
@@ -220,6 +279,7 @@ class Uploader:
             finally:
                 shutil.rmtree(job.staged, ignore_errors=True)
             with self._cond:
+                self._since = None
                 self._ended.append(up)
                 nxt = self._next.pop(job.partition, None)
                 if nxt is None:
@@ -235,6 +295,14 @@ class Uploader:
             ended, self._ended = self._ended, []
         return ended
 
+    def running(self) -> tuple[int, str, float] | None:
+        """The upload in flight: its partition, snapshot name and seconds since it started."""
+        with self._cond:
+            if self._since is None:
+                return None
+            job, t0 = self._since
+            return job.partition, job.name, time.monotonic() - t0
+
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for every submitted upload to end; whether they did."""
         with self._cond:
@@ -243,6 +311,8 @@ class Uploader:
     def close(self, timeout: float) -> bool:
         """Wait as :meth:`wait`, then let the thread end; an upload still running is left to
         the process's exit (its snapshot stays incomplete remotely and is never read)."""
+        with self._cond:
+            self._closed = True
         done = self.wait(timeout)
         if self._thread is not None:
             self._todo.put(None)

@@ -313,7 +313,7 @@ def _prune(directory: Path, keep: int, current: str) -> None:
     old = [p for p in snaps if p.name != current][: max(0, len(snaps) - keep)]
     for p in old:
         shutil.rmtree(p, ignore_errors=True)
-    for pattern in (".tmp-snap-*", ".tmp-remote-*"):
+    for pattern in (".tmp-snap-*", ".tmp-remote-*", ".upload-*"):
         for p in directory.glob(pattern):
             if RUN not in p.name:  # another run's, left by a crash
                 shutil.rmtree(p, ignore_errors=True)
@@ -345,7 +345,7 @@ def load(directory: Path, cfg: IndexConfig, **checks: Any) -> PartitionState:
     return load_dir(directory / cur.read_text().strip(), cfg, **checks)
 
 
-def load_dir(
+def check_manifest(
     snap: Path,
     cfg: IndexConfig,
     *,
@@ -356,15 +356,9 @@ def load_dir(
     calibration: str | None = None,
     epoch: int = 0,
     end_offset: int | None = None,
-) -> PartitionState:
-    """Load and verify the snapshot in folder ``snap``; raise :class:`SnapshotError` on any
-    mismatch.
-
-    A snapshot belongs to one changelog topic (``topic_id``: topics recreated under the same
-    name get a new id) and one calibration (digest and ``epoch``); it is refused when either
-    differs, or when its offset is not below ``end_offset`` (the changelog partition's end),
-    since then the log it was taken from is gone.
-    """
+) -> dict[str, Any]:
+    """The manifest in folder ``snap`` if the snapshot it describes may be used (the checks of
+    :func:`load_dir` that need no other file); :class:`SnapshotError` otherwise."""
     try:
         manifest = json.loads((snap / "manifest.json").read_text())
     except (OSError, ValueError) as exc:
@@ -406,9 +400,43 @@ def load_dir(
         )
     files = manifest.get("files", {})
     expected = {f"space-{s}.bin" for s in spaces} | {"items.msgpack"}
-    if set(files) != expected:
+    if not isinstance(files, dict) or set(files) != expected:
         raise SnapshotError(f"{snap}: manifest lists {sorted(files)}, expected {sorted(expected)}")
-    for fname, digest in files.items():
+    return manifest
+
+
+def load_dir(
+    snap: Path,
+    cfg: IndexConfig,
+    *,
+    fingerprint: str,
+    spaces: tuple[str, ...],
+    dims: dict[str, int],
+    topic_id: str | None = None,
+    calibration: str | None = None,
+    epoch: int = 0,
+    end_offset: int | None = None,
+) -> PartitionState:
+    """Load and verify the snapshot in folder ``snap``; raise :class:`SnapshotError` on any
+    mismatch.
+
+    A snapshot belongs to one changelog topic (``topic_id``: topics recreated under the same
+    name get a new id) and one calibration (digest and ``epoch``); it is refused when either
+    differs, or when its offset is not below ``end_offset`` (the changelog partition's end),
+    since then the log it was taken from is gone.
+    """
+    manifest = check_manifest(
+        snap,
+        cfg,
+        fingerprint=fingerprint,
+        spaces=spaces,
+        dims=dims,
+        topic_id=topic_id,
+        calibration=calibration,
+        epoch=epoch,
+        end_offset=end_offset,
+    )
+    for fname, digest in manifest["files"].items():
         p = snap / fname
         if not p.is_file():
             raise SnapshotError(f"{snap}: missing {fname}")

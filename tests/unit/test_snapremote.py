@@ -17,7 +17,7 @@ from infogrowth.config import ConfigError
 from infogrowth.index import PartitionState
 from infogrowth.messages import changelog_record
 from infogrowth.metrics import Metrics
-from infogrowth.snapremote import RemoteStore
+from infogrowth.snapremote import RemoteStore, staging_path
 from tests.fixtures.helpers import make_settings
 from tests.fixtures.servers import moto_s3, s3_client, s3_options
 from tests.unit.test_replication import EMBEDDED
@@ -199,13 +199,14 @@ def test_the_shared_store_keeps_the_newest_complete_snapshots(tmp_path: Path) ->
 def test_snapshots_are_shared_through_s3(tmp_path: Path) -> None:
     files = tmp_path / "files"
     files.mkdir()
-    (files / "manifest.json").write_text('{"count": 1}')
+    manifest = '{"count": 1, "files": {"space-image.bin": "-"}}'
+    (files / "manifest.json").write_text(manifest)
     (files / "space-image.bin").write_bytes(bytes(range(256)) * 64)
     with moto_s3({"state": {}}) as endpoint:
         settings = make_settings(storage={"options": {"s3": s3_options(endpoint)}})
         store = RemoteStore("s3://state/infogrowth", settings.storage)
         name = f"snap-{1:012d}-{1:012d}"
-        assert store.upload(files, "embedded-0", name, keep=2) == 16_384 + 12
+        assert store.upload(files, "embedded-0", name, keep=2) == 16_384 + len(manifest)
         assert store.snapshots("embedded-0") == [name]
         got = tmp_path / "got"
         store.fetch("embedded-0", name, got)
@@ -229,9 +230,9 @@ def test_a_slow_or_failing_shared_store_never_holds_the_loop(
     remote = _uploaded(tmp_path, 20)
     fetch = RemoteStore.fetch
 
-    def slow_fetch(self: RemoteStore, folder: str, name: str, into: Path, cancel: Any) -> int:
+    def slow_fetch(self: RemoteStore, *args: Any) -> int:
         time.sleep(1.5)
-        return fetch(self, folder, name, into, cancel)
+        return fetch(self, *args)
 
     monkeypatch.setattr(RemoteStore, "fetch", slow_fetch)
     new = _shared(tmp_path, "new", remote)
@@ -296,9 +297,9 @@ def test_snapshots_of_another_changelog_topic_are_never_met(
     fetched: list[str] = []
     fetch = RemoteStore.fetch
 
-    def spy(self: RemoteStore, folder: str, name: str, into: Path, cancel: Any) -> int:
+    def spy(self: RemoteStore, folder: str, name: str, *args: Any) -> int:
         fetched.append(f"{folder}/{name}")
-        return fetch(self, folder, name, into, cancel)
+        return fetch(self, folder, name, *args)
 
     monkeypatch.setattr(RemoteStore, "fetch", spy)
     new = _shared(tmp_path, "new", remote)
@@ -334,18 +335,18 @@ def test_a_cancelled_restore_stops_its_fetch_and_leaves_nothing(
     started, files = threading.Event(), []
     get_file = RemoteStore.fetch
 
-    def slow(self: RemoteStore, folder: str, name: str, into: Path, cancel: Any) -> int:
+    def slow(self: RemoteStore, *args: Any) -> int:
         real = self.fs.get_file
 
-        def one(src: str, dst: str) -> None:
+        def one(src: str, dst: str, **kw: Any) -> None:
             started.set()
             files.append(dst)
             time.sleep(0.3)
-            real(src, dst)
+            real(src, dst, **kw)
 
         self.fs.get_file = one
         try:
-            return get_file(self, folder, name, into, cancel)
+            return get_file(self, *args)
         finally:
             del self.fs.get_file
 
@@ -367,12 +368,15 @@ def test_pruning_leaves_this_runs_temp_folders(tmp_path: Path) -> None:
     snapshot is published; a crashed run's are removed."""
     ours = tmp_path / f".tmp-remote-snap-1-1-{snapshot.RUN}-abc"
     theirs = tmp_path / ".tmp-snap-000000000001-000000000001-1.deadbeef"
-    ours.mkdir()
-    theirs.mkdir()
+    staged = staging_path(tmp_path / "snap-000000000001-000000000001")
+    staged_before = tmp_path / ".upload-snap-000000000001-000000000001.1.deadbeef"
+    for d in (ours, theirs, staged, staged_before):
+        d.mkdir()
     done = tmp_path / "done"
     done.mkdir()
     snapshot.adopt(tmp_path, done, "snap-000000000002-000000000002")
     assert ours.exists() and not theirs.exists()
+    assert staged.exists() and not staged_before.exists(), "a crashed run's upload staging"
     assert snapshot.current_name(tmp_path) == "snap-000000000002-000000000002"
 
 
@@ -404,3 +408,166 @@ def test_the_topic_id_is_one_folder_whatever_its_characters(tmp_path: Path) -> N
     _upload(proc)
     (manifest,) = remote.glob(f"*/{EMBEDDED}-0/snap-*/manifest.json")
     assert manifest.parent.parent.parent.name == "Zu_mw-SuETKq8lWtJCbrjg"
+
+
+def test_a_fetch_cancelled_during_its_last_file_leaves_nothing(tmp_path: Path) -> None:
+    """A revoke or a close may come while the last file downloads: the fetch then ends with
+    nothing on the volume, instead of a full copy nobody will use."""
+    import json
+    import threading
+
+    remote = _uploaded(tmp_path, 20)
+    store = RemoteStore(f"file://{remote}", None)
+    (name,) = store.snapshots(FOLDER)
+    last = list(json.loads((remote / FOLDER / name / "manifest.json").read_text())["files"])[-1]
+    cancel = threading.Event()
+    real = store.fs.get_file
+
+    def one(src: str, dst: str, **kw: Any) -> None:
+        real(src, dst, **kw)
+        if Path(dst).name == last:
+            cancel.set()
+
+    store.fs.get_file = one
+    with pytest.raises(InterruptedError):
+        store.fetch(FOLDER, name, tmp_path / "got", cancel)
+    assert not (tmp_path / "got").exists()
+
+
+def test_a_result_given_up_on_is_discarded_once_it_ends() -> None:
+    """What a fetch wrote is removed only after it stopped writing, whether the restore gave
+    up while it ran (cancelled, timed out) or just after it ended."""
+    import threading
+    import time
+
+    from infogrowth.kafka.restore import in_thread
+
+    def waiting_for(done: list[int]) -> bool:
+        deadline = time.monotonic() + 10
+        while not done and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return bool(done)
+
+    gate, discarded = threading.Event(), []
+    steps = in_thread(lambda: gate.wait(10), 30, discard=lambda: discarded.append(1))
+    next(steps)
+    steps.close()  # a cancelled restore
+    assert discarded == [], "not removed under a fetch still writing"
+    gate.set()
+    assert waiting_for(discarded) and discarded == [1]
+
+    gate, discarded = threading.Event(), []
+    steps = in_thread(lambda: gate.wait(10), 0.05, discard=lambda: discarded.append(1))
+    with pytest.raises(TimeoutError):
+        while True:
+            next(steps)
+    assert discarded == []
+    gate.set()
+    assert waiting_for(discarded) and discarded == [1]
+
+    gate, discarded = threading.Event(), []
+    steps = in_thread(lambda: gate.wait(10), 30, discard=lambda: discarded.append(1))
+    next(steps)
+    gate.set()
+    time.sleep(0.2)  # it ended; the restore closes before its next step
+    steps.close()
+    assert discarded == [1]
+
+
+def test_a_foreign_shared_snapshot_is_refused_from_its_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A snapshot of another calibration (after a seed --reset) is refused before its data is
+    downloaded: only the manifest is fetched."""
+    remote = _uploaded(tmp_path, 20)
+    fetched: list[str] = []
+    fetch = RemoteStore.fetch
+
+    def spy(self: RemoteStore, *args: Any) -> int:
+        real = self.fs.get_file
+
+        def one(src: str, dst: str, **kw: Any) -> None:
+            fetched.append(Path(src).name)
+            real(src, dst, **kw)
+
+        self.fs.get_file = one
+        try:
+            return fetch(self, *args)
+        finally:
+            del self.fs.get_file
+
+    monkeypatch.setattr(RemoteStore, "fetch", spy)
+    new = _proc(tmp_path / "new", epoch=2, **{"snapshot.remote": f"file://{remote}"})
+    new.metrics = Metrics(runtime=False)
+    with caplog.at_level(logging.WARNING):
+        _restore(new)
+    assert fetched == ["manifest.json"]
+    assert "calibration" in caplog.text and "not used" in caplog.text
+    assert not list(new.snapshot_dir(0).glob(".tmp-remote-*"))
+
+
+def test_an_unknown_topic_id_is_not_asked_for_at_every_turn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Describe denied or the broker slow: the lookup is retried after a while, not from every
+    pass of the loop, and the snapshots meanwhile are not queued for upload."""
+    from infogrowth.kafka import select as select_mod
+
+    calls: list[str] = []
+    monkeypatch.setattr(select_mod, "topic_id", lambda settings, topic: calls.append(topic))
+    _grow(10, "a")
+    proc = _shared(tmp_path, "p", tmp_path / "remote", **{"snapshot.upload_interval_s": 1e-6})
+    proc._changelog_id_known = False
+    _restore(proc)
+    for _ in range(20):
+        proc.save_snapshot(0)
+        proc.maintain()
+    assert len(calls) == 1 and not proc._to_upload
+    assert not (tmp_path / "remote").exists()
+
+
+def test_the_revokes_after_close_neither_snapshot_nor_upload(tmp_path: Path) -> None:
+    """The consumer leaving the group revokes every partition after :meth:`close`, which took
+    the snapshots and waited for the uploads (within the drain deadline): nothing starts again."""
+    remote = tmp_path / "remote"
+    _grow(20, "a")
+    proc = _shared(tmp_path, "p", remote)
+    _restore(proc)
+    proc.dirty[0] = 1
+    proc.close()
+    store = RemoteStore(f"file://{remote}", None)
+    shared = store.snapshots(FOLDER)
+    local = snapshot.current_name(proc.snapshot_dir(0))
+    assert shared and local == shared[0]
+    proc.dirty[0] = 1  # as after a snapshot abandoned at the deadline
+    proc.on_revoke([TopicPartition(EMBEDDED, 0)])
+    assert snapshot.current_name(proc.snapshot_dir(0)) == local
+    assert store.snapshots(FOLDER) == shared
+    assert proc.uploads._thread is None and 0 not in proc.states
+
+
+def test_an_upload_that_hangs_is_reported_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import threading
+    import time
+
+    gate = threading.Event()
+    upload = RemoteStore.upload
+
+    def gated(self: RemoteStore, *args: Any) -> int:
+        assert gate.wait(30)
+        return upload(self, *args)
+
+    monkeypatch.setattr(RemoteStore, "upload", gated)
+    _grow(10, "a")
+    proc = _shared(tmp_path, "p", tmp_path / "remote", **{"snapshot.remote_timeout_s": 0.05})
+    _restore(proc)
+    with caplog.at_level(logging.WARNING):
+        proc.save_snapshot(0)
+        time.sleep(0.2)
+        for _ in range(3):
+            proc.reap_uploads()
+    gate.set()
+    assert proc.uploads.wait(30)
+    assert caplog.text.count("later uploads wait behind it") == 1

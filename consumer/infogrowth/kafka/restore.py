@@ -313,23 +313,26 @@ class PartitionRestore:
         tmp = self.directory / f".tmp-remote-{name}-{snapshot.RUN}-{uuid.uuid4().hex[:8]}"
         self.directory.mkdir(parents=True, exist_ok=True)
         cancel = threading.Event()
+        checks = self._checks(end)
+        cfg = self.settings.index
         t0 = time.perf_counter()
         try:
             size = yield from in_thread(
-                lambda: store.fetch(folder, name, tmp, cancel),
+                lambda: store.fetch(
+                    folder, name, tmp, cancel, lambda d: snapshot.check_manifest(d, cfg, **checks)
+                ),
                 self.settings.snapshot.remote_timeout_s,
                 cancel,
+                lambda: shutil.rmtree(tmp, ignore_errors=True),
             )
-            state = snapshot.load_dir(tmp, self.settings.index, **self._checks(end))
+        except Exception as exc:  # fetch removed its folder; one given up on, once it stops
+            self._refused(folder, name, exc)
+            return None
+        try:
+            state = snapshot.load_dir(tmp, cfg, **checks)
             snapshot.adopt(self.directory, tmp, name, self.settings.snapshot.keep)
-        except Exception as exc:  # a damaged, foreign or half-fetched copy: the next one
-            log.warning(
-                "partition %d: shared snapshot %s/%s not used: %s",
-                self.partition,
-                folder,
-                name,
-                exc if isinstance(exc, snapshot.SnapshotError) else repr(exc),
-            )
+        except Exception as exc:  # a damaged copy: the next one
+            self._refused(folder, name, exc)
             shutil.rmtree(tmp, ignore_errors=True)
             return None
         self.source = "remote"
@@ -343,6 +346,15 @@ class PartitionRestore:
             time.perf_counter() - t0,
         )
         return state
+
+    def _refused(self, folder: str, name: str, exc: Exception) -> None:
+        log.warning(
+            "partition %d: shared snapshot %s/%s not used: %s",
+            self.partition,
+            folder,
+            name,
+            exc if isinstance(exc, snapshot.SnapshotError) else repr(exc),
+        )
 
     def _snapshot(self, end: int | None = None) -> PartitionState | None:
         """The verified snapshot, checked against the changelog's end (``end``: the last stable
@@ -440,25 +452,36 @@ def _settled(state: PartitionState | None) -> Generator[None, None, None]:
 
 
 def in_thread(
-    fn: Callable[[], T], timeout: float, cancel: threading.Event | None = None
+    fn: Callable[[], T],
+    timeout: float,
+    cancel: threading.Event | None = None,
+    discard: Callable[[], None] | None = None,
 ) -> Generator[None, None, T]:
     """Run ``fn`` on a thread of its own, yielding until it returns; its result, or its
     exception raised here. Past ``timeout`` seconds :class:`TimeoutError` is raised. Either that
-    or closing the generator (a cancelled restore) sets ``cancel``, for ``fn`` to stop early;
-    the thread is not waited for."""
+    or closing the generator (a cancelled restore) sets ``cancel``, for ``fn`` to stop early,
+    and leaves ``fn``'s result to ``discard``: called once ``fn`` has ended, on its thread if it
+    is still running (whatever it wrote is removed only after it stopped writing)."""
     box: dict[str, Any] = {}
+    lock = threading.Lock()
+    gave_up = False
 
     def run() -> None:
         try:
             box["value"] = fn()
         except BaseException as exc:
             box["error"] = exc
+        with lock:
+            box["ended"] = True
+            late = gave_up
+        if late and discard is not None:
+            discard()
 
     t = threading.Thread(target=run, name="infogrowth-restore-fetch", daemon=True)
     t.start()
     deadline = time.monotonic() + timeout
     try:
-        while t.is_alive():
+        while "ended" not in box:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no answer from the shared snapshot store in {timeout:.0f} s")
             t.join(SETTLE_S)
@@ -466,6 +489,11 @@ def in_thread(
     except BaseException:
         if cancel is not None:
             cancel.set()
+        with lock:
+            gave_up = True
+            ended = "ended" in box
+        if ended and discard is not None:
+            discard()
         raise
     if "error" in box:
         raise box["error"]

@@ -54,6 +54,8 @@ from infogrowth.snapremote import RemoteStore, Uploader
 __all__ = ["SelectProcessor", "replica_partitions"]
 
 log = logging.getLogger(__name__)
+TOPIC_ID_RETRY_S = 60.0
+"""How long after a failed lookup of the changelog topic's id it is asked for again."""
 
 
 STATE_KEY = b"\x00state"
@@ -158,6 +160,11 @@ class SelectProcessor:
         """Epochs newer than this stage's that the control topic did not know when looked up."""
         self._changelog_id: str | None = None
         self._changelog_id_known = False
+        self._changelog_id_retry = -math.inf
+        """When the topic id may be asked for again after the broker did not give it."""
+        self._closed = False
+        self._slow_upload: tuple[int, str] | None = None
+        """The upload last logged as running past ``snapshot.remote_timeout_s``."""
         self._calibrate(thresholds, calibration, fingerprint)
 
     def _calibrate(
@@ -181,10 +188,13 @@ class SelectProcessor:
 
     @property
     def changelog_id(self) -> str | None:
-        """The changelog topic's id at the broker (looked up once; snapshots name it)."""
-        if not self._changelog_id_known:
+        """The changelog topic's id at the broker (looked up once; snapshots name it). A lookup
+        that failed is tried again after :data:`TOPIC_ID_RETRY_S`, not on every call."""
+        now = time.monotonic()
+        if not self._changelog_id_known and now >= self._changelog_id_retry:
             self._changelog_id = topic_id(self.settings, self.topics.changelog)
             self._changelog_id_known = self._changelog_id is not None
+            self._changelog_id_retry = now + TOPIC_ID_RETRY_S
         return self._changelog_id
 
     @changelog_id.setter
@@ -397,7 +407,8 @@ class SelectProcessor:
         if not force and due < self.settings.snapshot.upload_interval_s:
             return
         folder = self._shared_folder(p)
-        if folder is None:
+        if folder is None:  # nothing can be shared now; the next snapshot tries again
+            del self._to_upload[p]
             return
         try:
             self.uploads.submit(p, path, folder)
@@ -408,9 +419,23 @@ class SelectProcessor:
         self._last_upload[p] = time.monotonic()
 
     def reap_uploads(self) -> None:
-        """Log and count the uploads that ended."""
+        """Log and count the uploads that ended; warn once of one running past
+        ``snapshot.remote_timeout_s`` (a store that hangs holds every later upload back)."""
         if self.uploads is None:
             return
+        running = self.uploads.running()
+        limit = self.settings.snapshot.remote_timeout_s
+        if running is not None and running[2] > limit and running[:2] != self._slow_upload:
+            self._slow_upload = running[:2]
+            log.warning(
+                "partition %d: the upload of snapshot %s to %s has run for %.0f s "
+                "(snapshot.remote_timeout_s %.0f); later uploads wait behind it",
+                running[0],
+                running[1],
+                self.settings.snapshot.remote,
+                running[2],
+                limit,
+            )
         for up in self.uploads.poll():
             if self.metrics is not None:
                 self.metrics.snapshot_uploads.labels(result="failed" if up.error else "ok").inc()
@@ -524,11 +549,16 @@ class SelectProcessor:
         self.owned |= {tp.partition for tp in partitions}
 
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
+        """Snapshot and share what leaves, then drop it. After :meth:`close` (the consumer
+        leaving the group revokes everything) the snapshots were taken there: only drop."""
         self.owned -= {tp.partition for tp in partitions}
         for tp in partitions:
             p = tp.partition
             self.covered.pop(p, None)
             self._cancel(p)
+            if self._closed:
+                self._drop(p)
+                continue
             # Not a state that misses records: one queued for a rebuild (a gap, a short restore).
             if self.dirty.get(p) and p not in self.uncommitted and p not in self.replay:
                 self.save_snapshot(p)
@@ -586,6 +616,7 @@ class SelectProcessor:
         """Snapshot what matches the committed changelog; drop state that a transaction which
         never committed has changed (a dirty close: fenced, fatal error, an abort that gave up).
         Kafka Streams likewise never checkpoints a task that closes dirty under EOS."""
+        self._closed = True
         for p in list(self.restores):
             self._cancel(p)
         deadline = time.monotonic() + self.settings.kafka.drain_timeout_s
