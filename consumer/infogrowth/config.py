@@ -304,7 +304,8 @@ class IndexConfig(_Section):
     initial_capacity: int = Field(10_000, gt=0)
     growth: float = Field(2.0, gt=1.0)
     threads: int = Field(0, ge=0)
-    random_seed: int = 100
+    random_seed: int = Field(100, ge=0, lt=2**64)
+    """Seed of hnswlib's level generator (a C++ size_t)."""
     exact_below: int = Field(20_000, ge=0)
     """Partitions with at most this many items are searched exactly (brute force); HNSW beyond."""
 

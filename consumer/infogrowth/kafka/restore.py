@@ -188,6 +188,8 @@ class PartitionRestore:
             yield from _settled(state)
             state = self._apply(state, buf)
         yield from _settled(state)
+        if self.fast and state is not None and self._insert_threads() > 1:
+            state.continue_levels()  # the racing threads lost level draws; a snapshot won't
         return self._online(state, online)
 
     def _settle(self) -> Generator[None, None, int | None]:
@@ -406,10 +408,14 @@ class PartitionRestore:
         self, state: PartitionState | None, buf: list[tuple[Embedded, int]]
     ) -> PartitionState:
         self.replayed += len(buf)
-        threads = 1
+        return apply_items(
+            state, buf, self.layout, self.settings, insert_threads=self._insert_threads()
+        )
+
+    def _insert_threads(self) -> int:
         if self.fast and self.layout.spaces is not None:
-            threads = fast_threads(self.settings, len(self.layout.spaces))
-        return apply_items(state, buf, self.layout, self.settings, insert_threads=threads)
+            return fast_threads(self.settings, len(self.layout.spaces))
+        return 1
 
     def _online(
         self, state: PartitionState | None, online: tuple[dict[str, Any], int] | None
