@@ -383,3 +383,36 @@ def test_a_child_reaped_elsewhere_is_judged_by_its_report(tmp_path: Path) -> Non
     [r] = w.poll()
     assert r.info is not None and r.error is None
     assert _load(tmp_path, st).ids == st.ids
+
+
+def test_the_rebuild_after_an_abort_starts_from_the_snapshot_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The child writing a committed snapshot ends before the aborted partition is rebuilt:
+    the rebuild starts from that snapshot, and the dropped state's pages are not held by the
+    child while the new state loads."""
+    from confluent_kafka import TopicPartition
+
+    from tests.unit.test_replication import EMBEDDED
+
+    items_bytes = snapshot.items_bytes
+
+    def slow(state: PartitionState) -> bytes:
+        time.sleep(0.5)
+        return items_bytes(state)
+
+    monkeypatch.setattr(snapshot, "items_bytes", slow)
+    proc = _proc(tmp_path)
+    _commit(proc, _batch(proc, _items(5, "a"), 0))  # never snapshotted: one starts at once
+    assert proc.snapshots.busy(0)
+    seen: list[tuple[bool, str | None]] = []
+
+    def restore(p: int) -> None:
+        seen.append((proc.snapshots.busy(p), snapshot.current_name(proc.snapshot_dir(p))))
+
+    monkeypatch.setattr(proc, "restore", restore)
+    _batch(proc, _items(3, "b"), 5)  # its transaction aborts
+    proc.on_abort([TopicPartition(EMBEDDED, 0)])
+    assert len(seen) == 1
+    busy, current = seen[0]
+    assert not busy and current is not None and current.startswith("snap-000000000005-")
