@@ -7,10 +7,13 @@
 #   scripts/gpu-offline.sh [OUT_DIR]     # default: $OUT, else out/gpu-check
 #
 # Writes into OUT_DIR: log.txt (machine, versions, test output, every step's timing),
-# gpu-check.{json,md}, and select.{json,md} / restore.{json,md} when asked for.
+# gpu-check.{json,md}, and select / restore / rebuild .{json,md} when asked for.
 # Variables: GPU_WHEELS (.whl), GPU_PYTHON (python3), GPU_OFFLINE_SELECT_N (empty: skip),
 # GPU_OFFLINE_SELECT_TIMEOUT (150 s), GPU_OFFLINE_RESTORE_SIZES (empty: skip),
-# GPU_OFFLINE_RESTORE_TIMEOUT (150 s), GPU_OFFLINE_TESTS (1), GPU_OFFLINE_REUSE (0; 1 keeps an
+# GPU_OFFLINE_RESTORE_TIMEOUT (150 s), GPU_OFFLINE_REBUILD_SIZES (empty: skip; the replay table
+# alone, e.g. 1000000 with GPU_OFFLINE_REBUILD_MODES=fast: the fast rebuild at 1M on every core),
+# GPU_OFFLINE_REBUILD_MODES (fast), GPU_OFFLINE_REBUILD_TIMEOUT (300 s),
+# GPU_OFFLINE_TESTS (1), GPU_OFFLINE_REUSE (0; 1 keeps an
 # earlier install on a machine still warm), GPU_COMMIT (logged where .git did not travel), and
 # gpu-check.sh's own.
 set -uo pipefail
@@ -85,6 +88,16 @@ if [[ -n "${GPU_OFFLINE_RESTORE_SIZES:-}" ]]; then
     --workdir "${TMPDIR:-/tmp}/ig-restore" \
     --json "$OUT_DIR/restore.json" --markdown "$OUT_DIR/restore.md" >>"$LOG" 2>&1 || rc=1
   [[ -f "$OUT_DIR/restore.md" ]] && cat "$OUT_DIR/restore.md" >&2
+fi
+if [[ -n "${GPU_OFFLINE_REBUILD_SIZES:-}" ]]; then
+  step "rebuild at ${GPU_OFFLINE_REBUILD_SIZES} (${GPU_OFFLINE_REBUILD_MODES:-fast})"
+  GLIBC_TUNABLES="${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1}" \
+  timeout --kill-after=10 "${GPU_OFFLINE_REBUILD_TIMEOUT:-300}" "$BIN/infogrowth" bench \
+    --stage restore --restore-sizes none --rebuild-sizes "$GPU_OFFLINE_REBUILD_SIZES" \
+    --rebuild-modes "${GPU_OFFLINE_REBUILD_MODES:-fast}" --repeats 1 \
+    --workdir "${TMPDIR:-/tmp}/ig-rebuild" \
+    --json "$OUT_DIR/rebuild.json" --markdown "$OUT_DIR/rebuild.md" >>"$LOG" 2>&1 || rc=1
+  [[ -f "$OUT_DIR/rebuild.md" ]] && cat "$OUT_DIR/rebuild.md" >&2
 fi
 step "done (rc $rc)"
 exit "$rc"

@@ -40,12 +40,23 @@ STAGES = ("select", "embed", "parse", "kafka", "scale", "restore", "memory")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Runs per figure.")
 @click.option("--dim", type=int, default=256, show_default=True, help="Vector dimension.")
 @click.option("--sizes", default=None, help="select: index sizes for the throughput-vs-size sweep.")
-@click.option("--restore-sizes", default=None, help="restore: index sizes (default: --n).")
+@click.option(
+    "--restore-sizes",
+    default=None,
+    help="restore: index sizes for the snapshot table (default: --n; 'none' skips it).",
+)
 @click.option(
     "--rebuild-sizes",
     default=None,
     help="restore: sizes for the replay/fast-rebuild table (default: --restore-sizes; "
     "'none' skips it: a full single-writer replay of millions of items takes hours on few cores).",
+)
+@click.option(
+    "--rebuild-modes",
+    default="snapshot,full,fast",
+    show_default=True,
+    help="restore: which restores the replay table times (snapshot, full, fast; e.g. 'fast' "
+    "alone for the fast rebuild at millions of items on many cores).",
 )
 @click.option(
     "--spaces",
@@ -104,6 +115,7 @@ def command(
     sizes: str | None,
     restore_sizes: str | None,
     rebuild_sizes: str | None,
+    rebuild_modes: str,
     spaces_n: int,
     plot_path: Path | None,
     workdir: Path | None,
@@ -142,8 +154,9 @@ def command(
             repeats=repeats,
             dim=dim,
             sizes=_ints(sizes),
-            restore_sizes=_ints(restore_sizes) or [n],
+            restore_sizes=_ints(restore_sizes) if restore_sizes is not None else [n],
             rebuild_sizes=None if rebuild_sizes is None else _ints(rebuild_sizes),
+            rebuild_modes=[m.strip() for m in rebuild_modes.split(",") if m.strip()],
             spaces_n=spaces_n,
             workdir=workdir,
             cache=cache,
@@ -274,20 +287,35 @@ def _run(stage: str, **kw: Any) -> tuple[dict[str, Any], list[Any]]:
     if stage == "restore":
         from infogrowth_dev.bench import rebuild, restore
 
-        res = restore.bench(
-            sizes=kw["restore_sizes"],
-            dim=kw["dim"],
-            repeats=kw["repeats"],
-            workdir=kw["workdir"],
-            spaces_n=kw["spaces_n"],
-        )
         rebuild_sizes = kw["restore_sizes"] if kw["rebuild_sizes"] is None else kw["rebuild_sizes"]
-        if not rebuild_sizes:
-            return res, restore.tables(res)
-        res["rebuild"] = rebuild.bench(
-            sizes=rebuild_sizes, dim=kw["dim"], workdir=kw["workdir"], spaces_n=kw["spaces_n"]
-        )
-        return res, restore.tables(res) + rebuild.tables(res["rebuild"])
+        if not kw["restore_sizes"] and not rebuild_sizes:
+            raise click.UsageError("--restore-sizes and --rebuild-sizes are both 'none'")
+        modes = kw["rebuild_modes"]
+        if set(modes) - set(rebuild.MODES) or not modes:
+            raise click.UsageError(
+                f"--rebuild-modes {','.join(modes)}: choose from {rebuild.MODES}"
+            )
+        res = {}
+        tabs: list[Any] = []
+        if kw["restore_sizes"]:
+            res = restore.bench(
+                sizes=kw["restore_sizes"],
+                dim=kw["dim"],
+                repeats=kw["repeats"],
+                workdir=kw["workdir"],
+                spaces_n=kw["spaces_n"],
+            )
+            tabs += restore.tables(res)
+        if rebuild_sizes:
+            res["rebuild"] = rebuild.bench(
+                sizes=rebuild_sizes,
+                dim=kw["dim"],
+                workdir=kw["workdir"],
+                spaces_n=kw["spaces_n"],
+                modes=modes,
+            )
+            tabs += rebuild.tables(res["rebuild"])
+        return res, tabs
     if stage == "memory":
         from infogrowth_dev.bench import memory
 

@@ -20,6 +20,7 @@ import gc
 import os
 import tempfile
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -67,16 +68,26 @@ def _replay(
     return out, seconds, r.fast
 
 
+MODES = ("snapshot", "full", "fast")
+"""The restores the table can time: with a snapshot, full replay, fast rebuild."""
+
+
 def bench(
     sizes: list[int] | None = None,
     dim: int = 256,
     tail: int = 8192,
     workdir: Path | None = None,
     spaces_n: int = 2,
+    modes: Collection[str] = MODES,
 ) -> dict[str, Any]:
+    """Time the restores in ``modes`` at each size (the others are None in the row; the
+    snapshot is taken of the full replay's state, or of the fast rebuild's without one)."""
     from infogrowth import snapshot
     from infogrowth_dev.bench.restore import _drop_cache
 
+    unknown = set(modes) - set(MODES)
+    if unknown or not modes:
+        raise ValueError(f"rebuild modes {sorted(unknown) or '(none)'}: choose from {MODES}")
     exact = load_settings(None)
     fast = load_settings(None, **{"restore.fast_rebuild": True})
     rows = []
@@ -84,43 +95,57 @@ def bench(
         progress(f"rebuild: {n:,}-item changelog (+{tail:,} tail)")
         records, spaces = _records(n, tail, dim, spaces_n)
         head, rest = records[:n], records[n:]
-        progress(f"rebuild: {n:,}: fast rebuild")
-        state, fast_s, was_fast = _replay(fast, spaces, dim, head, None)
-        assert was_fast
-        del state
-        progress(f"rebuild: {n:,}: full replay (default)")
-        state, full_s, _ = _replay(exact, spaces, dim, head, None)
-        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-            d = Path(tmp) / "snap"
-            info = snapshot.save(state, d, "bench", keep=1)
+        row: dict[str, Any] = {"n": n}
+        state: PartitionState | None = None
+        if "fast" in modes:
+            progress(f"rebuild: {n:,}: fast rebuild")
+            state, fast_s, was_fast = _replay(fast, spaces, dim, head, None)
+            assert was_fast
+            row |= {
+                "fast_rebuild_s": round(fast_s, 1),
+                "fast_rebuild_items_per_s": round(n / fast_s, 1),
+            }
+        if "full" in modes:
             del state
-            gc.collect()
-            _drop_cache(d)
-            progress(f"rebuild: {n:,}: snapshot load + {tail:,}-record tail")
-            t0 = time.perf_counter()
-            loaded = snapshot.load(
-                d, exact.index, fingerprint="bench", spaces=spaces, dims={s: dim for s in spaces}
-            )
-            load_s = time.perf_counter() - t0
-            _, tail_s, _ = _replay(exact, spaces, dim, rest, loaded)
-            del loaded
-        rows.append(
-            {
-                "n": n,
+            progress(f"rebuild: {n:,}: full replay (default)")
+            state, full_s, _ = _replay(exact, spaces, dim, head, None)
+            row |= {
+                "full_replay_s": round(full_s, 1),
+                "full_replay_items_per_s": round(n / full_s, 1),
+            }
+        if "snapshot" in modes:
+            assert state is not None
+            with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+                d = Path(tmp) / "snap"
+                info = snapshot.save(state, d, "bench", keep=1)
+                del state
+                gc.collect()
+                _drop_cache(d)
+                progress(f"rebuild: {n:,}: snapshot load + {tail:,}-record tail")
+                t0 = time.perf_counter()
+                loaded = snapshot.load(
+                    d,
+                    exact.index,
+                    fingerprint="bench",
+                    spaces=spaces,
+                    dims={s: dim for s in spaces},
+                )
+                load_s = time.perf_counter() - t0
+                _, tail_s, _ = _replay(exact, spaces, dim, rest, loaded)
+                del loaded
+            row |= {
                 "snapshot_bytes": info.bytes,
                 "snapshot_load_s": round(load_s, 2),
                 "tail_s": round(tail_s, 2),
                 "tail_items_per_s": round(tail / tail_s, 1),
                 "with_snapshot_s": round(load_s + tail_s, 2),
-                "full_replay_s": round(full_s, 1),
-                "full_replay_items_per_s": round(n / full_s, 1),
-                "fast_rebuild_s": round(fast_s, 1),
-                "fast_rebuild_items_per_s": round(n / fast_s, 1),
             }
-        )
+        else:
+            del state
+        rows.append(row)
         progress(
-            f"rebuild: {n:,}: with snapshot {load_s + tail_s:.1f}s; full replay "
-            f"{n / full_s:,.0f} items/s, fast rebuild {n / fast_s:,.0f} items/s"
+            f"rebuild: {n:,}: "
+            + "; ".join(f"{k} {v:,}" for k, v in row.items() if k.endswith(("_per_s", "ot_s")))
         )
         del records, head, rest
         gc.collect()
@@ -131,6 +156,7 @@ def bench(
             "dim": dim,
             "spaces": spaces_n,
             "tail": tail,
+            "modes": [m for m in MODES if m in modes],
             "batch_items": exact.restore.batch_items,
             "fast_threads_per_index": fast_threads(fast, spaces_n),
             "cores": os.cpu_count(),
@@ -161,14 +187,23 @@ def tables(res: dict[str, Any]) -> list[Table]:
             f"threads per index on {p['cores']} cores; one run each"
         ),
     )
+
+    def fig(r: dict[str, Any], key: str, fmt: str = ",.0f") -> str:
+        return "—" if r.get(key) is None else format(r[key], fmt)
+
     for r in res["sizes"]:
+        with_snap = "—"
+        if r.get("with_snapshot_s") is not None:
+            with_snap = (
+                f"{r['snapshot_load_s']:.1f} + {r['tail_s']:.1f} = {r['with_snapshot_s']:.1f}"
+            )
         t.add(
             f"{r['n']:,}",
-            f"{r['snapshot_load_s']:.1f} + {r['tail_s']:.1f} = {r['with_snapshot_s']:.1f}",
-            f"{r['tail_items_per_s']:,.0f}",
-            f"{r['full_replay_s']:,.0f}",
-            f"{r['full_replay_items_per_s']:,.0f}",
-            f"{r['fast_rebuild_s']:,.0f}",
-            f"{r['fast_rebuild_items_per_s']:,.0f}",
+            with_snap,
+            fig(r, "tail_items_per_s"),
+            fig(r, "full_replay_s"),
+            fig(r, "full_replay_items_per_s"),
+            fig(r, "fast_rebuild_s"),
+            fig(r, "fast_rebuild_items_per_s"),
         )
     return [t]
