@@ -358,6 +358,10 @@ class SnapshotConfig(_Section):
     fork: bool = True
     """Write snapshots from a forked child while the partition goes on processing (its stall is
     the fork); false, or where fork is unavailable: write them on the processing thread."""
+    write_timeout_s: float = Field(600.0, gt=0)
+    """A forked snapshot writer still running after this long (a hung disk) is killed and the
+    snapshot counted as failed: until then the partition takes no other snapshot and the
+    writer holds its copy-on-write image."""
     remote: str | None = Field(None, min_length=1)
     """A URL (``s3://bucket/prefix``, ``gs://…``, ``file:///shared/…``) that also keeps every
     partition's snapshots, written and read through fsspec with ``storage.options``: a pod that

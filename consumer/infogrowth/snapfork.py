@@ -139,6 +139,8 @@ class SnapshotWriter:
         if partition in self._children:
             raise RuntimeError(f"partition {partition}: a snapshot is already being written")
         t0 = time.perf_counter()
+        if self.forking:
+            state.wait()  # the child has no insert thread: nothing may be pending at the fork
         try:
             pending = snapshot.prepare(
                 state,
@@ -154,7 +156,6 @@ class SnapshotWriter:
             self._done.append(Result(partition, None, str(exc), spent, spent, self.forking))
             return spent
         if self.forking:
-            state.wait()  # the child has no insert thread: nothing may be pending at the fork
             hashers: dict[str, Hasher] = {f: hashlib.sha256() for f in pending.files}
             try:
                 pid, report = _fork(state, pending, hashers)
@@ -182,6 +183,10 @@ class SnapshotWriter:
                 self._finish(c, status)
         done, self._done = self._done, []
         return done
+
+    def overdue(self, timeout_s: float) -> list[int]:
+        """The partitions whose writer has been running for longer than ``timeout_s``."""
+        return sorted(p for p, c in self._children.items() if self._age(c) > timeout_s)
 
     def wait(self, partition: int, timeout_s: float) -> None:
         """Block until the partition's child is done, at most ``timeout_s``; a child still
@@ -259,6 +264,8 @@ class SnapshotWriter:
         if code != 0 or not report.get("ok"):
             how = f"exit status {code}" if code >= 0 else f"killed by signal {-code}"
             error = f"{how}: {report.get('error') or 'no report'}"
+            if code < 0:  # its grandchild died with it and may have become ours (PID 1)
+                _reap_group(c.pid)
         else:
             try:
                 info = snapshot.publish(c.pending, c.keep)

@@ -309,7 +309,12 @@ def save(
 
 
 def _prune(directory: Path, keep: int, current: str) -> None:
-    snaps = sorted(p for p in directory.glob("snap-*") if p.is_dir())
+    """Keep ``current`` and the newest by changelog offset (names start with the item count,
+    which drops after a ``seed --reset``), up to ``keep`` in all."""
+    snaps = sorted(
+        (p for p in directory.glob("snap-*") if p.is_dir() and name_offset(p.name) is not None),
+        key=lambda p: (name_offset(p.name), p.name),
+    )
     old = [p for p in snaps if p.name != current][: max(0, len(snaps) - keep)]
     for p in old:
         shutil.rmtree(p, ignore_errors=True)

@@ -7,6 +7,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -416,3 +417,270 @@ def test_the_rebuild_after_an_abort_starts_from_the_snapshot_in_flight(
     assert len(seen) == 1
     busy, current = seen[0]
     assert not busy and current is not None and current.startswith("snap-000000000005-")
+
+
+# -- found by review: what a revoke, an abort, a gap or a shutdown may snapshot, and when ----
+
+
+class _NoWatcher:
+    def poll(self) -> None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def _hangs(state: PartitionState) -> bytes:
+    time.sleep(600)
+    return b""
+
+
+def _with(proc: Any, tmp_path: Path, **cfg: Any) -> Any:
+    """``proc`` with settings changed (``kafka.drain_timeout_s`` as ``drain``)."""
+    from tests.fixtures.helpers import make_settings
+
+    kafka = {"topics": proc.settings.kafka.topics.model_dump()}
+    if "drain" in cfg:
+        kafka["drain_timeout_s"] = cfg.pop("drain")
+    proc.settings = make_settings(
+        kafka=kafka, **{"index.threads": 1, "snapshot.directory": str(tmp_path), **cfg}
+    )
+    return proc
+
+
+def test_a_state_missing_changelog_records_is_never_snapshotted_before_its_rebuild(
+    tmp_path: Path,
+) -> None:
+    """A gap at commit (someone else wrote to the changelog) queues a rebuild; if the stage
+    stops between that decision and the rebuild (the committed-offsets lookup fails), the
+    state that misses the foreign records must not become the snapshot a restore trusts."""
+    proc = _proc(tmp_path)
+    proc.watcher = _NoWatcher()
+    _commit(proc, _batch(proc, _items(5, "a"), 0))
+    proc.snapshots.wait(0, 30)
+    proc.reap_snapshots()
+    before = snapshot.current_name(proc.snapshot_dir(0))
+    out = _batch(proc, _items(5, "b"), 5)
+    gap_first = proc.next_offset[0] + 8  # 8 records of another producer in between
+    n = sum(1 for t, _, _ in out.records if t == CHANGELOG)
+    out.offsets[(CHANGELOG, 0)] = gap_first + n - 1
+    out.first[(CHANGELOG, 0)] = gap_first
+    proc.on_commit(out)
+    assert proc.replay == {0}
+    assert proc.maintain() == [0]
+    proc.close()  # the loop failed before the rebuild began
+    assert snapshot.current_name(proc.snapshot_dir(0)) == before
+
+
+class _Uploads:
+    def __init__(self) -> None:
+        self.submitted: list[tuple[int, str]] = []
+
+    def submit(self, p: int, path: Path, folder: str) -> None:
+        self.submitted.append((p, Path(path).name))
+
+    def poll(self) -> list[Any]:
+        return []
+
+    def running(self) -> None:
+        return None
+
+    def close(self, timeout: float) -> bool:
+        return True
+
+
+def test_a_revoke_hands_over_the_snapshot_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no change since the snapshot being written, the revoke still waits for it and
+    shares it: the next owner starts from the newest committed state."""
+    from confluent_kafka import TopicPartition
+
+    from tests.unit.test_replication import EMBEDDED
+
+    items_bytes = snapshot.items_bytes
+
+    def slow(state: PartitionState) -> bytes:
+        time.sleep(0.5)
+        return items_bytes(state)
+
+    monkeypatch.setattr(snapshot, "items_bytes", slow)
+    proc = _proc(tmp_path)
+    proc.uploads = _Uploads()
+    proc.remote = object()
+    monkeypatch.setattr(proc, "_shared_folder", lambda p: f"tid/{p}")
+    _commit(proc, _batch(proc, _items(5, "a"), 0))
+    proc.snapshots.wait(0, 30)
+    proc.reap_snapshots()
+    out = _batch(proc, _items(5, "b"), 5)
+    out.first[(CHANGELOG, 0)] = proc.next_offset[0]
+    proc.last_snapshot[0] = 0  # due by time
+    _commit(proc, out)
+    assert proc.snapshots.busy(0) and proc.dirty[0] == 0
+    proc.on_revoke([TopicPartition(EMBEDDED, 0)])
+    assert not proc.snapshots.busy(0)
+    newest = snapshot.current_name(proc.snapshot_dir(0))
+    assert newest is not None and newest.startswith("snap-000000000010-")
+    assert (0, newest) in proc.uploads.submitted
+
+
+def test_a_hung_writer_is_killed_after_the_write_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(snapshot, "items_bytes", _hangs)
+    proc = _with(
+        _proc(tmp_path),
+        tmp_path,
+        **{
+            "snapshot.interval_s": 0.2,
+            "snapshot.interval_items": 1,
+            "snapshot.write_timeout_s": 0.5,
+        },
+    )
+    proc.metrics = Metrics(runtime=False)
+    _commit(proc, _batch(proc, _items(5, "a"), 0))
+    hung = proc.snapshots._children[0].pid
+    deadline = time.monotonic() + 10
+    while proc.snapshots.busy(0) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        proc.reap_snapshots()  # between batches
+    assert not proc.snapshots.busy(0) and _gone_or_zombie(hung)
+    assert proc.metrics.registry.get_sample_value("infogrowth_snapshot_failures_total") == 1
+    assert proc.dirty[0] > 0, "its changes are still to be saved"
+
+
+def test_a_revoke_of_many_partitions_keeps_one_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from confluent_kafka import TopicPartition
+
+    from tests.unit.test_replication import EMBEDDED
+
+    proc = _with(_proc(tmp_path), tmp_path, drain=1.0)
+    parts = [0, 1, 2]
+    for p in parts:
+        proc.states[p] = _state(30, seed=p)
+        proc.dirty[p] = 5
+    proc.owned = set(parts)
+    monkeypatch.setattr(snapshot, "items_bytes", _hangs)
+    t0 = time.monotonic()
+    proc.on_revoke([TopicPartition(EMBEDDED, p) for p in parts])
+    assert time.monotonic() - t0 < 1.6, "bounded by kafka.drain_timeout_s, not once a partition"
+    assert not proc.snapshots.in_flight
+
+
+def test_shutdown_writes_every_partitions_last_snapshot_side_by_side(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proc = _with(_proc(tmp_path), tmp_path, drain=1.5)
+    parts = [0, 1, 2]
+    for p in parts:
+        proc.states[p] = _state(30, seed=p)
+        proc.dirty[p] = 5
+    items_bytes = snapshot.items_bytes
+
+    def slow(state: PartitionState) -> bytes:
+        time.sleep(0.6)  # three of them fit the deadline only side by side
+        return items_bytes(state)
+
+    monkeypatch.setattr(snapshot, "items_bytes", slow)
+    proc.close()
+    assert all(snapshot.current_name(proc.snapshot_dir(p)) for p in parts)
+
+
+def test_shutdown_waits_only_until_the_signals_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watchdog counts the grace period from the signal: close must be done before it."""
+    proc = _proc(tmp_path)
+    proc.states[0] = _state(30)
+    proc.dirty[0] = 5
+    monkeypatch.setattr(snapshot, "items_bytes", _hangs)
+    proc.drain_by = time.monotonic() + 0.5
+    t0 = time.monotonic()
+    proc.close()
+    assert time.monotonic() - t0 < 1.5 and not proc.snapshots.in_flight
+
+
+def test_pruning_keeps_the_newest_by_changelog_offset(tmp_path: Path) -> None:
+    """Names start with the item count, which drops after a seed --reset: the old epoch's
+    bigger snapshot must not outlive the new epoch's previous one."""
+    big = _state(120)
+    big.changelog_offset = 1000
+    snapshot.save(big, tmp_path, "fp", keep=2, epoch=1)
+    small = _state(20, seed=1)
+    small.changelog_offset = 2000
+    snapshot.save(small, tmp_path, "fp", keep=2, epoch=2)
+    _grow(small, 10, 2)
+    small.changelog_offset = 2100
+    snapshot.save(small, tmp_path, "fp", keep=2, epoch=2)
+    left = sorted(snapshot.name_offset(p.name) for p in tmp_path.glob("snap-*"))
+    assert left == [2000, 2100]
+
+
+def test_a_failed_background_insert_leaves_no_temp_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    st = _state(30)
+
+    def failed() -> None:
+        raise RuntimeError("insert failed")
+
+    monkeypatch.setattr(st, "wait", failed)
+    with pytest.raises(RuntimeError):
+        SnapshotWriter().start(0, st, tmp_path, "fp")
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_a_killed_writers_grandchild_is_reaped_under_pid_1(tmp_path: Path) -> None:
+    """In the image the stage is PID 1, so the hnswlib grandchild of a writer the OOM killer
+    picks (it dies of PDEATHSIG) becomes the stage's child: it is reaped, not left a zombie.
+    PID 1 is stood in for by a child subreaper."""
+    import ctypes
+    import signal
+
+    from infogrowth.index import SpaceIndex
+
+    r, w = os.pipe()
+    stage = os.fork()
+    if stage == 0:  # pragma: no cover - the stand-in stage
+        code = 1
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
+            save = SpaceIndex.save
+
+            def slow_save(self: SpaceIndex, path: str) -> None:
+                time.sleep(5)
+                save(self, path)
+
+            SpaceIndex.save = slow_save  # type: ignore[method-assign]
+            wr = SnapshotWriter()
+            wr.start(0, _state(30), tmp_path, "fp")
+            time.sleep(0.5)  # the grandchild is saving
+            os.kill(wr._children[0].pid, signal.SIGKILL)
+            deadline = time.monotonic() + 5
+            res: list[Result] = []
+            while not res and time.monotonic() < deadline:
+                res = wr.poll()
+                time.sleep(0.05)
+            time.sleep(0.5)
+            zombies = []
+            for d in os.listdir("/proc"):
+                if d.isdigit():
+                    try:
+                        with open(f"/proc/{d}/stat") as fh:
+                            stat = fh.read().rsplit(")", 1)[1].split()
+                    except OSError:
+                        continue
+                    if int(stat[1]) == os.getpid() and stat[0] == "Z":
+                        zombies.append(int(d))
+            os.write(w, json.dumps({"error": res[0].error if res else None, "z": zombies}).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    got = json.loads(os.read(r, 4096) or b"{}")
+    os.close(r)
+    os.waitpid(stage, 0)
+    assert got["error"] and "killed by signal 9" in got["error"]
+    assert got["z"] == [], "no zombie left under the stage"

@@ -305,9 +305,11 @@ def _watchdog(rt: Runtime, timeout_s: float) -> None:
     if rt.watchdog_started:
         return
     rt.watchdog_started = True
+    deadline = time.monotonic() + timeout_s
+    if rt.select is not None:  # its snapshot and upload waits end first, leaving time to leave
+        rt.select.drain_by = deadline - min(2.0, 0.1 * timeout_s)  # the group and to flush
 
     def bite() -> None:
-        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if not any(t.is_alive() for t in rt.threads):
                 return

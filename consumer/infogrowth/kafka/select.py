@@ -163,6 +163,9 @@ class SelectProcessor:
         self._changelog_id_retry = -math.inf
         """When the topic id may be asked for again after the broker did not give it."""
         self._closed = False
+        self.drain_by: float | None = None
+        """``time.monotonic()`` by which a shutdown must be done (set when it is asked for):
+        close and the revokes then wait for snapshots and uploads only until then."""
         self._slow_upload: tuple[int, str] | None = None
         """The upload last logged as running past ``snapshot.remote_timeout_s``."""
         self._calibrate(thresholds, calibration, fingerprint)
@@ -353,6 +356,14 @@ class SelectProcessor:
         self.reap_snapshots()
         if self.snapshots.busy(p):
             return
+        if wait and time.monotonic() >= deadline:
+            log.warning(
+                "partition %d: no time left to snapshot its last %d changes (the next owner "
+                "replays them from the changelog)",
+                p,
+                self.dirty[p],
+            )
+            return
         stall = self.snapshots.start(
             p,
             state,
@@ -375,7 +386,11 @@ class SelectProcessor:
     def reap_snapshots(self) -> None:
         """Adopt the snapshots that ended: a published one sets the snapshot metrics; a failed
         one is counted, its changes count as not snapshotted again, and the partition waits
-        ``snapshot.interval_s`` before the next try."""
+        ``snapshot.interval_s`` before the next try. A writer past ``snapshot.write_timeout_s``
+        is killed first (then it counts as failed)."""
+        limit = self.settings.snapshot.write_timeout_s
+        for p in self.snapshots.overdue(limit):
+            self.snapshots.abandon(p, f"still writing after {limit:g} s (snapshot.write_timeout_s)")
         for r in self.snapshots.poll():
             p = r.partition
             held = self._snapshot_dirty.pop(p, 0)
@@ -497,6 +512,8 @@ class SelectProcessor:
             self.replay.clear()
             return sorted(self.owned)
         again, self.replay = sorted(self.replay & self.owned), set()
+        for p in again:  # it misses records: nothing may snapshot it before its rebuild
+            self._drop(p)
         return again
 
     def change_epoch(self, cal: Calibration) -> None:
@@ -552,6 +569,7 @@ class SelectProcessor:
         """Snapshot and share what leaves, then drop it. After :meth:`close` (the consumer
         leaving the group revokes everything) the snapshots were taken there: only drop."""
         self.owned -= {tp.partition for tp in partitions}
+        deadline = self._deadline()  # one for the whole callback, not one per partition
         for tp in partitions:
             p = tp.partition
             self.covered.pop(p, None)
@@ -559,9 +577,10 @@ class SelectProcessor:
             if self._closed:
                 self._drop(p)
                 continue
+            self._finish_snapshot(p, deadline)  # the newest goes to the next owner
             # Not a state that misses records: one queued for a rebuild (a gap, a short restore).
             if self.dirty.get(p) and p not in self.uncommitted and p not in self.replay:
-                self.save_snapshot(p)
+                self.save_snapshot(p, deadline=deadline)
             self._maybe_upload(p, force=True)  # its next owner may start from it
             self._drop(p)
 
@@ -577,21 +596,28 @@ class SelectProcessor:
         (unless an epoch change is due: then everything is rebuilt under the new epoch)."""
         self.pending = 0
         rebuild = {tp.partition for tp in partitions}
-        for p in self.uncommitted | rebuild:
+        deadline = self._deadline()
+        for p in sorted(self.uncommitted | rebuild):
+            self._finish_snapshot(p, deadline)
             self._drop(p)
         self.uncommitted.clear()
         if self._next_cal is None:
             for p in sorted(rebuild - self.replay):  # those are rebuilt in steps anyway
-                self._finish_snapshot(p)
                 self.restore(p)
 
-    def _finish_snapshot(self, p: int) -> None:
-        """Before a rebuild in one go: let the partition's snapshot in flight end (up to
-        ``kafka.drain_timeout_s``). It holds committed state, so the rebuild starts from it
-        instead of an older one, and its forked writer no longer pins the dropped state's pages
-        while the new state is loaded (three copies at the peak otherwise)."""
+    def _deadline(self) -> float:
+        """``kafka.drain_timeout_s`` from now, or the shutdown's own deadline if sooner."""
+        deadline = time.monotonic() + self.settings.kafka.drain_timeout_s
+        return deadline if self.drain_by is None else min(deadline, self.drain_by)
+
+    def _finish_snapshot(self, p: int, deadline: float) -> None:
+        """Before the partition's state is dropped: let its snapshot in flight end (until
+        ``deadline``) and adopt it. It holds committed state, so a rebuild or the next owner
+        starts from it instead of an older one (and it is uploaded, the state being still
+        here), and its forked writer no longer pins the dropped state's pages while a new
+        state is loaded (three copies at the peak otherwise)."""
         if self.snapshots.busy(p):
-            self.snapshots.wait(p, self.settings.kafka.drain_timeout_s)
+            self.snapshots.wait(p, max(0.0, deadline - time.monotonic()))
             self.reap_snapshots()
 
     def on_commit(self, out: Output) -> None:
@@ -629,13 +655,16 @@ class SelectProcessor:
         self._closed = True
         for p in list(self.restores):
             self._cancel(p)
-        deadline = time.monotonic() + self.settings.kafka.drain_timeout_s
+        deadline = self._deadline()
         for p in list(self.states):
             if p in self.uncommitted:
                 log.warning("partition %d: closing with uncommitted changes; state dropped", p)
                 self._drop(p)
-            elif self.dirty.get(p) and p not in self.replay:
-                self.save_snapshot(p, deadline=deadline)
+        for p in self.snapshots.in_flight:  # those started before: then every last one at once
+            self._finish_snapshot(p, deadline)
+        for p in list(self.states):
+            if self.dirty.get(p) and p not in self.replay and time.monotonic() < deadline:
+                self.save_snapshot(p, wait=False)
         self.snapshots.close(max(0.0, deadline - time.monotonic()))
         self.reap_snapshots()
         if self.uploads is not None:
