@@ -311,3 +311,88 @@ def test_a_producer_failing_fatally_is_replaced_and_nothing_is_lost(
     assert len(select_loop.producer_resets) == 1
     made.clear()  # the replaced producer: let it go before the broker does
     _check(settings, inp, seed_file, tmp_path)
+
+
+class _Echo:
+    """A stateless processor: one output per input, a slow one (a model's work)."""
+
+    name = "echo"
+    stateful = False
+
+    def __init__(self, out_topic: str, rejected_topic: str) -> None:
+        self.out_topic, self.rejected_topic = out_topic, rejected_topic
+        self.rejected: list[int] = []
+
+    def on_assign(self, partitions: Any) -> None: ...
+    def on_revoke(self, partitions: Any) -> None: ...
+    def on_lost(self, partitions: Any) -> None: ...
+    def on_abort(self, partitions: Any) -> None: ...
+    def on_commit(self, out: Any) -> None: ...
+    def close(self) -> None: ...
+    def maintain(self) -> list[int]:
+        return []
+
+    def begin_restore(self, partition: int) -> None: ...
+    def restore_step(self, budget_s: float) -> list[int]:
+        return []
+
+    def process(self, messages: list[Any], out: Any) -> None:
+        for m in messages:
+            out.produce(self.out_topic, m.value())
+            time.sleep(0.002)
+
+    def reject(self, message: Any, reason: str, detail: str, out: Any) -> None:
+        self.rejected.append(message.offset())
+        out.produce(self.rejected_topic, reason.encode())
+
+
+def test_a_record_refused_first_in_its_batch_is_bisected_not_fatal(kafka_bootstrap: str) -> None:
+    """The broker refuses the batch's first record while the stage is still producing the
+    rest: the transaction turns must-abort and the next produce() raises an error librdkafka
+    flags neither abortable nor fatal. The loop must abort and bisect to the culprit, not end
+    the stage (that would crash-loop on the same batch)."""
+    import os
+    import threading
+    import uuid
+
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from infogrowth.config import load_settings
+    from infogrowth.kafka.loop import TransactionalLoop
+
+    run = uuid.uuid4().hex[:8]
+    inp, outp, rej = f"refused-in-{run}", f"refused-out-{run}", f"refused-rej-{run}"
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    small = {"max.message.bytes": "5000"}
+    topics = [NewTopic(inp, 1, 1), NewTopic(outp, 1, 1, config=small), NewTopic(rej, 1, 1)]
+    for f in admin.create_topics(topics).values():
+        f.result(30)
+    p = Producer({"bootstrap.servers": kafka_bootstrap})
+    p.produce(inp, os.urandom(8000))  # refused by the output topic, and first
+    for i in range(200):
+        p.produce(inp, f"ok-{i}".encode())
+    assert p.flush(30) == 0
+
+    settings = load_settings(None, **{"kafka.bootstrap_servers": kafka_bootstrap})
+    proc = _Echo(outp, rej)
+    loop = TransactionalLoop(
+        settings, proc, group=f"refused-{run}", topics=[inp], transactional_id=f"refused-{run}"
+    )
+    stop = threading.Event()
+    died: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            loop.run(stop)
+        except BaseException as exc:
+            died.append(exc)
+
+    t = threading.Thread(target=target)
+    t.start()
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and t.is_alive() and not proc.rejected:
+        time.sleep(0.2)
+    stop.set()
+    t.join(60)
+    assert not died, f"the stage ended instead of aborting the batch: {died[0]!r}"
+    assert proc.rejected == [0] and loop.culprits == 1

@@ -43,6 +43,19 @@ log = logging.getLogger(__name__)
 TXN_TIMEOUT_S = 30.0
 LAG_INTERVAL_S = 2.0
 MAX_ABORTS = 3
+_COMMITTED_AGAIN = frozenset(
+    {
+        KafkaError._TIMED_OUT,
+        KafkaError._TRANSPORT,
+        KafkaError._ALL_BROKERS_DOWN,
+        KafkaError.REQUEST_TIMED_OUT,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.UNSTABLE_OFFSET_COMMIT,
+    }
+)
+"""Errors of a committed-offsets lookup that mean "not yet" rather than "never"."""
 """Aborts of a batch starting at the same offsets before it is bisected for a culprit."""
 STUCK_PAUSE_S = 30.0
 """Wait before retrying a batch whose culprit could not be rejected either (unready meanwhile)."""
@@ -103,7 +116,23 @@ class Output:
                 break
             except BufferError:  # local queue full: serve delivery reports, then retry
                 self.producer.poll(0.05)
+            except KafkaException as exc:
+                raise _abortable(exc, self.producer) from exc
         self.count += 1
+
+
+def _abortable(exc: KafkaException, producer: Producer) -> KafkaException:
+    """A ``produce()`` error as the transaction's state makes it. A record the broker refused
+    earlier in the transaction (too large for the topic, a missing ACL, a delivery timeout)
+    puts the transaction in its must-abort state, and the next ``produce()`` raises an error
+    that librdkafka flags neither abortable nor fatal (``_STATE``): it is flagged abortable
+    here, so the loop aborts, retries and bisects to the culprit instead of ending the stage.
+    A producer that failed for good (``_FATAL``: fenced, among others) stays fatal."""
+    err = exc.args[0]
+    if err.fatal() or err.txn_requires_abort() or err.code() == KafkaError._FATAL:
+        return exc
+    producer.poll(0)  # the delivery report that explains it, into ``Output.errors``
+    return KafkaException(KafkaError(err.code(), f"produce: {err.str()}", txn_requires_abort=True))
 
 
 class Processor(Protocol):
@@ -282,14 +311,32 @@ class TransactionalLoop:
             self.consumer.resume([TopicPartition(key[0], p)])
             log.info("%s: %s[%d] restored; resumed at %s", self.processor.name, key[0], p, offset)
 
-    def _committed(self, parts: list[TopicPartition]) -> list[TopicPartition]:
+    def _committed(
+        self, parts: list[TopicPartition], what: str = "committed"
+    ) -> list[TopicPartition]:
+        """The group's committed offsets of ``parts``. A read_committed lookup waits for offsets
+        a transaction left pending (a member killed between sending its offsets and its commit),
+        which only the coordinator's abort at ``kafka.transaction_timeout_ms`` ends; so a
+        timeout, an unreachable coordinator or a partition's own error is asked again, for up
+        to twice that, before it ends the stage."""
         assert self.consumer is not None
-        consumer = self.consumer
-        box: list[list[TopicPartition]] = []
-        self._retriable(
-            lambda: box.append(consumer.committed(parts, timeout=TXN_TIMEOUT_S)), "committed"
-        )
-        return box[0]
+        deadline = time.monotonic() + 2 * self.settings.kafka.transaction_timeout_ms / 1000.0
+        delay = 0.5
+        while True:
+            try:
+                got = self.consumer.committed(parts, timeout=TXN_TIMEOUT_S)
+                failed = next((tp.error for tp in got if tp.error is not None), None)
+                if failed is not None:
+                    raise KafkaException(failed)
+                return list(got)
+            except KafkaException as exc:
+                err = exc.args[0]
+                transient = err.retriable() or err.code() in _COMMITTED_AGAIN
+                if err.fatal() or not transient or time.monotonic() + delay > deadline:
+                    raise
+                log.warning("%s: %s lookup again: %s", self.processor.name, what, err)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def _seek(self, tp: TopicPartition) -> None:
         """Seek, waiting out the moment right after an assignment when the client refuses."""
@@ -667,13 +714,7 @@ class TransactionalLoop:
         assert self.consumer is not None
         if not parts:
             return
-        consumer = self.consumer
-        box: list[list[TopicPartition]] = []
-        self._retriable(
-            lambda: box.append(consumer.committed(parts, timeout=TXN_TIMEOUT_S)), "rewind"
-        )
-        committed = box[0]
-        for tp in committed:
+        for tp in self._committed(parts, "rewind"):
             offset = tp.offset if tp.offset >= 0 else -2  # OFFSET_BEGINNING
             self._at_end.discard((tp.topic, tp.partition))
             self.consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
