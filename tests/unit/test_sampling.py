@@ -458,11 +458,16 @@ def test_stream_sampled_online_is_not_sampled_again(
         dynamic.set_epoch(e)
         assert sorted(dynamic) == list(range(n))  # one round of everything: a plain shuffle
         assert sorted(two.epoch_indices(e).tolist()) == list(range(n))  # both phases
-    # An explicit g_scale is the user asking for a second weighting: it wins, without a warning.
+    # A fixed g_scale is only the normaliser (e.g. the grown set's, reading new records): the
+    # online-sampled samples stay at q = 1 with it too.
+    fixed = StaticGainSampler(data, g_scale=0.4, seed=1)
+    assert fixed.unweighted.all() and len(fixed.kept) == n and fixed.g_scale == 0.4
+    assert np.all(CuratedSet(data.samples, g_scale=0.4).normalised_gains == 1.0)
+    # Only resample_online is the user asking for a second weighting: then without a warning.
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="infogrowth.sampling.samplers"):
-        weighted = StaticGainSampler(data, g_scale=0.9, seed=1)
-        also = GainSampler(CuratedSet(data.samples, g_scale=0.9))
+        weighted = StaticGainSampler(data, g_scale=0.9, resample_online=True, seed=1)
+        also = GainSampler(CuratedSet(data.samples, g_scale=0.9, resample_online=True))
     assert not caplog.records
     assert np.allclose(weighted.q, np.clip(data.gains / 0.9, 0, 1)) and len(weighted.kept) < n
     assert not also.unweighted.any() and also.g_scale == 0.9
@@ -516,3 +521,55 @@ def test_import_needs_neither_kafka_nor_a_gpu() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
     )
     assert res.returncode == 0, res.stderr
+
+
+def test_committing_readers_must_not_share_a_partition(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With more readers than partitions every reader reads every partition and keeps its id
+    bucket; one committing the partition's end would mark the others' buckets as read."""
+    from infogrowth.config import load_settings
+    from infogrowth.errors import ConfigError
+    from infogrowth.sampling import stream as stream_mod
+
+    class _Closed:
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(stream_mod, "open_consumer", lambda settings, group: _Closed())
+    monkeypatch.setattr(stream_mod, "list_partitions", lambda c, topics, t: [("a", 0), ("b", 0)])
+    stream = stream_mod.CuratedStream(load_settings(None), start="committed", commit=True)
+    with pytest.raises(ConfigError, match="partition per reader"):
+        next(stream.samples(0, 3))
+
+
+@pytest.mark.parametrize(
+    ("gain", "match"),
+    [("0.7", "invalid output record"), (True, "invalid output record"), (float("nan"), "finite")],
+)
+def test_an_export_is_checked_as_the_stream_is(tmp_path: Path, gain: object, match: str) -> None:
+    """A gain that is not a number (or not a finite one) is refused with its file and line,
+    not taken as a number or as q = 1."""
+    import json
+
+    from infogrowth.errors import DataError
+
+    good = {k: v for k, v in _record(0, "accepted", gain=0.3).items() if k != "image"}
+    bad = dict(good, id="b", gain=gain)
+    path = tmp_path / "accepted.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(DataError, match=rf"accepted\.jsonl:2: .*{match}"):
+        CuratedSet.from_export(tmp_path)
+
+
+def test_sampler_choices_are_checked() -> None:
+    from infogrowth.errors import ConfigError
+
+    gains = np.linspace(0.1, 0.9, 20)
+    with pytest.raises(ConfigError, match="start"):
+        TwoPhaseGainSampler(gains, start="High")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="remainder"):
+        DistributedGainSampler(
+            StaticGainSampler(gains),
+            num_replicas=2,
+            rank=0,
+            remainder="dorp",  # type: ignore[arg-type]
+        )

@@ -39,8 +39,9 @@ class CuratedSet(Dataset[T]):
     by ``q_i = clip(g_i / g_scale, 0, 1)`` (:meth:`weights`): ``g_scale`` given, else the
     ``g_percentile``-th (default 99th) percentile of the set's own gains, as the authors
     normalise. Samples the stream already sampled online (``thresholds.policy == "sample"``,
-    see :attr:`stream_sampled`) keep ``q = 1`` unless ``g_scale`` is given: one sampling step,
-    never two. The stream's own recorded scale is :attr:`recorded_g_scale` (information only).
+    see :attr:`stream_sampled`) keep ``q = 1`` whatever the scale: one sampling step, never two
+    (``resample_online=True`` weights them by gain a second time). The stream's own recorded
+    scale is :attr:`recorded_g_scale` (information only).
     """
 
     @overload
@@ -50,6 +51,7 @@ class CuratedSet(Dataset[T]):
         *,
         g_scale: float | None = ...,
         g_percentile: float = ...,
+        resample_online: bool = ...,
         transform: None = ...,
     ) -> None: ...
 
@@ -60,6 +62,7 @@ class CuratedSet(Dataset[T]):
         *,
         g_scale: float | None = ...,
         g_percentile: float = ...,
+        resample_online: bool = ...,
         transform: Callable[[CuratedSample], T],
     ) -> None: ...
 
@@ -69,6 +72,7 @@ class CuratedSet(Dataset[T]):
         *,
         g_scale: float | None = None,
         g_percentile: float = DEFAULT_G_PERCENTILE,
+        resample_online: bool = False,
         transform: Callable[[CuratedSample], T] | None = None,
     ) -> None:
         self.samples: list[CuratedSample] = list(samples)
@@ -80,27 +84,34 @@ class CuratedSet(Dataset[T]):
         self.g_percentile = check_percentile(g_percentile)
         self.g_scale_given = g_scale
         """The ``g_scale`` given by the user (it wins over every default), or None."""
+        self.resample_online = resample_online
+        """Weight the samples the stream already sampled online by gain too (a second
+        sampling step: off unless asked for)."""
         w = self.weights()
         self.g_scale: float = w.g_scale
         """The scale the samplers use by default: given, else the set's own percentile."""
         self.transform = transform
 
     def weights(
-        self, g_scale: float | None = None, g_percentile: float | None = None
+        self,
+        g_scale: float | None = None,
+        g_percentile: float | None = None,
+        resample_online: bool | None = None,
     ) -> GainWeights:
         """The samplers' weights: :func:`gain_weights` over this set's gains and online-sampled
-        mask; ``g_scale`` / ``g_percentile`` override the set's own."""
+        mask; the arguments given override the set's own."""
         return gain_weights(
             self.gains,
             g_scale=g_scale if g_scale is not None else self.g_scale_given,
             percentile=self.g_percentile if g_percentile is None else g_percentile,
             sampled_online=self.sampled_online,
+            resample_online=self.resample_online if resample_online is None else resample_online,
         )
 
     @property
     def normalised_gains(self) -> np.ndarray:
         """The default sampling weight ``q`` per sample (:meth:`weights`; a missing gain counts
-        as 1, a sample the stream already sampled online as 1 unless ``g_scale`` was given)."""
+        as 1, a sample the stream already sampled online as 1 unless ``resample_online``)."""
         return self.weights().q
 
     @property
@@ -143,6 +154,7 @@ class CuratedSet(Dataset[T]):
         *,
         g_scale: float | None = None,
         g_percentile: float = DEFAULT_G_PERCENTILE,
+        resample_online: bool = False,
     ) -> CuratedSet[CuratedSample]:
         """Read one epoch of ``stream`` in this process (all partitions, every rank reads the
         whole set; shard with :class:`DistributedGainSampler`), ordered by
@@ -154,7 +166,9 @@ class CuratedSet(Dataset[T]):
                 (order[s.position[0]], s.position[1], s.position[2]) if s.position else (0, 0, 0)
             ),
         )
-        return CuratedSet(samples, g_scale=g_scale, g_percentile=g_percentile)
+        return CuratedSet(
+            samples, g_scale=g_scale, g_percentile=g_percentile, resample_online=resample_online
+        )
 
     @classmethod
     def from_export(
@@ -163,6 +177,7 @@ class CuratedSet(Dataset[T]):
         *,
         g_scale: float | None = None,
         g_percentile: float = DEFAULT_G_PERCENTILE,
+        resample_online: bool = False,
         images: bool = True,
     ) -> CuratedSet[CuratedSample]:
         """Load an ``infogrowth export`` directory (either format), a ``curate`` output
@@ -184,6 +199,7 @@ class CuratedSet(Dataset[T]):
             (CuratedSample.from_record(r) for r in records),
             g_scale=g_scale,
             g_percentile=g_percentile,
+            resample_online=resample_online,
         )
 
 

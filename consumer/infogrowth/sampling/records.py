@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from infogrowth.errors import ConfigError, DataError
+from infogrowth.schema import SchemaError, validate
 
 CURATED = ("accepted", "relabeled")
 """The decisions a trainer consumes (``rejected`` samples are never trained on)."""
@@ -200,7 +202,7 @@ class GainWeights:
     """The scale applied to the gain-weighted items."""
     unweighted: np.ndarray
     """Boolean mask: items the stream already sampled online, held at ``q = 1`` so that they
-    are not sampled by gain a second time (never set when ``g_scale`` was given)."""
+    are not sampled by gain a second time (none with ``resample_online``)."""
     explicit: bool
     """True when ``g_scale`` was given by the user."""
 
@@ -211,14 +213,16 @@ def gain_weights(
     g_scale: float | None = None,
     percentile: float = DEFAULT_G_PERCENTILE,
     sampled_online: np.ndarray | None = None,
+    resample_online: bool = False,
 ) -> GainWeights:
     """The trainer-side normalisation: one sampling step, never two.
 
-    With ``g_scale`` given: ``q = clip(g / g_scale, 0, 1)`` for every item. Otherwise items the
-    stream already sampled online (``sampled_online``, from ``thresholds.policy == "sample"``)
-    get ``q = 1`` (sampling them by gain again would keep them with about ``q²``), and the rest
-    get ``q = clip(g / s, 0, 1)`` with ``s`` the ``percentile``-th percentile of *their* gains
-    (the authors' rule: the curated set's own 99th percentile). A missing gain counts as 1.
+    Items the stream already sampled online (``sampled_online``, from ``thresholds.policy ==
+    "sample"``) get ``q = 1``: sampling them by gain again would keep them with about ``q²``.
+    Only ``resample_online`` asks for that second weighting. The rest get ``q = clip(g / s, 0,
+    1)`` with ``s`` = ``g_scale`` when given (a fixed scale, for example the grown set's when
+    only new records are read), else the ``percentile``-th percentile of *their* gains (the
+    authors' rule: the curated set's own 99th percentile). A missing gain counts as 1.
     """
     g = np.asarray(gains, dtype=np.float64).reshape(-1)
     online = (
@@ -228,17 +232,29 @@ def gain_weights(
     )
     if len(online) != len(g):
         raise DataError(f"sampled_online has {len(online)} entries for {len(g)} gains")
-    if g_scale is not None:
-        scale = resolve_g_scale(g_scale, g)
-        return GainWeights(normalise_gains(g, scale), scale, np.zeros(len(g), dtype=bool), True)
-    scale = percentile_g_scale(g[~online], percentile)
+    if resample_online:
+        online = np.zeros(len(g), dtype=bool)
+    scale = resolve_g_scale(g_scale, g[~online], percentile)
     q = normalise_gains(g, scale)
     q[online] = 1.0
-    return GainWeights(q, scale, online, False)
+    return GainWeights(q, scale, online, g_scale is not None)
+
+
+def check_output_record(rec: Any, where: str) -> None:
+    """:class:`DataError` naming ``where`` unless ``rec`` is a valid output record (its JSON
+    Schema, and a finite, non-negative gain: a cosine distance)."""
+    try:
+        validate("output", rec)
+    except SchemaError as exc:
+        raise DataError(f"{where}: invalid output record: {exc}") from None
+    gain = rec.get("gain")
+    if gain is not None and not (math.isfinite(gain) and gain >= 0):
+        raise DataError(f"{where}: gain {gain!r} is not a finite cosine distance")
 
 
 def read_jsonl_records(path: Path) -> Iterator[dict[str, Any]]:
-    """Output records from one JSONL file (as ``infogrowth curate`` / ``export`` write them)."""
+    """Output records from one JSONL file (as ``infogrowth curate`` / ``export`` write them),
+    each checked as the stream checks what it reads (:func:`check_output_record`)."""
     with path.open("r", encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
@@ -247,8 +263,7 @@ def read_jsonl_records(path: Path) -> Iterator[dict[str, Any]]:
                 rec = json.loads(line)
             except ValueError as exc:
                 raise DataError(f"{path}:{lineno}: invalid JSON: {exc}") from None
-            if not isinstance(rec, dict) or "id" not in rec or "decision" not in rec:
-                raise DataError(f"{path}:{lineno}: not an output record")
+            check_output_record(rec, f"{path}:{lineno}")
             yield rec
 
 

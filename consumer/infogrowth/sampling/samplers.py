@@ -4,8 +4,8 @@ Gains are cosine distances in ``[0, 2]``; every sampler first turns them into we
 ``q = clip(g / g_scale, 0, 1)`` with the authors' normalisation: ``g_scale`` given, else the
 99th percentile (``g_percentile``) of the set's own gains (never the maximum: one isolated item
 would shrink everyone's ``q``). Samples the stream already sampled online (policy ``sample``)
-keep ``q = 1`` unless ``g_scale`` is given, so no sample is sampled by gain twice
-(:func:`~infogrowth.sampling.records.gain_weights`).
+keep ``q = 1`` whatever the scale, so no sample is sampled by gain twice unless
+``resample_online`` asks for it (:func:`~infogrowth.sampling.records.gain_weights`).
 
 Draws come from ``numpy`` generators seeded by ``(seed, purpose, epoch)``: the same seed and
 epoch give the same indices in every process and on every rank, and no global RNG is touched.
@@ -52,7 +52,10 @@ class HasGains(Protocol):
     gains: np.ndarray
 
     def weights(
-        self, g_scale: float | None = None, g_percentile: float | None = None
+        self,
+        g_scale: float | None = None,
+        g_percentile: float | None = None,
+        resample_online: bool | None = None,
     ) -> GainWeights: ...
 
     def __len__(self) -> int: ...
@@ -76,10 +79,14 @@ def _rng(seed: int, *tags: int) -> np.random.Generator:
 
 
 def _weights_of(
-    data: GainsLike, g_scale: float | None, g_percentile: float | None
+    data: GainsLike,
+    g_scale: float | None,
+    g_percentile: float | None,
+    resample_online: bool | None = None,
 ) -> tuple[np.ndarray, GainWeights]:
     if isinstance(data, HasGains):
-        return np.asarray(data.gains, dtype=np.float64), data.weights(g_scale, g_percentile)
+        w = data.weights(g_scale, g_percentile, resample_online)
+        return np.asarray(data.gains, dtype=np.float64), w
     own = getattr(data, "gains", None)  # another dataset that carries a gains array
     if isinstance(own, np.ndarray):
         gains = np.asarray(own, dtype=np.float64).reshape(-1)
@@ -95,7 +102,8 @@ class GainSamplerBase(Sampler[int], ABC):
     """Shared machinery: normalised gains, seeded per-epoch draws, epoch caching.
 
     ``g_scale`` (wins over every default) and ``g_percentile`` (default: the set's, else 99)
-    choose the normalisation; see the module docstring.
+    choose the normalisation; ``resample_online`` (default: the set's, else off) weights the
+    samples the stream already sampled online by gain too. See the module docstring.
     """
 
     def __init__(
@@ -104,12 +112,13 @@ class GainSamplerBase(Sampler[int], ABC):
         *,
         g_scale: float | None = None,
         g_percentile: float | None = None,
+        resample_online: bool | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
         if seed < 0:
             raise ConfigError(f"seed must be >= 0, got {seed}")
-        gains, weights = _weights_of(data, g_scale, g_percentile)
+        gains, weights = _weights_of(data, g_scale, g_percentile, resample_online)
         self.gains = gains
         self.g_scale = weights.g_scale
         """The scale applied to the gain-weighted items."""
@@ -124,7 +133,7 @@ class GainSamplerBase(Sampler[int], ABC):
             log.warning(
                 "%d of %d curated samples were already sampled online by the stream "
                 "(thresholds.policy=sample): %s leaves them at q = 1 instead of sampling them "
-                "by gain a second time; pass g_scale to weight them by gain anyway",
+                "by gain a second time; pass resample_online=True to weight them by gain anyway",
                 int(self.unweighted.sum()),
                 len(self.q),
                 type(self).__name__,
@@ -169,10 +178,17 @@ class StaticGainSampler(GainSamplerBase):
         *,
         g_scale: float | None = None,
         g_percentile: float | None = None,
+        resample_online: bool | None = None,
         seed: int = 0,
         shuffle: bool = True,
     ) -> None:
-        super().__init__(data, g_scale=g_scale, g_percentile=g_percentile, seed=seed)
+        super().__init__(
+            data,
+            g_scale=g_scale,
+            g_percentile=g_percentile,
+            resample_online=resample_online,
+            seed=seed,
+        )
         self.shuffle = shuffle
         self.kept = np.flatnonzero(_rng(seed, _STATIC).random(len(self.q)) < self.q)
         """The selected indices, ascending."""
@@ -215,9 +231,16 @@ class GainSampler(GainSamplerBase):
         num_samples: int | None = None,
         g_scale: float | None = None,
         g_percentile: float | None = None,
+        resample_online: bool | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__(data, g_scale=g_scale, g_percentile=g_percentile, seed=seed)
+        super().__init__(
+            data,
+            g_scale=g_scale,
+            g_percentile=g_percentile,
+            resample_online=resample_online,
+            seed=seed,
+        )
         n = len(self.q)
         self.num_samples = n if num_samples is None else num_samples
         if self.num_samples < 0:
@@ -289,15 +312,24 @@ class TwoPhaseGainSampler(GainSamplerBase):
         start: Literal["high", "low"] = "high",
         g_scale: float | None = None,
         g_percentile: float | None = None,
+        resample_online: bool | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__(data, g_scale=g_scale, g_percentile=g_percentile, seed=seed)
+        super().__init__(
+            data,
+            g_scale=g_scale,
+            g_percentile=g_percentile,
+            resample_online=resample_online,
+            seed=seed,
+        )
         if not 0.0 <= floor <= 1.0:
             raise ConfigError(f"floor must be in [0, 1], got {floor}")
         if period < 1:
             raise ConfigError(f"period must be >= 1, got {period}")
         self.floor = floor
         self.period = period
+        if start not in ("high", "low"):
+            raise ConfigError(f"start must be 'high' or 'low', got {start!r}")
         self.start = start
 
     def phase(self, epoch: int | None = None) -> Literal["high", "low"]:
@@ -351,6 +383,8 @@ class DistributedGainSampler(Sampler[int]):
         self.rank = auto_rank if rank is None else rank
         if not 0 <= self.rank < self.num_replicas:
             raise ConfigError(f"rank {self.rank} is not in [0, {self.num_replicas})")
+        if remainder not in ("pad", "drop", "uneven"):
+            raise ConfigError(f"remainder must be 'pad', 'drop' or 'uneven', got {remainder!r}")
         self.remainder = remainder
 
     def set_epoch(self, epoch: int) -> None:

@@ -20,9 +20,8 @@ from infogrowth.kafka.reader import (
     read_ranges,
 )
 from infogrowth.sampling.kafka import commit_ends, decode_record, id_bucket, reader_share
-from infogrowth.sampling.records import CuratedSample
+from infogrowth.sampling.records import CuratedSample, check_output_record
 from infogrowth.sampling.samplers import distributed_rank
-from infogrowth.schema import SchemaError, validate
 
 T = TypeVar("T")
 
@@ -38,7 +37,9 @@ class CuratedStream(IterableDataset[T]):
     repeatable. Start positions: ``"earliest"`` (default), ``"committed"`` (the offsets ``group``
     committed, the log start where it has none) or ``{(topic, partition): offset}``. With
     ``commit=True`` a reader commits its end offsets to ``group`` when it finishes its share of
-    the epoch, so the next ``"committed"`` epoch reads only newer records. ``group`` should be
+    the epoch, so the next ``"committed"`` epoch reads only newer records; it needs at least
+    one partition per reader (a partition shared by readers cannot be committed by one of
+    them: :class:`ConfigError`). ``group`` should be
     used by nobody else (the stream assigns partitions itself; it never joins the group).
 
     Readers: DataLoader worker ``w`` of ``W`` on rank ``r`` of ``R`` is reader ``r * W + w`` of
@@ -147,6 +148,13 @@ class CuratedStream(IterableDataset[T]):
         try:
             parts = list_partitions(consumer, self.topics, self.timeout_s)
             own, by_id = reader_share(parts, reader, readers)
+            if by_id and self.commit:
+                raise ConfigError(
+                    f"commit=True needs a partition per reader: {readers} readers (ranks x "
+                    f"DataLoader workers) share {len(parts)} partitions, and each would commit "
+                    "the whole partition's end after reading only its own share; use at most "
+                    f"{len(parts)} readers, more partitions, or commit=False"
+                )
             ranges = plan_ranges(consumer, own, self.start, self.timeout_s, self.pinned_ends)
             max_bytes = self.settings.limits.max_message_bytes
             for r, m in read_ranges(consumer, ranges, self.timeout_s):
@@ -173,7 +181,4 @@ def _decode(r: PartitionRange, offset: int, value: bytes | None, max_bytes: int)
 
 
 def _check(r: PartitionRange, offset: int, rec: Any) -> None:
-    try:
-        validate("output", rec)
-    except SchemaError as exc:
-        raise DataError(f"{_where(r, offset)}: invalid output record: {exc}") from None
+    check_output_record(rec, _where(r, offset))
