@@ -110,6 +110,9 @@ class LimitsConfig(_Section):
     max_image_pixels: int = Field(40_000_000, gt=0)
     max_text_chars: int = Field(20_000, gt=0)
     max_id_chars: int = Field(512, gt=0)
+    max_label_chars: int = Field(1024, gt=0)
+    """A class label (it is carried in every embedded and changelog record and held in the
+    partition state)."""
     max_embedding_dim: int = Field(8192, gt=0)
     max_meta_bytes: int = Field(65536, gt=0)
     """``meta``: its strings, bytes and numbers together (a small message can unpack into a

@@ -60,7 +60,11 @@ def _parse(text: str, what: str) -> Location:
         raise FetchError(f"{what} is too long or holds NUL / backslash characters")
     if text.startswith("/"):
         text = "file://" + text
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - a port that is not a number raises here, not at the fetch
+    except ValueError as exc:
+        raise FetchError(f"{what}: not a URL ({exc})") from None
     scheme = parts.scheme.lower()
     if scheme not in SCHEMES:
         shown = scheme or "none (a relative path)"

@@ -20,7 +20,14 @@ from infogrowth.config import ColumnsConfig, LimitsConfig, Settings, StorageConf
 from infogrowth.errors import DataError
 from infogrowth.imaging import ImageError, load_image_field
 from infogrowth.locations import Location, base_name, exists, is_dir, open_stream
-from infogrowth.schema import Malformed, Sample, parse_json_sample, sample_from_obj, to_json_safe
+from infogrowth.schema import (
+    Malformed,
+    Sample,
+    parse_json_sample,
+    sample_from_obj,
+    to_json_safe,
+    writable,
+)
 from infogrowth.tabular import count_rows, read_folder, read_parquet
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
@@ -87,7 +94,10 @@ def read_tar(
     def flush() -> Sample | Malformed | None:
         if current is None:
             return None
-        source: dict[str, str | int] = {"file": shard, "key": current}
+        source: dict[str, str | int] = {
+            "file": writable(shard) or "",
+            "key": writable(current) or "",
+        }
         obj: dict[str, Any] = {"id": current}
         meta: dict[str, Any] | None = None
         try:
@@ -108,9 +118,15 @@ def read_tar(
                     obj["text"] = meta["caption"]
         except (UnicodeDecodeError, ValueError) as exc:
             errors.append(str(exc))
-        payload = msgpack.packb(obj, use_bin_type=True)
+        except RecursionError:
+            errors.append("key.json nests too deeply")
+        try:
+            payload = msgpack.packb(obj, use_bin_type=True)
+        except (OverflowError, ValueError, TypeError) as exc:  # a >64-bit integer, a surrogate
+            errors.append(f"cannot be carried as a message: {type(exc).__name__}: {exc}")
+            payload = msgpack.packb({"image": obj["image"]} if "image" in obj else {})
         if errors:
-            return Malformed(current, "; ".join(errors), payload, source)
+            return Malformed(writable(current), "; ".join(errors), payload, source)
         return sample_from_obj(obj, payload, limits, source=source)
 
     try:

@@ -127,6 +127,8 @@ def validate(kind: str, obj: Any) -> None:
     except fastjsonschema.JsonSchemaValueException as exc:
         msg = exc.message.replace("data.", "").replace("data ", "record ")
         raise SchemaError(msg) from None
+    except RecursionError:
+        raise SchemaError("record nests too deeply") from None
 
 
 # -- structural fast checks ----------------------------------------------------------------
@@ -356,7 +358,8 @@ def sample_from_obj(
         sid = obj["id"]
         if len(sid) > limits.max_id_chars:
             raise SchemaError(f"id longer than {limits.max_id_chars} characters")
-        text = obj.get("text")
+        _check_utf8(sid, "id")
+        text = _text(obj.get("text"), "text")
         if text is not None and len(text) > limits.max_text_chars:
             raise SchemaError(f"text of {len(text)} characters exceeds {limits.max_text_chars}")
         image = obj.get("image")
@@ -379,7 +382,11 @@ def sample_from_obj(
         label = obj.get("label")
         if isinstance(label, bool):
             raise SchemaError("label: must be a string or integer")
-        label_str = None if label is None else str(label)
+        label_str = None if label is None else str(_text(label, "label"))
+        if label_str is not None and len(label_str) > limits.max_label_chars:
+            raise SchemaError(
+                f"label of {len(label_str)} characters exceeds {limits.max_label_chars}"
+            )
         emb = _parse_embedding(obj.get("embedding"), limits)
         if text is None and image_bytes is None and emb is None and image_uri is None:
             raise SchemaError("sample has no text, image, image_uri or embedding")
@@ -397,7 +404,39 @@ def sample_from_obj(
             image_uri=image_uri,
         )
     except (SchemaError, ValueError, OSError) as exc:
-        return Malformed(id=sid, detail=str(exc), payload=payload, source=source)
+        return Malformed(id=writable(sid), detail=str(exc), payload=payload, source=source)
+    except RecursionError:
+        detail = "record nests too deeply"
+        return Malformed(id=writable(sid), detail=detail, payload=payload, source=source)
+
+
+def writable(text: str | None) -> str | None:
+    """``text`` with what UTF-8 cannot encode (lone surrogates: from JSON, or a tar member
+    name that was not UTF-8) escaped, so that the rejection naming it can be written."""
+    if text is None:
+        return None
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _text(value: Any, what: str) -> Any:
+    """``value`` as text: bytes (msgpack bin) decoded as strict UTF-8, a string checked to be
+    encodable (JSON admits lone surrogates, which no writer can encode); other types as they
+    are (the schema has checked them)."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise SchemaError(f"{what}: binary, and not UTF-8 text ({exc.reason})") from None
+    if isinstance(value, str):
+        _check_utf8(value, what)
+    return value
+
+
+def _check_utf8(value: str, what: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise SchemaError(f"{what}: not valid Unicode text ({exc.reason})") from None
 
 
 def check_meta(meta: Any, limits: LimitsConfig) -> None:
@@ -421,8 +460,12 @@ def check_meta(meta: Any, limits: LimitsConfig) -> None:
                 stack.append((v, depth + 1))
         elif isinstance(node, str | bytes | bytearray):
             budget -= len(node)
+            if isinstance(node, str):
+                _check_utf8(node, "meta")
         else:
             budget -= 8
+            if isinstance(node, int) and not -(2**63) <= node < 2**64:
+                raise SchemaError("meta: an integer beyond 64 bits (msgpack cannot carry it)")
         if budget < 0:
             break
     if budget < 0:
@@ -505,6 +548,8 @@ def parse_json_sample(
         obj = json.loads(line)  # NaN/Infinity parse, then fail validation with the id known
     except (ValueError, UnicodeDecodeError) as exc:
         return Malformed(None, f"invalid JSON: {exc}", line, source)
+    except RecursionError:
+        return Malformed(None, "invalid JSON: nests too deeply", line, source)
     return sample_from_obj(obj, line, limits, image_loader=image_loader, source=source)
 
 

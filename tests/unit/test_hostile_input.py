@@ -1,0 +1,162 @@
+"""Inputs found by review that escaped as exceptions (a stage that crash-loops on its batch, a
+file run that loses every output) instead of becoming ``rejected/malformed``: deep nesting,
+text that is not text, lone surrogates, integers beyond 64 bits, tar member names that are not
+UTF-8, a location that is not a URL, an unbounded label."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+
+from infogrowth.config import load_settings
+from infogrowth.files import read_tar
+from infogrowth.kafka.embed import EmbedProcessor
+from infogrowth.pipeline import EmbedStage
+from infogrowth.schema import Malformed, Sample, parse_json_sample, parse_msgpack_sample
+from infogrowth.select import Thresholds
+from tests.unit.test_headers import RawOut
+from tests.unit.test_replication import Msg
+
+LIMITS = load_settings(None).limits
+
+
+def _nested(depth: int) -> Any:
+    x: Any = 0
+    for _ in range(depth):
+        x = [x]
+    return x
+
+
+def _embed_processor(**cfg: Any) -> EmbedProcessor:
+    s = load_settings(None, **{"clean.enabled": False, **cfg})
+    stage = EmbedStage(s, None, spaces=("image",), dims={"image": 4})
+    t = Thresholds(policy="all", k=2, epsilon={"image": 0.01})
+    return EmbedProcessor(s, stage, t, None, 1)
+
+
+def test_deep_nesting_is_malformed_on_the_kafka_path() -> None:
+    """An unknown key sends the record to the generic validator, which used to recurse into
+    600 nested lists and raise RecursionError from process() and from the loop's reject()."""
+    poison = {"id": "p", "extra": 1, "meta": {"m": _nested(600)}}
+    poison["embedding"] = {"image": [1.0, 0, 0, 0]}
+    good = {"id": "g", "embedding": {"image": [1.0, 0, 0, 0]}}
+    msgs = [
+        Msg(msgpack.packb(good), 0, 0, "infogrowth.ingest"),
+        Msg(msgpack.packb(poison), 0, 1, "infogrowth.ingest"),
+    ]
+    proc = _embed_processor()
+    out = RawOut()
+    proc.process(msgs, out)  # type: ignore[arg-type]
+    rejected = [msgpack.unpackb(v) for t, _, v, _ in out.records if t.endswith("rejected")]
+    assert [(r["id"], r["reason"]) for r in rejected] == [("p", "malformed")]
+    assert "nests too deeply" in rejected[0]["detail"]
+    proc.reject(msgs[1], "unproducible", "test", RawOut())  # type: ignore[arg-type]
+
+
+def test_deep_json_is_malformed() -> None:
+    got = parse_json_sample(b"[" * 5000 + b"]" * 5000, LIMITS, None)
+    assert isinstance(got, Malformed) and "nests too deeply" in got.detail
+
+
+@pytest.mark.parametrize(
+    ("obj", "expect"),
+    [
+        ({"id": "a", "text": b"a red car"}, "a red car"),  # msgpack bin, UTF-8
+        ({"id": "a", "text": b"\xff\xfe"}, "not UTF-8"),
+        ({"id": "a", "text": "x", "label": b"cat"}, "cat"),
+        ({"id": "a", "text": "x", "label": "c" * 5000}, "label of 5000 characters"),
+    ],
+)
+def test_text_and_label_are_text(obj: dict[str, Any], expect: str) -> None:
+    """A binary text used to reach the text tower (which raised for the whole batch) and a
+    binary label became "b'cat'"; valid UTF-8 is decoded, anything else is malformed."""
+    got = parse_msgpack_sample(msgpack.packb(obj, use_bin_type=True), LIMITS)
+    if isinstance(got, Sample):
+        assert expect in (got.text, got.label)
+    else:
+        assert expect in got.detail
+
+
+@pytest.mark.parametrize("field", ["id", "text", "label"])
+def test_lone_surrogates_are_malformed_and_the_rejection_is_writable(field: str) -> None:
+    obj = {"id": "a", "text": "x", field: "caf\ud800"}
+    got = parse_json_sample(json.dumps(obj).encode(), LIMITS, None)
+    assert isinstance(got, Malformed) and "not valid Unicode" in got.detail
+    (got.id or "").encode("utf-8")  # the rejection's id can be written
+
+
+def test_meta_beyond_what_msgpack_carries_is_malformed() -> None:
+    for meta in ({"n": 2**70}, {"s": "\udc80"}):
+        line = json.dumps({"id": "a", "text": "x", "meta": meta}).encode()
+        assert isinstance(parse_json_sample(line, LIMITS, None), Malformed)
+
+
+def _tar(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT, encoding="latin-1") as t:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_odd_tar_shards_become_rejections(tmp_path: Path) -> None:
+    """A member name that is not UTF-8, key.json with an integer beyond 64 bits, a lone
+    surrogate or deep nesting: each key is one malformed record, the others go on."""
+    shard = tmp_path / "s.tar"
+    shard.write_bytes(
+        _tar(
+            [
+                ("good.txt", b"cap"),
+                ("caf\xff.txt", b"cap2"),
+                ("big.txt", b"x"),
+                ("big.json", b'{"n": 1180591620717411303424}'),
+                ("sur.txt", b"x"),
+                ("sur.json", b'{"s": "\\udc80"}'),
+                ("deep.txt", b"x"),
+                ("deep.json", b"[" * 5000 + b"]" * 5000),
+                ("z.txt", b"cap3"),
+            ]
+        )
+    )
+    items = list(read_tar(shard, LIMITS))
+    kinds = [(type(i).__name__, i.id) for i in items]
+    assert kinds == [
+        ("Sample", "good"),
+        ("Malformed", "caf\\udcff"),
+        ("Malformed", "big"),
+        ("Malformed", "sur"),
+        ("Malformed", "deep"),
+        ("Sample", "z"),
+    ]
+    for i in items:
+        msgpack.packb(i.source)  # every source can be written
+
+
+def test_an_image_uri_that_is_not_a_url_is_malformed(caplog: pytest.LogCaptureFixture) -> None:
+    class _Images:
+        spaces, dims, fingerprint, batch_size = ("image",), {"image": 4}, "fake", 8
+
+        def encode_images(self, imgs: list[Any]) -> Any:
+            import numpy as np
+
+            return np.ones((len(imgs), 4), "f4")
+
+    s = load_settings(None, **{"clean.enabled": False, "limits.image_uri_allow": ["https://"]})
+    proc = EmbedProcessor(
+        s, EmbedStage(s, _Images()), Thresholds(policy="all", k=2, epsilon={"image": 0.01}), None, 1
+    )
+    out = RawOut()
+    with caplog.at_level(logging.WARNING):
+        msg = Msg(msgpack.packb({"id": "u", "image_uri": "http://[bad/x.jpg"}), 0, 0, "in")
+        proc.process([msg], out)  # type: ignore[arg-type]
+    (rec,) = [msgpack.unpackb(v) for _, _, v, _ in out.records]
+    assert rec["reason"] == "malformed" and "not a URL" in rec["detail"]
