@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from infogrowth.errors import DataError
+from infogrowth.imaging import MAX_JPEG_SCANS
 
 __all__ = [
     "TensorTransform",
@@ -205,6 +206,8 @@ def jpeg_size(data: bytes, *, max_bytes: int, max_pixels: int) -> tuple[int, int
     """(width, height) when ``data`` is a JPEG the fast decoder may take; else ``None`` (the
     reference decoder then decodes it, or rejects it with its usual error)."""
     if len(data) > max_bytes or not data.startswith(b"\xff\xd8\xff"):
+        return None
+    if data.count(b"\xff\xda") > MAX_JPEG_SCANS:  # the reference decoder rejects it
         return None
     if not data.endswith(b"\xff\xd9"):
         # No end-of-image marker: truncated (or with data appended). nvJPEG may decode what

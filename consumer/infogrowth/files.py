@@ -8,6 +8,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +34,7 @@ from infogrowth.tabular import count_rows, read_folder, read_parquet
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 TEXT_EXTS = (".txt", ".caption")
 LABEL_EXTS = (".cls", ".label")
+_SHARD_EXTS = frozenset((*IMAGE_EXTS, *TEXT_EXTS, *LABEL_EXTS, ".json"))
 OUTPUTS = ("accepted", "relabeled", "rejected")
 
 
@@ -61,14 +63,47 @@ def read_jsonl(
         yield from _jsonl_lines(fh, path.name, limits, loader)
 
 
+OVERSIZE_KEPT = 64 * 1024
+"""Bytes of an over-long JSONL line kept in its rejection (the rest is read past, not held)."""
+
+
 def _jsonl_lines(
     fh: IO[bytes], name: str, limits: LimitsConfig, loader: Any
 ) -> Iterator[Sample | Malformed]:
-    for lineno, raw in enumerate(fh, start=1):
-        line = raw.rstrip(b"\r\n")
+    limit = limits.max_message_bytes
+    for lineno, (raw, size) in enumerate(_bounded_lines(fh, limit + 1), start=1):
+        source: dict[str, str | int] = {"file": name, "line": lineno}
+        if size > limit + 1:  # too long even without a "\r": not held, read past
+            detail = f"line of {size} bytes exceeds {limit} (its first {OVERSIZE_KEPT} kept)"
+            yield Malformed(None, detail, raw[:OVERSIZE_KEPT], source)
+            continue
+        line = raw.rstrip(b"\r")
         if not line.strip():
             continue
-        yield parse_json_sample(line, limits, loader, {"file": name, "line": lineno})
+        yield parse_json_sample(line, limits, loader, source)
+
+
+def _bounded_lines(fh: IO[bytes], keep: int) -> Iterator[tuple[bytes, int]]:
+    """The lines of ``fh`` without their newline, each as (its first ``keep`` bytes, its size):
+    a line longer than that is read past in chunks, never held whole."""
+    held = bytearray()
+    size = 0
+    while chunk := fh.read(1 << 20):
+        start = 0
+        while True:
+            nl = chunk.find(b"\n", start)
+            stop = len(chunk) if nl < 0 else nl
+            if len(held) < keep:
+                held += chunk[start : min(stop, start + keep - len(held))]
+            size += stop - start
+            if nl < 0:
+                break
+            yield bytes(held), size
+            held.clear()
+            size = 0
+            start = nl + 1
+    if size:
+        yield bytes(held), size
 
 
 def _split_key(name: str) -> tuple[str, str]:
@@ -140,7 +175,10 @@ def read_tar(
                     if item is not None:
                         yield item
                     current, parts, errors = key, {}, []
-                if member.size > limits.max_message_bytes:
+                if ext not in _SHARD_EXTS:
+                    continue  # never read: a shard may hold anything beside its samples
+                held = sum(len(v) for v in parts.values())
+                if held + member.size > limits.max_message_bytes:
                     errors.append(f"{member.name}: {member.size} bytes exceeds the message limit")
                     continue
                 fh = tar.extractfile(member)
@@ -185,9 +223,12 @@ def read_inputs(
 
     See :func:`read_jsonl` for ``image_root``; ``columns`` maps table columns to fields."""
     cols = columns or ColumnsConfig()
+    shared = {n for n, c in Counter(base_name(loc) for loc in paths).items() if c > 1}
     for loc in paths:
         if not exists(loc, storage):
             raise FileNotFoundError(f"input not found: {loc}")
+        # two inputs of one base name (train/part-0, val/part-0) are named as given instead
+        given = str(loc) if base_name(loc) in shared else None
         name = base_name(loc).lower()
         local = loc if isinstance(loc, Path) else None
         if is_dir(loc, storage):
@@ -196,10 +237,10 @@ def read_inputs(
         elif name.endswith(TABLE_EXTS):
             base = None if local is None else local.parent
             loader = _table_images(base, image_root or base, limits)
-            yield from read_parquet(loc, limits, cols, storage, loader)
+            yield from read_parquet(loc, limits, cols, storage, loader, name=given)
         elif name.endswith(TAR_EXTS):
             with _local_copy(loc, storage) as path:
-                yield from read_tar(path, limits, name=base_name(loc))
+                yield from read_tar(path, limits, name=given or base_name(loc))
         elif local is not None:
             yield from read_jsonl(local, limits, image_root)
         else:

@@ -23,6 +23,8 @@ __all__ = ["ImageError", "decode_image", "load_image_field", "read_regular_file"
 
 # A value this long cannot be a file path on any common filesystem; skip the stat() for it.
 _MAX_PATH_CHARS = 4096
+MAX_JPEG_SCANS = 256
+"""Progressive JPEGs hold about 10 scans; libjpeg-turbo's own tools bound them likewise."""
 _BASE64_RE = re.compile(r"[A-Za-z0-9+/_-]+={0,2}")
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 
@@ -49,6 +51,10 @@ def decode_image(
         raise ImageError("image data is empty")
     if len(data) > max_bytes:
         raise ImageError(f"image is {len(data)} bytes, over the limit of {max_bytes} bytes")
+    if data[:2] == b"\xff\xd8" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+        # a progressive JPEG decodes every scan over the whole image: thousands of tiny scans
+        # cost minutes (0xFFDA cannot occur inside entropy-coded data: 0xFF is stuffed there)
+        raise ImageError(f"JPEG with {scans} scans, over the limit of {MAX_JPEG_SCANS}")
     try:
         # Not thread-safe by itself (the filter list is process-global), but the explicit pixel
         # check below does not depend on it: a lost filter only means a warning instead of an error.

@@ -189,13 +189,15 @@ def read_parquet(
     columns: ColumnsConfig,
     storage: StorageConfig | None,
     loader: ImageLoader | None,
+    name: str | None = None,
 ) -> Iterator[Sample | Malformed]:
     """One Parquet file, row groups streamed (img2dataset: ``key``, ``caption``, ``url``,
-    ``jpg``...)."""
+    ``jpg``...). ``name`` is the file's name in sources and ids without an id column (default:
+    its base name)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    name = base_name(loc)
+    name = name or base_name(loc)
     try:
         with open_seekable(loc, storage) as fh:
             pf = pq.ParquetFile(fh)
@@ -343,8 +345,10 @@ def read_folder(
     files = find(folder, ".parquet", storage)
     if not files:
         raise FileNotFoundError(f"no Parquet files, Hugging Face dataset or embeddings in {folder}")
-    for f in files:
-        yield from read_parquet(f, limits, columns, storage, loader)
+    root = str(folder).rstrip("/") + "/"
+    for f in files:  # named from the folder: train/part-0 and val/part-0 are different files
+        rel = str(f)[len(root) :] if str(f).startswith(root) else base_name(f)
+        yield from read_parquet(f, limits, columns, storage, loader, name=rel)
 
 
 def count_rows(loc: Location, storage: StorageConfig | None) -> int | None:

@@ -160,3 +160,74 @@ def test_an_image_uri_that_is_not_a_url_is_malformed(caplog: pytest.LogCaptureFi
         proc.process([msg], out)  # type: ignore[arg-type]
     (rec,) = [msgpack.unpackb(v) for _, _, v, _ in out.records]
     assert rec["reason"] == "malformed" and "not a URL" in rec["detail"]
+
+
+def test_parquet_files_of_one_base_name_keep_their_rows_apart(tmp_path: Path) -> None:
+    """train/part-0.parquet and val/part-0.parquet without an id column used to give their rows
+    the same ids: the second file's rows were rejected as duplicate ids."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from infogrowth.files import read_inputs
+
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+        table = pa.table({"caption": [f"{split} {i}" for i in range(2)]})
+        pq.write_table(table, tmp_path / split / "part-0.parquet")
+    s = load_settings(None)
+    as_inputs = list(
+        read_inputs([tmp_path / "train/part-0.parquet", tmp_path / "val/part-0.parquet"], s.limits)
+    )
+    in_folder = list(read_inputs([tmp_path], s.limits))
+    for items in (as_inputs, in_folder):
+        ids = [i.id for i in items]
+        assert len(set(ids)) == 4, ids
+        assert len({(i.source["file"], i.source["row"]) for i in items}) == 4
+    assert sorted(i.id for i in in_folder) == [
+        "train/part-0:0",
+        "train/part-0:1",
+        "val/part-0:0",
+        "val/part-0:1",
+    ]
+
+
+def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding() -> None:
+    """A progressive JPEG decodes every scan over the whole image: 20,000 tiny scans took 17 s."""
+    from PIL import Image
+
+    from infogrowth.imaging import MAX_JPEG_SCANS, ImageError, decode_image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(buf, "JPEG", progressive=True)
+    ok = buf.getvalue()
+    kw = {"max_bytes": 1 << 20, "max_pixels": 1 << 24}
+    decode_image(ok, **kw)  # a real progressive JPEG has a handful of scans
+    body = ok[:-2]
+    scan = body[body.rfind(b"\xff\xda") :]
+    bomb = body + scan * (MAX_JPEG_SCANS + 1) + b"\xff\xd9"
+    with pytest.raises(ImageError, match="scans"):
+        decode_image(bomb, **kw)
+
+
+def test_tar_members_beside_the_samples_are_not_read(tmp_path: Path) -> None:
+    limits = load_settings(None, **{"limits.max_message_bytes": 4096}).limits
+    shard = tmp_path / "s.tar"
+    members = [("k.txt", b"cap")] + [(f"k.x{i:03d}", b"z" * 3000) for i in range(50)]
+    members += [("m.txt", b"a" * 3000), ("m.json", b'{"caption": "' + b"b" * 2000 + b'"}')]
+    shard.write_bytes(_tar(members))
+    k, m = list(read_tar(shard, limits))
+    assert isinstance(k, Sample) and k.text == "cap"
+    assert isinstance(m, Malformed) and "exceeds the message limit" in m.detail
+
+
+def test_an_over_long_jsonl_line_is_not_held_whole(tmp_path: Path) -> None:
+    from infogrowth.files import OVERSIZE_KEPT, read_jsonl
+
+    limits = load_settings(None, **{"limits.max_message_bytes": 100_000}).limits
+    path = tmp_path / "in.jsonl"
+    long = json.dumps({"id": "big", "text": "x" * 500_000})
+    path.write_text(long + "\n" + json.dumps({"id": "ok", "text": "fine"}) + "\n")
+    big, ok = list(read_jsonl(path, limits))
+    assert isinstance(big, Malformed) and f"line of {len(long)} bytes" in big.detail
+    assert len(big.payload) == OVERSIZE_KEPT and big.source == {"file": "in.jsonl", "line": 1}
+    assert isinstance(ok, Sample) and ok.id == "ok"
