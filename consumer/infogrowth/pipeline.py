@@ -85,6 +85,15 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return (x / n).astype(np.float32)
 
 
+def configured_dims(settings: Settings) -> dict[str, int] | None:
+    """``encoder.dims`` per space, in space order; None when not configured (an encoder's own
+    dims, else the first valid sample's, then apply). Precomputed vectors only."""
+    configured = settings.encoder.dims
+    if not configured:
+        return None
+    return {s: configured[s] for s in SPACES if s in configured}  # type: ignore[index]
+
+
 class EmbedStage:
     """Decode, validate, embed and clean. Stateless apart from its thresholds."""
 
@@ -672,7 +681,10 @@ class Curator:
         captioner: CaptionerLike | None = None,
     ) -> None:
         self.settings = settings
-        self.embed = EmbedStage(settings, encoder, captioner)
+        dims = configured_dims(settings)  # precomputed vectors: as the Kafka embed stage
+        self.embed = EmbedStage(
+            settings, encoder, captioner, spaces=tuple(dims) if dims else None, dims=dims
+        )
         self.stats: SeedStats | None = None
         self.thresholds: Thresholds | None = None
         self.state: PartitionState | None = None

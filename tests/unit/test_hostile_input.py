@@ -231,3 +231,20 @@ def test_an_over_long_jsonl_line_is_not_held_whole(tmp_path: Path) -> None:
     assert isinstance(big, Malformed) and f"line of {len(long)} bytes" in big.detail
     assert len(big.payload) == OVERSIZE_KEPT and big.source == {"file": "in.jsonl", "line": 1}
     assert isinstance(ok, Sample) and ok.id == "ok"
+
+
+def test_the_file_runner_honours_encoder_dims_as_the_kafka_path(tmp_path: Path) -> None:
+    """With encoder.dims set, a first line of another dimension is the one rejected (the file
+    runner used to let it fix the dimension and reject every later, correct line)."""
+    from infogrowth.curate import curate
+
+    s = load_settings(None, encoder={"dims": {"text": 3}}, **{"clean.enabled": False})
+    rows = [{"id": "odd", "text": "a", "embedding": {"text": [1.0, 0.0]}}]
+    rows += [
+        {"id": f"r{i}", "text": "b", "embedding": {"text": [0.0, 1.0, float(i)]}} for i in range(3)
+    ]
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    result = curate(s, [tmp_path / "in.jsonl"], tmp_path / "out")
+    assert dict(result.reasons) == {"rejected/malformed": 1, "accepted": 3}
+    rejected = [json.loads(x) for x in (tmp_path / "out/rejected.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rejected] == ["odd"]

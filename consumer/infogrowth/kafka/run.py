@@ -23,7 +23,7 @@ from infogrowth.kafka.select import SelectProcessor
 from infogrowth.membudget import MemoryBudget, resolve_budget
 from infogrowth.messages import calibration_record
 from infogrowth.models import build_models, resolve_encoder_config
-from infogrowth.pipeline import EmbedStage
+from infogrowth.pipeline import EmbedStage, configured_dims
 from infogrowth.schema import SPACES
 
 log = logging.getLogger(__name__)
@@ -164,9 +164,9 @@ def build(settings: Settings, role: str, rt: Runtime | None = None) -> Runtime:
 def _configured_dims(settings: Settings) -> dict[str, int] | None:
     """``encoder.dims`` for an unseeded run; required when it runs on precomputed vectors,
     where otherwise the first valid sample would fix the dimensions for the whole process."""
-    configured = settings.encoder.dims
+    configured = configured_dims(settings)
     if configured:
-        return {s: configured[s] for s in SPACES if s in configured}  # type: ignore[index]
+        return configured
     if resolve_encoder_config(settings, None).kind == "precomputed":
         raise ConfigError(
             "encoder.dims: an unseeded run on precomputed embeddings needs their dimensions per "
