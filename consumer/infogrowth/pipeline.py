@@ -85,6 +85,11 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return (x / n).astype(np.float32)
 
 
+def _original(sample: Sample) -> bytes:
+    """What a rejection of ``sample`` carries: its message, else its image bytes."""
+    return sample.payload or sample.image or b""
+
+
 def configured_dims(settings: Settings) -> dict[str, int] | None:
     """``encoder.dims`` per space, in space order; None when not configured (an encoder's own
     dims, else the first valid sample's, then apply). Precomputed vectors only."""
@@ -232,7 +237,7 @@ class EmbedStage:
         try:
             data = self._fetcher.result(future, self._fetch_deadline - time.monotonic())
         except FetchError as exc:
-            return Malformed(item.id, str(exc), b"", item.source)
+            return Malformed(item.id, str(exc), item.payload, item.source)
         return replace(item, image=data)
 
     def _parts(self, items: Sequence[Sample | Malformed]) -> list[Sequence[Sample | Malformed]]:
@@ -286,7 +291,7 @@ class EmbedStage:
             try:
                 todo.append((pos, it, self._precomputed(it)))
             except ValueError as exc:
-                out[pos] = Outcome.malformed(Malformed(it.id, str(exc), b"", it.source))
+                out[pos] = Outcome.malformed(Malformed(it.id, str(exc), it.payload, it.source))
         assert self.spaces is not None or not todo
 
         # Decode images that a tower must embed (and that recaptioning may need); on the device
@@ -307,7 +312,7 @@ class EmbedStage:
                 images[pos] = res
             else:
                 out[pos] = Outcome.malformed(
-                    Malformed(sample.id, f"image: {res}", sample.image or b"", sample.source)
+                    Malformed(sample.id, f"image: {res}", _original(sample), sample.source)
                 )
         todo = [t for t in todo if out[t[0]] is None]
 
@@ -381,13 +386,18 @@ class EmbedStage:
         for v, (pos, sample, vecs) in zip(rows, need, strict=True):
             if isinstance(v, DecodeFailure):
                 out[pos] = Outcome.malformed(
-                    Malformed(sample.id, f"image: {v}", sample.image or b"", sample.source)
+                    Malformed(sample.id, f"image: {v}", _original(sample), sample.source)
                 )
             elif isinstance(v, str):
-                out[pos] = Outcome.malformed(Malformed(sample.id, v, b"", sample.source))
+                out[pos] = Outcome.malformed(Malformed(sample.id, v, sample.payload, sample.source))
             elif not np.all(np.isfinite(v)):
                 out[pos] = Outcome.malformed(
-                    Malformed(sample.id, f"{space} encoder produced NaN/Inf", b"", sample.source)
+                    Malformed(
+                        sample.id,
+                        f"{space} encoder produced NaN/Inf",
+                        sample.payload,
+                        sample.source,
+                    )
                 )
             else:
                 vecs[space] = np.ascontiguousarray(v, dtype=np.float32)

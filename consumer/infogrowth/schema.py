@@ -51,6 +51,9 @@ class Sample:
     image_uri: str | None = None
     meta: dict[str, Any] | None = None
     source: dict[str, str | int] | None = None
+    payload: bytes = field(default=b"", repr=False, compare=False)
+    """The message or line it was parsed from: what a rejection after parsing (a vector of the
+    wrong dimension, an image that does not decode, an encoder failure) carries back."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,6 +405,7 @@ def sample_from_obj(
             meta=meta,
             source=source,
             image_uri=image_uri,
+            payload=payload,
         )
     except (SchemaError, ValueError, OSError) as exc:
         return Malformed(id=writable(sid), detail=str(exc), payload=payload, source=source)

@@ -248,3 +248,18 @@ def test_the_file_runner_honours_encoder_dims_as_the_kafka_path(tmp_path: Path) 
     assert dict(result.reasons) == {"rejected/malformed": 1, "accepted": 3}
     rejected = [json.loads(x) for x in (tmp_path / "out/rejected.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rejected] == ["odd"]
+
+
+def test_rejections_after_parsing_carry_the_original_message() -> None:
+    """A vector of the wrong dimension or a sample with nothing to embed is rejected after it
+    parsed; its rejection used to carry no bytes (or only the image's): nothing to re-produce."""
+    wrong = msgpack.packb({"id": "w", "text": "t", "embedding": {"image": [1.0, 0.0]}})
+    nothing = msgpack.packb({"id": "n", "text": "no image here", "meta": {"k": 1}})
+    proc = _embed_processor()
+    out = RawOut()
+    msgs = [Msg(wrong, 0, 0, "in"), Msg(nothing, 0, 1, "in")]
+    proc.process(msgs, out)  # type: ignore[arg-type]
+    rejected = {
+        r["id"]: r for r in (msgpack.unpackb(v) for t, _, v, _ in out.records) if "reason" in r
+    }
+    assert rejected["w"]["payload"] == wrong and rejected["n"]["payload"] == nothing
