@@ -309,10 +309,11 @@ def too_large(o: Outcome, what: str, size: int, limit: int) -> Outcome:
 
 
 def output_record(
-    o: Outcome, thresholds: Thresholds, *, include_image: ImageMode
+    o: Outcome, thresholds: Thresholds, *, include_image: ImageMode, epoch: int | None = None
 ) -> dict[str, Any]:
     """The schema ``output`` record for an outcome. ``include_image``: ``True`` carries the
     image bytes and ``image_uri``, ``"reference"`` only ``image_uri``, ``False`` neither.
+    ``epoch``: the calibration epoch it was decided under (None without one: the file runner).
     The trainer side reads it back as ``sampling.records.CuratedSample``."""
     return {
         "v": 1,
@@ -325,6 +326,7 @@ def output_record(
         "nn_distance": o.nn_distance or None,
         "keep_probability": o.keep_probability,
         "keep_scale": o.keep_scale,
+        "epoch": epoch,
         "duplicate_of": o.duplicate_of,
         "vote": o.vote,
         "alignment": o.alignment,

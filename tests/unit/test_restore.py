@@ -389,3 +389,16 @@ def test_a_rebuild_after_an_abort_that_cannot_see_its_own_commits_is_deferred(
     assert proc.maintain() == [0]
     proc.on_revoke([TopicPartition(EMBEDDED, 0)])
     assert 0 not in proc.covered, "a new owner's commits are its own business"
+
+
+def test_outputs_name_the_calibration_epoch_they_were_decided_under(tmp_path: Path) -> None:
+    """After a seed --reset the trainer must be able to tell the new index's decisions from
+    the old one's (an input produced again is kept again under the new epoch)."""
+    FakeReader.LOG[0] = []
+    proc = _proc(tmp_path, epoch=3)
+    proc.restore(0)
+    out = Out()
+    proc.process([_msg(e, i, 3) for i, e in enumerate(_items(3, "e"))], out)  # type: ignore[arg-type]
+    t = proc.settings.kafka.topics
+    decided = [r for topic, _, r in out.records if topic in (t.accepted, t.relabeled, t.rejected)]
+    assert len(decided) == 3 and {r["epoch"] for r in decided} == {3}

@@ -573,3 +573,21 @@ def test_sampler_choices_are_checked() -> None:
             rank=0,
             remainder="dorp",  # type: ignore[arg-type]
         )
+
+
+def test_a_set_of_several_calibration_epochs_says_so_and_can_keep_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with OutputWriter(tmp_path) as w:
+        for epoch in (1, 2):
+            for i in range(5):
+                w.write(_record(i, "accepted", gain=0.1 * i) | {"epoch": epoch})
+    with caplog.at_level(logging.WARNING, logger="infogrowth.sampling.dataset"):
+        both = CuratedSet.from_export(tmp_path)
+    assert both.epochs == [1, 2] and len(both) == 10
+    assert (
+        "calibration epochs [1, 2]" in caplog.text and "5 ids occur more than once" in caplog.text
+    )
+    latest = CuratedSet.from_export(tmp_path, epoch=2)
+    assert len(latest) == 5 and latest.epochs == [2]
+    assert {s.epoch for s in latest.samples} == {2}

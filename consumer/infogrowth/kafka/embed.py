@@ -152,7 +152,7 @@ class EmbedProcessor:
         sid = parsed.id if parsed is not None and parsed.id else source_key(src)
         o = Outcome(id=sid, decision="rejected", reason=reason, detail=detail, source=src)
         self.pending += 1
-        rec = output_record(o, self.thresholds, include_image=False)
+        rec = output_record(o, self.thresholds, include_image=False, epoch=self.epoch)
         hdrs = record_headers(
             "output", decision="rejected", reason=reason, traceparent=traceparent_of(message)
         )
@@ -205,11 +205,13 @@ class EmbedProcessor:
     def _reject(self, r: Outcome, out: Output, trace: bytes | None) -> None:
         """The rejected record of ``r`` (trimmed to ``too_large`` if it would not fit)."""
         lim = self.settings.limits
-        rec = output_record(r, self.thresholds, include_image=self.include_image)
+        rec = output_record(r, self.thresholds, include_image=self.include_image, epoch=self.epoch)
         value = OUTPUT.encode(rec)
         if not fits(lim, value, r.id.encode()):
             r = too_large(r, "output record", len(value), record_limit(lim))
-            value = OUTPUT.encode(output_record(r, self.thresholds, include_image=False))
+            value = OUTPUT.encode(
+                output_record(r, self.thresholds, include_image=False, epoch=self.epoch)
+            )
         hdrs = record_headers("output", decision=r.decision, reason=r.reason, traceparent=trace)
         out.produce(self.topics.rejected, value, key=r.id.encode(), headers=hdrs)
 

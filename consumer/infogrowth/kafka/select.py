@@ -693,7 +693,9 @@ class SelectProcessor:
         sid = str(rec.get("id") or source_key(src))
         o = Outcome(id=sid, decision="rejected", reason=reason, detail=detail, source=src)
         self.pending += 1
-        value = pack("output", output_record(o, self.t, include_image=False), check=False)
+        value = pack(
+            "output", output_record(o, self.t, include_image=False, epoch=self.epoch), check=False
+        )
         hdrs = record_headers(
             "output", decision="rejected", reason=reason, traceparent=traceparent_of(message)
         )
@@ -844,13 +846,15 @@ class SelectProcessor:
                 o = r
             outcomes.append(o)
             self.pending += 1
-            rec = output_record(o, self.t, include_image=self.settings.outputs_include_image)
+            rec = output_record(
+                o, self.t, include_image=self.settings.outputs_include_image, epoch=self.epoch
+            )
             value = pack("output", rec, check=False)
             if not fits(self.settings.limits, value, o.id.encode()):
                 # The embed stage leaves headroom for this; should a decision still outgrow
                 # the limit, a trimmed record beats an abort loop (the item stays indexed).
                 o = too_large(o, "output record", len(value), record_limit(self.settings.limits))
-                rec = output_record(o, self.t, include_image=False)
+                rec = output_record(o, self.t, include_image=False, epoch=self.epoch)
                 value = pack("output", rec, check=False)
                 outcomes[-1] = o
             trace = r.extra.get(TRACEPARENT) if isinstance(r, Embedded) else None

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import tarfile
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
@@ -27,6 +29,7 @@ from infogrowth.sampling.records import (
 if TYPE_CHECKING:
     from infogrowth.sampling.stream import CuratedStream
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 U = TypeVar("U")
 
@@ -76,6 +79,7 @@ class CuratedSet(Dataset[T]):
         transform: Callable[[CuratedSample], T] | None = None,
     ) -> None:
         self.samples: list[CuratedSample] = list(samples)
+        self._warn_mixed()
         self.gains: np.ndarray = gain_array(s.gain for s in self.samples)
         self.sampled_online: np.ndarray = np.array(
             [s.sampled_online for s in self.samples], dtype=bool
@@ -113,6 +117,26 @@ class CuratedSet(Dataset[T]):
         """The default sampling weight ``q`` per sample (:meth:`weights`; a missing gain counts
         as 1, a sample the stream already sampled online as 1 unless ``resample_online``)."""
         return self.weights().q
+
+    @property
+    def epochs(self) -> list[int]:
+        """The calibration epochs the samples were decided under (ascending; records without
+        one are left out)."""
+        return sorted({s.epoch for s in self.samples if s.epoch is not None})
+
+    def _warn_mixed(self) -> None:
+        epochs = self.epochs
+        if len(epochs) > 1:
+            log.warning(
+                "curated samples of calibration epochs %s: each seed --reset started a new "
+                "index, so inputs produced again after it were kept again and gains are measured "
+                "against different sets; select one with epoch= (CuratedStream, from_export)",
+                epochs,
+            )
+        ids = Counter(s.id for s in self.samples)
+        twice = sum(1 for c in ids.values() if c > 1)
+        if twice:
+            log.warning("%d ids occur more than once among %d curated samples", twice, len(ids))
 
     @property
     def stream_sampled(self) -> bool:
@@ -179,14 +203,16 @@ class CuratedSet(Dataset[T]):
         g_percentile: float = DEFAULT_G_PERCENTILE,
         resample_online: bool = False,
         images: bool = True,
+        epoch: int | None = None,
     ) -> CuratedSet[CuratedSample]:
         """Load an ``infogrowth export`` directory (either format), a ``curate`` output
         directory (accepted then relabeled) or one JSONL file of output records.
 
         For a WebDataset export, ``images=True`` reads the images back from the shards.
+        ``epoch``: only the records decided under that calibration epoch.
         """
         p = Path(path)
-        records = list(read_curated_records(p))
+        records = [r for r in read_curated_records(p) if epoch is None or r.get("epoch") == epoch]
         info = _export_info(p)
         if images and info is not None and info.get("format") == "webdataset":
             shard_images = _read_shard_images(p, info)

@@ -60,6 +60,10 @@ class CuratedSample:
     image_uri: str | None = None
     """Where the image is, when the input referred to it (``outputs_include_image: reference``
     records carry this instead of ``image``)."""
+    epoch: int | None = None
+    """The calibration epoch it was decided under: each ``seed --reset`` starts a new one with
+    a new index, so an input produced again after a reset is kept again, under the new epoch
+    (None: the file runner, or a record written before epochs were recorded)."""
 
     @property
     def relabeled(self) -> bool:
@@ -113,6 +117,7 @@ class CuratedSample:
             policy=None if policy is None else str(policy),
             vote=rec.get("vote"),
             image_uri=rec.get("image_uri"),
+            epoch=rec.get("epoch"),
         )
 
 

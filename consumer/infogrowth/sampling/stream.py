@@ -49,6 +49,9 @@ class CuratedStream(IterableDataset[T]):
     exactly one reader per epoch. ``rank`` / ``world_size`` default to torch.distributed, else
     ``RANK`` / ``WORLD_SIZE``, else 0 / 1; they are read when the stream is built.
 
+    ``epoch`` keeps only the records decided under that calibration epoch (each ``seed
+    --reset`` starts a new one with a new index; records carry it as ``epoch``).
+
     Records are in offset order within a partition; partitions interleave. ``transform`` maps
     each sample (for example to tensors); it must be picklable for spawned workers.
     """
@@ -66,6 +69,7 @@ class CuratedStream(IterableDataset[T]):
         rank: int | None = ...,
         world_size: int | None = ...,
         timeout_s: float = ...,
+        epoch: int | None = ...,
     ) -> None: ...
 
     @overload
@@ -81,6 +85,7 @@ class CuratedStream(IterableDataset[T]):
         rank: int | None = ...,
         world_size: int | None = ...,
         timeout_s: float = ...,
+        epoch: int | None = ...,
     ) -> None: ...
 
     def __init__(
@@ -95,8 +100,11 @@ class CuratedStream(IterableDataset[T]):
         rank: int | None = None,
         world_size: int | None = None,
         timeout_s: float = 60.0,
+        epoch: int | None = None,
     ) -> None:
         super().__init__()
+        self.epoch = epoch
+        """Only records decided under this calibration epoch (None: every record)."""
         if commit and start == "earliest":
             raise ConfigError('commit=True needs start="committed" or explicit offsets')
         t = settings.kafka.topics
@@ -162,6 +170,8 @@ class CuratedStream(IterableDataset[T]):
                 if by_id and id_bucket(rec["id"], readers) != reader:
                     continue
                 _check(r, m.offset(), rec)
+                if self.epoch is not None and rec.get("epoch") != self.epoch:
+                    continue
                 yield CuratedSample.from_record(rec, (r.topic, r.partition, m.offset()))
             if self.commit:
                 commit_ends(consumer, ranges)
