@@ -591,3 +591,31 @@ def test_a_set_of_several_calibration_epochs_says_so_and_can_keep_one(
     latest = CuratedSet.from_export(tmp_path, epoch=2)
     assert len(latest) == 5 and latest.epochs == [2]
     assert {s.epoch for s in latest.samples} == {2}
+
+
+def test_keep_decisions_follow_the_item_not_its_position() -> None:
+    """Over a set with ids each keep coin is a hash of (id, seed, purpose, epoch), as the select
+    stage's: a record added in front (a new partition's first record, another file order) used
+    to re-roll about a third of the other items' decisions."""
+    rng = np.random.default_rng(3)
+    gains = rng.uniform(0.0, 0.6, 2000)
+    old = [_sample(i, float(g)) for i, g in enumerate(gains)]
+    grown = [_sample(99_999, 0.3), *old]
+    for make in (
+        lambda d: set(StaticGainSampler(d, g_scale=0.5, seed=7).kept.tolist()),
+        lambda d: set(TwoPhaseGainSampler(d, g_scale=0.5, seed=7).epoch_indices(1).tolist()),
+    ):
+        before = {old[i].id for i in make(CuratedSet(old))}
+        after = {grown[i].id for i in make(CuratedSet(grown))} - {"s99999"}
+        assert before == after
+    # and the coins stay fair: the keep rate tracks q over seeds
+    data = CuratedSet(old)
+    hits = np.zeros(len(old))
+    for seed in range(200):
+        hits[StaticGainSampler(data, g_scale=0.5, seed=seed).kept] += 1
+    q = np.clip(gains / 0.5, 0, 1)
+    for lo in (0.0, 0.25, 0.5, 0.75):
+        band = (q >= lo) & (q < lo + 0.25) if lo < 0.75 else q >= lo
+        p, n = float(q[band].mean()), 200 * int(band.sum())
+        freq = float(hits[band].sum()) / n
+        assert abs(freq - p) <= SIGMAS * math.sqrt(p * (1 - p) / n), (lo, p, freq)

@@ -17,6 +17,7 @@ take an index at most once per epoch also give the exact ``inclusion_probabiliti
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -78,6 +79,32 @@ def _rng(seed: int, *tags: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, *tags]))
 
 
+def _id_keys(data: GainsLike, n: int) -> np.ndarray | None:
+    """A 64-bit hash of each item's id when ``data`` has ids (:class:`CuratedSet`), else None."""
+    ids = getattr(data, "ids", None)
+    if ids is None or len(ids) != n:
+        return None
+    return np.fromiter(
+        (
+            int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(), "little")
+            for i in ids
+        ),
+        dtype=np.uint64,
+        count=n,
+    )
+
+
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, elementwise (uint64 arithmetic wraps)."""
+    x = (x ^ (x >> np.uint64(30))) * _M1
+    x = (x ^ (x >> np.uint64(27))) * _M2
+    out: np.ndarray = x ^ (x >> np.uint64(31))
+    return out
+
+
 def _weights_of(
     data: GainsLike,
     g_scale: float | None,
@@ -129,6 +156,7 @@ class GainSamplerBase(Sampler[int], ABC):
         self.seed = seed
         self.epoch = 0
         self._cache: tuple[int, np.ndarray] | None = None
+        self._keys = _id_keys(data, len(self.q))
         if self.unweighted.any():
             log.warning(
                 "%d of %d curated samples were already sampled online by the stream "
@@ -156,6 +184,17 @@ class GainSamplerBase(Sampler[int], ABC):
     def expected_counts(self, epoch: int | None = None) -> np.ndarray:
         """How often each index is expected to appear in ``epoch``, by this sampler's
         definition."""
+
+    def coins(self, purpose: int, epoch: int) -> np.ndarray:
+        """One uniform in ``[0, 1)`` per item for a keep decision. Over a set with ids each is
+        a hash of ``(id, seed, purpose, epoch)``, as the select stage draws its coin: an item
+        keeps its decision when others are added or the order changes. Without ids, by
+        position from the seeded generator."""
+        if self._keys is None:
+            return _rng(self.seed, purpose, epoch).random(len(self.q))
+        salt = hashlib.blake2b(f"{self.seed}:{purpose}:{epoch}".encode(), digest_size=8).digest()
+        mixed = _mix(self._keys ^ np.uint64(int.from_bytes(salt, "little")))
+        return (mixed >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
     @abstractmethod
     def _draw(self, epoch: int) -> np.ndarray: ...
@@ -190,7 +229,7 @@ class StaticGainSampler(GainSamplerBase):
             seed=seed,
         )
         self.shuffle = shuffle
-        self.kept = np.flatnonzero(_rng(seed, _STATIC).random(len(self.q)) < self.q)
+        self.kept = np.flatnonzero(self.coins(_STATIC, 0) < self.q)
         """The selected indices, ascending."""
 
     def inclusion_probabilities(self, epoch: int | None = None) -> np.ndarray:
@@ -350,9 +389,9 @@ class TwoPhaseGainSampler(GainSamplerBase):
         return self.inclusion_probabilities(epoch)
 
     def _draw(self, epoch: int) -> np.ndarray:
-        rng = _rng(self.seed, _TWO_PHASE, epoch)
         p = self.inclusion_probabilities(epoch)
-        return rng.permutation(np.flatnonzero(rng.random(len(p)) < p))
+        kept = np.flatnonzero(self.coins(_TWO_PHASE, epoch) < p)
+        return _rng(self.seed, _TWO_PHASE, epoch).permutation(kept)
 
 
 class DistributedGainSampler(Sampler[int]):
