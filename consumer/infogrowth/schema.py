@@ -524,6 +524,16 @@ def parse_msgpack_sample(
         return Malformed(
             None, f"message of {len(data)} bytes exceeds {limits.max_message_bytes}", data, source
         )
+    # containers: four times what meta may hold, so an oversized meta is still refused with its
+    # id known (by check_meta), while a message of empty maps stops after a few MiB
+    budget = [4 * (limits.max_meta_bytes // 8) + 1024]
+
+    def counted(container: Any) -> Any:
+        budget[0] -= 1
+        if budget[0] < 0:  # a small message of empty maps unpacks ~70x its size
+            raise ValueError("more maps and arrays than any ingest message holds")
+        return container
+
     try:
         obj = msgpack.unpackb(
             data,
@@ -531,6 +541,8 @@ def parse_msgpack_sample(
             strict_map_key=True,
             max_map_len=10_000,
             max_array_len=max(limits.max_embedding_dim, 1024),
+            object_hook=counted,
+            list_hook=counted,
         )
     except Exception as exc:
         return Malformed(None, f"undecodable msgpack: {type(exc).__name__}: {exc}", data, source)

@@ -263,3 +263,13 @@ def test_rejections_after_parsing_carry_the_original_message() -> None:
         r["id"]: r for r in (msgpack.unpackb(v) for t, _, v, _ in out.records) if "reason" in r
     }
     assert rejected["w"]["payload"] == wrong and rejected["n"]["payload"] == nothing
+
+
+def test_a_message_of_empty_maps_is_refused_while_unpacking() -> None:
+    """A message of 1-byte empty maps unpacks to ~70x its size (16 MiB held 1.1 GiB before the
+    meta check refused it); a meta at its own limits still unpacks."""
+    bomb = msgpack.packb([[{}] * 8 for _ in range(8000)])  # 72,000 containers in 80 KB
+    got = parse_msgpack_sample(bomb, LIMITS)
+    assert isinstance(got, Malformed) and "more maps and arrays" in got.detail
+    many = {"id": "a", "text": "x", "meta": {"lists": [[] for _ in range(7000)]}}
+    assert isinstance(parse_msgpack_sample(msgpack.packb(many), LIMITS), Sample)
