@@ -98,8 +98,10 @@ def test_export_equals_curate_and_is_idempotent(curated: Curated, tmp_path: Path
         got = exported[sid]
         assert got["source"]["topic"] == curated.settings.kafka.topics.ingest
         assert rec["source"]["file"] == curated.inputs.name
-        assert {k: v for k, v in got.items() if k != "source"} == {
-            k: v for k, v in rec.items() if k != "source"
+        assert (got["epoch"], rec["epoch"]) == (1, None)  # provenance, like the source
+        provenance = ("source", "epoch")
+        assert {k: v for k, v in got.items() if k not in provenance} == {
+            k: v for k, v in rec.items() if k not in provenance
         }, sid
 
     info = json.loads((out / "export.json").read_text())

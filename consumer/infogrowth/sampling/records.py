@@ -268,7 +268,8 @@ def read_jsonl_records(path: Path) -> Iterator[dict[str, Any]]:
                 rec = json.loads(line)
             except ValueError as exc:
                 raise DataError(f"{path}:{lineno}: invalid JSON: {exc}") from None
-            check_output_record(rec, f"{path}:{lineno}")
+            # a WebDataset export's manifest adds where each sample's files are ("export")
+            check_output_record({k: v for k, v in rec.items() if k != "export"}, f"{path}:{lineno}")
             yield rec
 
 
