@@ -448,6 +448,15 @@ def _with(proc: Any, tmp_path: Path, **cfg: Any) -> Any:
     return proc
 
 
+def _dirty_partitions(proc: Any, parts: list[int]) -> Any:
+    """``proc`` owning ``parts``, each with a state and changes not yet snapshotted."""
+    for p in parts:
+        proc.states[p] = _state(30, seed=p)
+        proc.dirty[p] = 5
+    proc.owned = set(parts)
+    return proc
+
+
 def test_a_state_missing_changelog_records_is_never_snapshotted_before_its_rebuild(
     tmp_path: Path,
 ) -> None:
@@ -556,12 +565,8 @@ def test_a_revoke_of_many_partitions_keeps_one_deadline(
 
     from tests.unit.test_replication import EMBEDDED
 
-    proc = _with(_proc(tmp_path), tmp_path, drain=1.0)
-    parts = [0, 1, 2]
-    for p in parts:
-        proc.states[p] = _state(30, seed=p)
-        proc.dirty[p] = 5
-    proc.owned = set(parts)
+    proc = _dirty_partitions(_with(_proc(tmp_path), tmp_path, drain=1.0), [0, 1, 2])
+    parts = sorted(proc.owned)
     monkeypatch.setattr(snapshot, "items_bytes", _hangs)
     t0 = time.monotonic()
     proc.on_revoke([TopicPartition(EMBEDDED, p) for p in parts])
@@ -572,11 +577,8 @@ def test_a_revoke_of_many_partitions_keeps_one_deadline(
 def test_shutdown_writes_every_partitions_last_snapshot_side_by_side(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    proc = _with(_proc(tmp_path), tmp_path, drain=1.5)
-    parts = [0, 1, 2]
-    for p in parts:
-        proc.states[p] = _state(30, seed=p)
-        proc.dirty[p] = 5
+    proc = _dirty_partitions(_with(_proc(tmp_path), tmp_path, drain=1.5), [0, 1, 2])
+    parts = sorted(proc.owned)
     items_bytes = snapshot.items_bytes
 
     def slow(state: PartitionState) -> bytes:
