@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 TXN_TIMEOUT_S = 30.0
 LAG_INTERVAL_S = 2.0
 MAX_ABORTS = 3
+"""Aborts of a batch starting at the same offsets before it is bisected for a culprit."""
 _COMMITTED_AGAIN = frozenset(
     {
         KafkaError._TIMED_OUT,
@@ -56,7 +57,6 @@ _COMMITTED_AGAIN = frozenset(
     }
 )
 """Errors of a committed-offsets lookup that mean "not yet" rather than "never"."""
-"""Aborts of a batch starting at the same offsets before it is bisected for a culprit."""
 STUCK_PAUSE_S = 30.0
 """Wait before retrying a batch whose culprit could not be rejected either (unready meanwhile)."""
 RESTORE_STEP_S = 0.2
