@@ -203,6 +203,17 @@ def _warn_levels() -> None:
     )
 
 
+def _rerank(
+    q64: np.ndarray, mat: np.ndarray, cand: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest of each row's candidates by float64 distance, ties by id."""
+    d = 1.0 - np.einsum("bd,bcd->bc", q64, mat[cand].astype(np.float64))
+    order = np.lexsort((cand, d), axis=1)[:, :k]
+    labels = np.take_along_axis(cand, order, axis=1).astype(np.int64)
+    dists = np.take_along_axis(d, order, axis=1).astype(np.float32)
+    return labels, dists
+
+
 class SpaceIndex:
     """An hnswlib inner-product index over unit vectors (distance = 1 - cosine)."""
 
@@ -276,20 +287,29 @@ class SpaceIndex:
         return labels.astype(np.int64, copy=False), dists
 
     def _knn_exact(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Brute force: float32 scores pick candidates, float64 re-ranks them (ties by id)."""
+        """Brute force: float32 scores pick candidates, float64 re-ranks them (ties by id).
+
+        The candidates are every item whose float32 score comes within its rounding error of
+        the ``c``-th best: where more items than that tie (copies of one image under other
+        captions), all of them are re-ranked, so which ones are the nearest never depends on
+        how many items the index holds or on the partition's order."""
         n = self.count
         mat = self._vectors.head(n)
         scores = queries @ mat.T
         c = min(n, max(2 * k, k + 8))
-        if c < n:
-            cand = np.argpartition(-scores, c - 1, axis=1)[:, :c]
-        else:
-            cand = np.broadcast_to(np.arange(n), (len(queries), n))
         q64 = queries.astype(np.float64)
-        d = 1.0 - np.einsum("bd,bcd->bc", q64, mat[cand].astype(np.float64))
-        order = np.lexsort((cand, d), axis=1)[:, :k]
-        labels = np.take_along_axis(cand, order, axis=1).astype(np.int64)
-        dists = np.take_along_axis(d, order, axis=1).astype(np.float32)
+        if c >= n:
+            cand = np.broadcast_to(np.arange(n), (len(queries), n))
+            return _rerank(q64, mat, cand, k)
+        cand = np.argpartition(-scores, c - 1, axis=1)[:, :c]
+        tol = 8.0 * self.dim * float(np.finfo(np.float32).eps)
+        floor = np.take_along_axis(scores, cand, axis=1).min(axis=1) - tol
+        wide = np.flatnonzero((scores >= floor[:, None]).sum(axis=1) > c)
+        labels, dists = _rerank(q64, mat, cand, k)
+        for r in wide.tolist():  # ties beyond the c-th: all of them, ranked by (d, id)
+            every = np.flatnonzero(scores[r] >= floor[r])[None, :]
+            row_labels, row_dists = _rerank(q64[r : r + 1], mat, every, k)
+            labels[r], dists[r] = row_labels[0], row_dists[0]
         return labels, dists
 
     def reserve(self, capacity: int) -> None:

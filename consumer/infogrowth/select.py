@@ -2,8 +2,11 @@
 
 For a batch, the index is queried once (multi-threaded) and each item's neighbour set is the
 index's k nearest merged with the items kept earlier in the same batch, so a batch decides exactly
-as the same items would one at a time. All distances that feed a decision are recomputed in
-float64 from the stored float32 vectors, so they do not depend on how the batch was cut.
+as the same items would one at a time while search is exact (up to ``index.exact_below`` items).
+Above it the index's part is HNSW's answer over the graph before the batch, where items decided
+one at a time would query a graph grown by each: the same up to HNSW recall. All distances that
+feed a decision are recomputed in float64 from the stored float32 vectors, so they do not depend
+on how the batch was cut.
 
 The batch is decided with array operations, not item by item: one B x B similarity product per
 space finds, for every item, the earlier batch items that could enter its k nearest (closer than
@@ -296,7 +299,8 @@ class Selector:
                     nn[s] = round(float(d_s[0]), ROUND)
                 else:
                     gains[s], nn[s] = NO_NEIGHBOUR_GAIN, None
-            v = self._judge(item, gains, nn, nb_ids, nb_d, lookup, base, online)
+            count = base + (int(rank[-1]) if i else 0)  # what one-at-a-time would hold now
+            v = self._judge(item, gains, nn, nb_ids, nb_d, lookup, count, online)
             verdicts.append(v)
             kept[i] = v.decision != "rejected"
 
@@ -328,9 +332,11 @@ class Selector:
         nb_ids: dict[str, np.ndarray],
         nb_d: dict[str, np.ndarray],
         lookup: Lookup,
-        base: int,
+        count: int,
         online: OnlineState,
     ) -> Verdict:
+        """One item's verdict; ``count``: the items indexed before it (the batch's kept ones
+        included), as deciding it alone would see."""
         t = self.t
         vals = [g for g in gains.values() if g is not None]
         if len(vals) == 1:
@@ -365,20 +371,22 @@ class Selector:
         is_dup = all(close) if self.cfg.duplicate_mode == "all" else any(close)
         if is_dup and close:
             verdict.decision, verdict.reason = "rejected", "duplicate"
-            verdict.duplicate_of = self._nearest_id(nb_ids, lookup)
+            # the spaces that tested close (all of them, or any one under duplicate_mode any)
+            near_in = [s for s, c in zip(nn, close, strict=True) if c]
+            by = self.label_space if self.label_space in near_in else near_in[0]
+            verdict.duplicate_of = self._nearest_id(nb_ids, lookup, by)
             rk = self.cfg.epsilon_ref_k
             near = ", ".join(
                 f"{s} {nn[s]:.3g} < {eps[s]:.3g} x {ref[s]:.3g} (neighbour {rk})"
                 if s in ref
                 else f"{s} {nn[s]:.3g} < {eps[s]:.3g}"
-                for s in nn
-                if nn[s] is not None
+                for s in near_in
             )
             verdict.detail = f"nearest accepted item is closer than epsilon ({near})"
             return verdict
 
         # Weighted label vote of the nearest accepted neighbours within the radius.
-        warm = t.radius is not None or base >= self.clean.neighbour_warmup
+        warm = t.radius is not None or count >= self.clean.neighbour_warmup
         if item.label is not None and self.votes and warm:
             ls = self.label_space
             near_ids = nb_ids[ls][: t.vote_k]
@@ -428,8 +436,9 @@ class Selector:
             online.keep_step(True, None)
         elif t.policy == "sample":
             scale = online.scale if t.keep_fraction is not None else t.g_scale
-            if scale is None:  # keep fraction without a seed: the first item sets the scale
-                scale = max(g, 1e-6) / (t.keep_fraction or 1.0)
+            if scale is None:  # a budget's first item: the seed's scale, else its own gain's
+                seeded = t.g_scale if t.g_scale is not None and t.g_scale > 0 else None
+                scale = seeded or max(g, 1e-6) / (t.keep_fraction or 1.0)
                 online.scale = scale
             p = min(max(g / scale, 0.0), 1.0)
             verdict.keep_probability = round(p, ROUND)
@@ -446,8 +455,10 @@ class Selector:
             verdict.decision, verdict.reason = "relabeled", verdict.fix
         return verdict
 
-    def _nearest_id(self, nb_ids: dict[str, np.ndarray], lookup: Lookup) -> str | None:
-        row = nb_ids.get(self.label_space)
+    def _nearest_id(
+        self, nb_ids: dict[str, np.ndarray], lookup: Lookup, space: str | None = None
+    ) -> str | None:
+        row = nb_ids.get(space or self.label_space)
         if row is None or not len(row):
             return None
         return lookup(int(row[0]))[0]
@@ -488,5 +499,9 @@ def _row_means(d: np.ndarray, k: int) -> np.ndarray:
 
 def _duplicate_id(item: Embedded) -> Verdict:
     return Verdict(
-        item, "rejected", "duplicate_id", detail="an item with this id is already in the index"
+        item,
+        "rejected",
+        "duplicate_id",
+        detail="an item with this id is already in the index",
+        duplicate_of=item.id,
     )

@@ -130,3 +130,106 @@ def test_coin_is_uniform_and_seeded() -> None:
     xs = np.array([coin(f"id{i}", 7) for i in range(20000)])
     assert abs(xs.mean() - 0.5) < 0.01
     assert coin("a", 1) == coin("a", 1) and coin("a", 1) != coin("a", 2)
+
+
+# -- found by review: batched == sequential at the edges, and explanations -------------------
+
+
+def _unit32(v: Any) -> np.ndarray:
+    v = np.asarray(v, dtype=np.float64)
+    return (v / np.linalg.norm(v)).astype(np.float32)
+
+
+def _one_space(t: Any, dim: int = 8, **clean: Any) -> tuple[Any, Any]:
+    from infogrowth.config import CleanConfig, IndexConfig, SelectConfig
+    from infogrowth.index import PartitionState
+    from infogrowth.select import Selector
+
+    st = PartitionState.empty(("image",), {"image": dim}, IndexConfig(threads=1))
+    return st, Selector(st, t, SelectConfig(), CleanConfig(**clean), neighbour_fixer=True)
+
+
+def _emb(sid: str, v: Any, label: str | None = None) -> Any:
+    from infogrowth.schema import Embedded
+
+    return Embedded(id=sid, vectors={"image": _unit32(v)}, label=label)
+
+
+def _outcome(v: Any) -> tuple[Any, ...]:
+    return (v.item.id, v.decision, v.reason, v.relabel, v.vote, v.duplicate_of)
+
+
+def test_the_vote_warm_up_counts_what_the_batch_kept_before_the_item() -> None:
+    """Without a seed's radius the vote starts after ``neighbour_warmup`` items: an item late
+    in a batch must see the items kept earlier in it, as it would decided alone."""
+    from infogrowth.select import Thresholds
+
+    t = Thresholds(policy="all", k=2, epsilon={"image": 0.0}, confidence=0.6, reject_share=0.0)
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=8)
+    seed = [_emb(f"s{i}", base + 0.1 * rng.normal(size=8), "a") for i in range(2)]
+    x = _emb("x", base + 0.1 * rng.normal(size=8), "a")
+    y = _emb("y", base + 0.1 * rng.normal(size=8), "b")
+    runs = []
+    for batched in (True, False):
+        _, sel = _one_space(t, neighbour_warmup=3, neighbour_min=3, neighbour_k=10)
+        sel.decide(seed)
+        out = sel.decide([x, y]) if batched else sel.decide([x]) + sel.decide([y])
+        runs.append([_outcome(v) for v in out])
+    assert runs[0] == runs[1] and runs[0][1][2] == "neighbour_relabel"
+
+
+def test_exact_search_breaks_ties_by_id_whatever_the_index_size() -> None:
+    """100 copies of one image: which of them are the nearest must not depend on how many other
+    items the index holds or on the batch (a partial sort used to pick arbitrary copies)."""
+    from infogrowth.config import IndexConfig
+    from infogrowth.index import SpaceIndex
+
+    rng = np.random.default_rng(1)
+    dim, n = 64, 600
+    v = _unit32(rng.normal(size=dim))
+    x = rng.normal(size=(n, dim))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    copies = np.sort(rng.choice(n, 100, replace=False))
+    x[copies] = v
+    idx = SpaceIndex(dim, IndexConfig(threads=1))
+    idx.add(x, np.arange(n))
+    alone = idx.knn(v[None], 10)[0][0].tolist()
+    assert alone == copies[:10].tolist()
+    batch = np.vstack([v[None], rng.normal(size=(6, dim)).astype(np.float32)])
+    assert idx.knn(batch, 10)[0][0].tolist() == alone
+    idx.add(-v[None], np.arange(n, n + 1))
+    assert idx.knn(v[None], 10)[0][0].tolist() == alone
+
+
+def test_a_budget_starts_from_the_seeds_scale() -> None:
+    from infogrowth.select import Thresholds
+
+    t = Thresholds(policy="sample", k=2, epsilon={"image": 0.0}, g_scale=0.4, keep_fraction=0.5)
+    _, sel = _one_space(t)
+    (v,) = sel.decide([_emb("a", np.ones(8))])
+    assert v.keep_scale == 0.4 and v.keep_probability == 1.0
+
+
+def test_duplicate_explanations_name_the_close_space_and_the_id() -> None:
+    """duplicate_mode any: the duplicate is the nearest item in a space that tested close, and
+    the detail lists only such spaces; a repeated id names itself."""
+    from infogrowth.config import CleanConfig, IndexConfig, SelectConfig
+    from infogrowth.index import PartitionState
+    from infogrowth.schema import Embedded
+    from infogrowth.select import Selector, Thresholds
+
+    rng = np.random.default_rng(0)
+    img = [_unit32(rng.normal(size=8)) for _ in range(3)]
+    txt = [_unit32(rng.normal(size=8)) for _ in range(3)]
+    st = PartitionState.empty(("image", "text"), {"image": 8, "text": 8}, IndexConfig(threads=1))
+    t = Thresholds(policy="all", k=2, epsilon={"image": 0.05, "text": 0.05})
+    sel = Selector(st, t, SelectConfig(duplicate_mode="any"), CleanConfig(), neighbour_fixer=False)
+    sel.decide([Embedded("A", {"image": img[0], "text": txt[0]})])
+    sel.decide([Embedded("B", {"image": img[1], "text": txt[1]})])
+    near_a = _unit32(img[0] + 0.6 * rng.normal(size=8))
+    (v,) = sel.decide([Embedded("C", {"image": near_a, "text": txt[1]})])
+    assert (v.reason, v.duplicate_of) == ("duplicate", "B")
+    assert "text" in (v.detail or "") and "image" not in (v.detail or "")
+    (again,) = sel.decide([Embedded("A", {"image": img[2], "text": txt[2]})])
+    assert (again.reason, again.duplicate_of) == ("duplicate_id", "A")
