@@ -396,13 +396,7 @@ def test_the_rebuild_after_an_abort_starts_from_the_snapshot_in_flight(
 
     from tests.unit.test_replication import EMBEDDED
 
-    items_bytes = snapshot.items_bytes
-
-    def slow(state: PartitionState) -> bytes:
-        time.sleep(0.5)
-        return items_bytes(state)
-
-    monkeypatch.setattr(snapshot, "items_bytes", slow)
+    _slow_snapshots(monkeypatch, 0.5)
     proc = _proc(tmp_path)
     _commit(proc, _batch(proc, _items(5, "a"), 0))  # never snapshotted: one starts at once
     assert proc.snapshots.busy(0)
@@ -446,6 +440,17 @@ def _with(proc: Any, tmp_path: Path, **cfg: Any) -> Any:
         kafka=kafka, **{"index.threads": 1, "snapshot.directory": str(tmp_path), **cfg}
     )
     return proc
+
+
+def _slow_snapshots(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Every snapshot write takes ``seconds`` longer (in the forked child too)."""
+    items_bytes = snapshot.items_bytes
+
+    def slow(state: PartitionState) -> bytes:
+        time.sleep(seconds)
+        return items_bytes(state)
+
+    monkeypatch.setattr(snapshot, "items_bytes", slow)
 
 
 def _dirty_partitions(proc: Any, parts: list[int]) -> Any:
@@ -507,13 +512,7 @@ def test_a_revoke_hands_over_the_snapshot_in_flight(
 
     from tests.unit.test_replication import EMBEDDED
 
-    items_bytes = snapshot.items_bytes
-
-    def slow(state: PartitionState) -> bytes:
-        time.sleep(0.5)
-        return items_bytes(state)
-
-    monkeypatch.setattr(snapshot, "items_bytes", slow)
+    _slow_snapshots(monkeypatch, 0.5)
     proc = _proc(tmp_path)
     proc.uploads = _Uploads()
     proc.remote = object()
@@ -579,13 +578,7 @@ def test_shutdown_writes_every_partitions_last_snapshot_side_by_side(
 ) -> None:
     proc = _dirty_partitions(_with(_proc(tmp_path), tmp_path, drain=1.5), [0, 1, 2])
     parts = sorted(proc.owned)
-    items_bytes = snapshot.items_bytes
-
-    def slow(state: PartitionState) -> bytes:
-        time.sleep(0.6)  # three of them fit the deadline only side by side
-        return items_bytes(state)
-
-    monkeypatch.setattr(snapshot, "items_bytes", slow)
+    _slow_snapshots(monkeypatch, 0.6)  # three of them fit the deadline only side by side
     proc.close()
     assert all(snapshot.current_name(proc.snapshot_dir(p)) for p in parts)
 
